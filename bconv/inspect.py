@@ -1,0 +1,99 @@
+"""``python -m bconv.inspect MODEL``: the stages bconv finds in a torchvision or timm model.
+
+Examples::
+
+    python -m bconv.inspect resnet50                     # torchvision first, then timm
+    python -m bconv.inspect timm:convnext_tiny --json
+    python -m bconv.inspect torchvision:inception_v3 --input-size 3 299 299 --source fx
+
+Models are built with random weights: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from ._zoo import UnknownModelError, build, resolve, torchvision_input_size
+from .errors import BConvError
+from .surgery.stages import Stage, default_input_size, find_stages
+
+__all__ = ["main", "format_table"]
+
+
+def format_table(stages: Sequence[Stage]) -> str:
+    """The stages as an aligned text table (index, module, channels, reduction, output shape, layout)."""
+    header = ("index", "module", "channels", "reduction", "output shape", "layout")
+    rows = [header] + [
+        (str(s.index), s.name, str(s.channels), str(s.reduction), "x".join(map(str, s.shape)), s.layout)
+        for s in stages
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    right = {0, 2, 3}
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bconv.inspect",
+        description="Show the stages (Conv-block boundaries) bconv finds in a torchvision or timm model.",
+    )
+    p.add_argument("model", help="model name: NAME (torchvision first, then timm), timm:NAME or torchvision:NAME")
+    p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), help="dummy input size (default: the model's own)")
+    p.add_argument("--source", choices=("auto", "fx", "feature_info"), default="auto", help="how to find stages (default: auto)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        spec = resolve(args.model)
+    except UnknownModelError as e:
+        print(f"bconv.inspect: {e}", file=sys.stderr)
+        return 2
+    model = build(spec)
+    if args.input_size:
+        input_size = tuple(args.input_size)
+    elif spec.zoo == "torchvision":
+        input_size = torchvision_input_size(spec.name)
+    else:
+        input_size = default_input_size(model)
+    try:
+        stages = find_stages(model, input_size, source=args.source)
+    except (BConvError, ValueError) as e:
+        print(f"bconv.inspect: {spec}: {e}", file=sys.stderr)
+        return 1
+    source = stages[0].source
+    if args.json:
+        print(json.dumps({
+            "model": spec.name,
+            "zoo": spec.zoo,
+            "input_size": list(input_size),
+            "source": source,
+            "stages": [
+                {"index": s.index, "name": s.name, "channels": s.channels, "reduction": s.reduction,
+                 "shape": list(s.shape), "layout": s.layout, "modules": list(s.modules)}
+                for s in stages
+            ],
+        }, indent=2))  # fmt: skip
+        return 0
+    print(f"{spec.name} from {spec.zoo} (random weights), input {'x'.join(map(str, input_size))}, "
+          f"{len(stages)} stages found with {source}")  # fmt: skip
+    print()
+    print(format_table(stages))
+    print()
+    print("Pass a module name or an index to wrap_with_ptl(model, stages=[...]).")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `... | head`
+        sys.stderr.close()
+        sys.exit(0)

@@ -1,0 +1,496 @@
+"""Finding the Conv-block boundaries (stages) of any CNN.
+
+A stage ends at the last module output before the spatial resolution drops,
+at a point of the graph that every path from the input to the output passes
+through (a dominator of the output). Stages are named by module path, so
+that a forward hook on ``stage.name`` sees the stage output, and carry the
+module paths computed between the previous stage's end and their own.
+
+Two sources:
+
+* ``"fx"``: trace with torch.fx, propagate shapes once, take the dominators.
+* ``"feature_info"``: timm's hand-written ``model.feature_info``, checked by
+  one forward pass with hooks.
+
+``"auto"`` uses timm's ``feature_info`` when the model has a usable one (it
+is written by the model's authors) and fx otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Sequence
+
+import torch
+from torch import fx, nn
+
+from ..errors import BConvError, InputSizeError, NoSpatialStagesError
+from ._trace import Traced, dummy_input, eval_mode, model_error_message, propagate_shapes, trace
+
+__all__ = ["Stage", "find_stages", "default_input_size", "spatial_layout"]
+
+Layout = Literal["NCHW", "NHWC"]
+Source = Literal["auto", "fx", "feature_info"]
+_SOURCES = ("auto", "fx", "feature_info")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One Conv-block boundary of a network.
+
+    Attributes:
+        index: position among the model's stages, from the input.
+        name: module path whose output is the stage output (``layer3``, ``features.denseblock2``, ``stages.1``).
+        channels: channel count of the output.
+        reduction: stride relative to the input, rounded to a power of two.
+        layout: ``"NCHW"`` or ``"NHWC"`` (Swin-like models).
+        shape: output shape at the ``input_size`` used, without the batch dimension.
+        modules: outermost module paths computed after the previous stage's end and up to this
+            stage's end; the stem belongs to the first stage.
+        source: ``"fx"`` or ``"feature_info"``: how this stage was found.
+    """
+
+    index: int
+    name: str
+    channels: int
+    reduction: int
+    layout: Layout
+    shape: tuple[int, ...]
+    modules: tuple[str, ...]
+    source: str
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The model's own input size where it declares one (timm's ``pretrained_cfg``), else (3, 224, 224)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if size and len(size) == 3:
+        return tuple(int(s) for s in size)  # type: ignore[return-value]
+    return (3, 224, 224)
+
+
+def find_stages(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    source: Source = "auto",
+    *,
+    leaf_modules: Iterable[type] = (),
+) -> list[Stage]:
+    """Find the stages of ``model``: where its feature maps change resolution.
+
+    Args:
+        model: any CNN (timm, torchvision, or your own). It is not modified; its train/eval
+            flags are restored.
+        input_size: ``(C, H, W)`` of the dummy input used to propagate shapes. Defaults to the
+            model's own (timm's ``pretrained_cfg``) or ``(3, 224, 224)``.
+        source: ``"fx"``, ``"feature_info"`` (timm models), or ``"auto"`` (feature_info when
+            usable, else fx). Each stage's ``source`` says which was used.
+        leaf_modules: extra module classes that fx should call as a whole instead of tracing
+            through (for code with data-dependent control flow).
+
+    Returns:
+        The stages in order from the input, with strictly increasing reduction.
+
+    Raises:
+        ValueError: for an unknown ``source`` or a malformed ``input_size``.
+        bconv.errors.TraceError: fx could not trace the model (names the module and the fix).
+        bconv.errors.NoSpatialStagesError: the model has no spatial stages (e.g. a plain ViT).
+        bconv.errors.InputSizeError: the model rejected the input size (shows its message).
+
+    Example::
+
+        >>> import torchvision
+        >>> stages = find_stages(torchvision.models.resnet18())
+        >>> [(s.name, s.channels, s.reduction) for s in stages]
+        [('relu', 64, 2), ('layer1', 64, 4), ('layer2', 128, 8), ('layer3', 256, 16), ('layer4', 512, 32)]
+    """
+    if source not in _SOURCES:
+        raise ValueError(f"source={source!r} is not one of {', '.join(map(repr, _SOURCES))}")
+    input_size = _check_input_size(model, input_size)
+    with eval_mode(model):
+        if source == "fx":
+            return _fx_stages(model, input_size, leaf_modules)
+        usable = _feature_info(model)
+        if source == "feature_info":
+            if isinstance(usable, str):
+                raise ValueError(f"source='feature_info' is not usable for {type(model).__name__}: {usable}")
+            return _feature_info_stages(model, usable, input_size)
+        if not isinstance(usable, str):
+            try:
+                return _feature_info_stages(model, usable, input_size)
+            except InputSizeError:
+                raise
+            except BConvError:
+                pass  # feature_info does not describe spatial module outputs here: fx decides
+        return _fx_stages(model, input_size, leaf_modules)
+
+
+def _check_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
+    if input_size is None:
+        return default_input_size(model)
+    try:
+        size = tuple(int(s) for s in input_size)
+        ok = not isinstance(input_size, (str, bytes)) and len(size) == 3 and all(s > 0 for s in size) and all(float(s).is_integer() for s in input_size)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"input_size must be three positive integers (C, H, W), e.g. (3, 224, 224); got {input_size!r}")
+    return size
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _reduction(size: int, out: int) -> int | None:
+    """``size / out`` as a power of two when it is close to one (valid, unpadded convs shave a few pixels)."""
+    if out < 1:
+        return None
+    exponent = math.log2(size / out)
+    k = round(exponent)
+    if k < 0 or abs(exponent - k) > 0.4:
+        return None
+    return 2**k
+
+
+def spatial_layout(shape: Sequence[int], input_size: Sequence[int]) -> tuple[Layout, int, int] | None:
+    """``(layout, reduction, channels)`` when ``shape`` (no batch) is a feature map of an input of ``input_size``.
+
+    NCHW is tried first; NHWC (``[H, W, C]``, Swin-like) only when NCHW does not fit.
+    """
+    if len(shape) != 3:
+        return None
+    _, height, width = input_size
+    a, b, c = shape
+    for layout, h, w, ch in (("NCHW", b, c, a), ("NHWC", a, b, c)):
+        r = _reduction(height, h)
+        if r is not None and r == _reduction(width, w):
+            return layout, r, ch  # type: ignore[return-value]
+    return None
+
+
+# --------------------------------------------------------------------------- fx path
+
+
+def _dominator_chain(nodes: list[fx.Node], carries_tensor: set[fx.Node]) -> list[fx.Node]:
+    """Nodes that every path of tensors from the (first) input to the output passes through, in graph order.
+
+    Cooper-Harvey-Kennedy's intersection on a DAG whose node list is already topologically sorted.
+    Edges that carry no tensor (``x.shape``, sizes computed from it) are not paths of data.
+    """
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    output = next(n for n in nodes if n.op == "output")
+    if not placeholders:
+        return []
+    src = placeholders[0]
+    order = {n: i for i, n in enumerate(nodes)}
+    idom: dict[fx.Node, fx.Node] = {src: src}
+
+    def intersect(a: fx.Node, b: fx.Node) -> fx.Node:
+        while a is not b:
+            while order[a] > order[b]:
+                a = idom[a]
+            while order[b] > order[a]:
+                b = idom[b]
+        return a
+
+    for n in nodes[order[src] + 1 :]:
+        preds = [p for p in n.all_input_nodes if p in idom and (p is src or p in carries_tensor)]
+        if not preds:
+            continue  # does not depend on the input (constants, parameters)
+        d = preds[0]
+        for p in preds[1:]:
+            d = intersect(d, p)
+        idom[n] = d
+    if output not in idom:
+        return []
+    chain = []
+    n = idom[output]
+    while n is not src:
+        chain.append(n)
+        n = idom[n]
+    return chain[::-1]
+
+
+_ADAPTIVE_POOLS = (
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+_REDUCTIONS = {"mean", "amax", "max", "sum", "logsumexp", "flatten", "adaptive_avg_pool2d", "adaptive_max_pool2d"}
+# Module names that timm and torchvision give to the classifier part of a network.
+_HEAD_NAME = re.compile(r"(^|_)head(_|$)|^classifier$")
+
+
+def _is_global_pool(node: fx.Node, traced: Traced) -> bool:
+    """Adaptive pooling, or a reduction/flatten that removes the spatial dims: the head starts here."""
+    if node.op == "call_module":
+        return isinstance(traced.modules[str(node.target)], _ADAPTIVE_POOLS)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op not in ("call_method", "call_function") or not isinstance(name, str):
+        return False
+    if name.startswith(("adaptive_", "select_adaptive_pool")):
+        return True
+    if name not in _REDUCTIONS or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    out, x = traced.shapes.get(node), traced.shapes.get(node.args[0])
+    if out is None or x is None or len(x) < 4:
+        return False
+    if len(out) <= 2:
+        return True  # [B, C]: the spatial dims are gone
+    collapsed = [i for i, (a, b) in enumerate(zip(x, out)) if a != b]
+    return len(out) == len(x) and len(collapsed) >= 2 and all(out[i] == 1 for i in collapsed)
+
+
+def _head_start(traced: Traced) -> int:
+    """Index of the first node computed inside a module named like a classifier head (``head``, ``conv_head``)."""
+    starts = [
+        calls[0][0]
+        for path, calls in traced.calls.items()
+        if path and _HEAD_NAME.search(path.rpartition(".")[2])
+    ]
+    return min(starts, default=len(traced.nodes) + 1)
+
+
+_ALIASES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+
+
+def _stage_module(traced: Traced, node: fx.Node, previous: fx.Node | None) -> str | None:
+    """The outermost module called once whose forward returns ``node``; None if there is none.
+
+    A module that returns its input unchanged in eval (Identity, Dropout) does not name a new stage
+    end: the node before it is the same tensor.
+    """
+    paths = [p for p in traced.returned_by.get(node, []) if p and len(traced.calls.get(p, [])) == 1]
+    if not paths:
+        return None
+    outermost = min(paths, key=lambda p: p.count("."))
+    if previous is not None and node.args and node.args[0] is previous:
+        if isinstance(traced.modules[outermost], _ALIASES):
+            return None
+    return outermost
+
+
+def _inside_block(traced: Traced, node: fx.Node) -> bool:
+    """Whether ``node`` lies inside a block that goes on past it (an expansion conv before a strided one).
+
+    Cutting a plain ``nn.Sequential`` between two children is a clean stage boundary; cutting any other
+    module (an inverted-residual block, a stage with a downsample, a named ``nn.Sequential`` subclass such
+    as DenseNet's transition) is not.
+    """
+    i = traced.index(node)
+    returned = set(traced.returned_by.get(node, ()))
+    for path, calls in traced.calls.items():
+        if not path or path in returned:
+            continue
+        if any(start <= i < end for start, end in calls):
+            module = traced.modules[path]
+            if type(module) is not nn.Sequential:
+                return True
+    return False
+
+
+def _node_cost(node: fx.Node, traced: Traced) -> float:
+    """Rough multiply-accumulates of a module node: its parameter count times its output positions."""
+    if node.op != "call_module" or node not in traced.shapes:
+        return 0.0
+    out = traced.shapes[node][1:]
+    if not out:
+        return 0.0
+    params = sum(p.numel() for p in traced.modules[str(node.target)].parameters())
+    geometry = spatial_layout(out, traced.input_size)
+    channels = geometry[2] if geometry else out[-1]
+    return float(params) * math.prod(out) / max(channels, 1)
+
+
+def _fx_stages(model: nn.Module, input_size: tuple[int, ...], leaf_modules: Iterable[type]) -> list[Stage]:
+    traced = trace(model, leaf_modules)
+    x = dummy_input(model, input_size)
+    propagate_shapes(traced, model, x)
+    chain = _dominator_chain(traced.nodes, traced.carries_tensor)
+    gm = traced.graph_module
+
+    # Runs of consecutive spatial chain nodes at one reduction; the head starts at global pooling.
+    runs: list[tuple[int, list[fx.Node]]] = []
+    previous_hw: int | None = None
+    head = _head_start(traced)
+    for node in chain:
+        if traced.index(node) >= head or _is_global_pool(node, traced):
+            break
+        shape = traced.shapes.get(node)
+        geometry = spatial_layout(shape[1:], input_size) if shape is not None else None
+        if geometry is None:
+            continue
+        layout, r, _ = geometry
+        hw = shape[2] * shape[3] if layout == "NCHW" else shape[1] * shape[2]
+        if hw == 1 and previous_hw is not None and previous_hw > 16:
+            break  # a 1x1 map after a drop of more than 4x per side is global pooling
+        previous_hw = hw
+        if runs and runs[-1][0] == r:
+            runs[-1][1].append(node)
+        else:
+            runs.append((r, [node]))
+
+    ends: list[tuple[int, fx.Node, str]] = []
+    for r, run in runs:
+        end = fallback = None
+        for i in range(len(run) - 1, -1, -1):
+            name = _stage_module(traced, run[i], run[i - 1] if i else None)
+            if name is None:
+                continue
+            fallback = fallback or (r, run[i], name)
+            if not _inside_block(traced, run[i]):
+                end = (r, run[i], name)
+                break
+        end = end or fallback
+        if end is None:
+            continue
+        # Keep reductions strictly increasing: a later return to a resolution supersedes earlier levels.
+        while ends and ends[-1][0] >= r:
+            ends.pop()
+        ends.append(end)
+
+    _check_spatial(model, traced, chain, ends)
+
+    boundaries = [traced.index(node) for _, node, _ in ends]
+    spans = {p: (calls[0][0], calls[-1][1]) for p, calls in traced.calls.items() if p}
+    groups = _group_modules(spans, boundaries)
+    stages = []
+    for i, ((r, node, name), modules) in enumerate(zip(ends, groups)):
+        layout, _, channels = spatial_layout(traced.shapes[node][1:], input_size)  # type: ignore[misc]
+        stages.append(Stage(i, name, channels, r, layout, traced.shapes[node][1:], tuple(modules), "fx"))
+    return stages
+
+
+def _check_spatial(model: nn.Module, traced: Traced, chain: list[fx.Node], ends: list[tuple[int, fx.Node, str]]) -> None:
+    """A single spatial level followed by most of the computation on tokens is a ViT-like model."""
+    name = type(model).__name__
+    if not ends:
+        raise NoSpatialStagesError(
+            f"{name} has no spatial stages: no feature map [C, H, W] or [H, W, C] that every path of the "
+            f"network passes through was found. bconv needs a CNN (or a hierarchical model such as Swin)."
+        )
+    if len(ends) > 1:
+        return
+    end_index = traced.index(ends[0][1])
+    stage_cost = sum(_node_cost(n, traced) for n in traced.nodes if traced.index(n) <= end_index)
+    head_cost = sum(_node_cost(n, traced) for n in traced.nodes if traced.index(n) > end_index)
+    if head_cost > stage_cost:
+        tokens = next(
+            (traced.shapes[n] for n in chain if traced.index(n) > end_index and len(traced.shapes.get(n, ())) == 3),
+            None,
+        )
+        after = f" the network then works on flattened tokens {list(tokens[1:])}" if tokens else " most of the work follows it"
+        raise NoSpatialStagesError(
+            f"{name} has no spatial stages: its only feature map is the output of `{ends[0][2]}` "
+            f"(reduction {ends[0][0]}), and{after} (a plain ViT/MLP-Mixer-like model). "
+            f"bconv needs a CNN or a hierarchical model (ResNet, ConvNeXt, Swin, ...)."
+        )
+
+
+def _group_modules(spans: dict[str, tuple[int, int]], boundaries: list[int]) -> list[list[str]]:
+    """Outermost module paths whose whole span lies in each stage's interval ``(boundaries[k-1], boundaries[k]]``.
+
+    ``spans`` maps a module path to the first and last event (graph node, or hook call) of all its calls.
+    The first stage starts at the beginning, so the stem belongs to it.
+    """
+    groups: list[list[str]] = [[] for _ in boundaries]
+    owner: dict[str, int] = {}
+    for path, (start, end) in spans.items():
+        lower = -1
+        for k, upper in enumerate(boundaries):
+            if lower < start and end <= upper:
+                owner[path] = k
+                break
+            lower = upper
+    for path in sorted(owner, key=lambda p: spans[p]):
+        parent = path.rpartition(".")[0]
+        while parent and parent not in owner:
+            parent = parent.rpartition(".")[0]
+        if not parent or owner[parent] != owner[path]:
+            groups[owner[path]].append(path)
+    return groups
+
+
+# --------------------------------------------------------------------------- feature_info path
+
+
+def _feature_info(model: nn.Module) -> list[dict[str, Any]] | str:
+    """timm's feature_info entries when they can name stages, else the reason they cannot."""
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        return f"{type(model).__name__} has no feature_info (only timm models carry one)"
+    entries = list(info.info if hasattr(info, "info") else info)
+    if not entries or not all(isinstance(e, dict) and "module" in e for e in entries):
+        return "its feature_info does not list modules"
+    modules = dict(model.named_modules())
+    for e in entries:
+        if e.get("hook_type", "forward") != "forward":
+            return f"feature_info entry {e['module']!r} is read with a {e['hook_type']} hook, not from a module output"
+        if e["module"] not in modules:
+            return f"feature_info names {e['module']!r}, which is not a submodule"
+    return entries
+
+
+def _feature_info_stages(model: nn.Module, entries: list[dict[str, Any]], input_size: tuple[int, ...]) -> list[Stage]:
+    """Stages from timm's feature_info, with shapes and module groups from one forward pass with hooks."""
+    targets = {e["module"] for e in entries}
+    clock = [0]
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    outputs: dict[str, list[Any]] = {t: [] for t in targets}
+
+    def pre_hook(path: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            first.setdefault(path, clock[0])
+            clock[0] += 1
+
+        return hook
+
+    def post_hook(path: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            last[path] = clock[0]
+            clock[0] += 1
+            if path in outputs:
+                outputs[path].append(tuple(out.shape) if isinstance(out, torch.Tensor) else None)
+
+        return hook
+
+    handles = []
+    for path, module in model.named_modules():
+        if path:
+            handles.append(module.register_forward_pre_hook(pre_hook(path)))
+            handles.append(module.register_forward_hook(post_hook(path)))
+    x = dummy_input(model, input_size)
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as e:
+        raise InputSizeError(model_error_message(model, x, e)) from e
+    finally:
+        for h in handles:
+            h.remove()
+
+    stages: list[Stage] = []
+    boundaries: list[int] = []
+    for e in entries:
+        path = e["module"]
+        calls = outputs[path]
+        if len(calls) != 1 or calls[0] is None:
+            raise BConvError(f"feature_info module {path!r} is called {len(calls)} times or returns no tensor")
+        geometry = spatial_layout(calls[0][1:], input_size)
+        if geometry is None:
+            raise NoSpatialStagesError(f"feature_info module {path!r} outputs {list(calls[0][1:])}, not a feature map")
+        layout, _, channels = geometry
+        r = int(e.get("reduction", geometry[1]))
+        if stages and r <= stages[-1].reduction:
+            stages.pop()  # several entries at one resolution: the last one before the drop is the stage
+            boundaries.pop()
+        stages.append(Stage(len(stages), path, channels, r, layout, calls[0][1:], (), "feature_info"))
+        boundaries.append(last[path])
+    spans = {p: (first[p], last[p]) for p in last}
+    groups = _group_modules(spans, boundaries)
+    return [
+        Stage(i, s.name, s.channels, s.reduction, s.layout, s.shape, tuple(g), s.source)
+        for i, (s, g) in enumerate(zip(stages, groups))
+    ]

@@ -1,0 +1,189 @@
+"""Stage discovery over timm's families: does fx find the stages timm's authors wrote down?
+
+For one representative model per timm family (the smallest-sounding name of the module that
+registers it), built with random weights at its own input size:
+
+* ``find_stages(source="fx")``: stages found, the model refused as having no spatial stages
+  (plain ViTs), or a failure with its one-line reason;
+* where the model has a ``feature_info`` that describes spatial module outputs: agreement, i.e. for
+  every feature_info stage (the last entry at each reduction), the fx stage at the same reduction
+  outputs the same tensor (compared by value, both captured by forward hooks in one pass).
+
+Writes ``benchmarks/results/feature_info_agreement.md`` and ``.json``.
+
+Reproduce::
+
+    pip install -e ".[bench]"
+    python benchmarks/feature_info_agreement.py            # all families (about 15 minutes on 2 cores)
+    python benchmarks/feature_info_agreement.py --families resnet convnext   # a few
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from bconv import find_stages
+from bconv._zoo import build, timm_families, ZooModel
+from bconv.errors import NoSpatialStagesError
+from bconv.surgery.stages import _feature_info
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _capture(model: torch.nn.Module, names: set[str], input_size: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    outputs: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = [
+        modules[n].register_forward_hook(lambda m, a, out, n=n: outputs.__setitem__(n, out.detach().clone()))
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0)))
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
+
+
+def measure(family: str, name: str) -> dict:
+    row: dict = {"family": family, "model": name}
+    start = time.perf_counter()
+    try:
+        model = build(ZooModel("timm", name)).eval()
+    except Exception as e:  # a model timm itself cannot build here
+        return {**row, "fx": "build-error", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    input_size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    row["input_size"] = list(input_size)
+    try:
+        t = time.perf_counter()
+        fx_stages = find_stages(model, input_size, source="fx")
+        row["fx_seconds"] = round(time.perf_counter() - t, 2)
+        row["fx"] = "ok"
+        row["stages"] = [[s.name, s.channels, s.reduction, s.layout] for s in fx_stages]
+    except NoSpatialStagesError as e:
+        fx_stages = None
+        row["fx"] = "no-spatial"
+        row["reason"] = str(e).splitlines()[0][:200]
+    except Exception as e:
+        fx_stages = None
+        row["fx"] = "error"
+        row["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    usable = _feature_info(model)
+    if isinstance(usable, str):
+        row["feature_info"] = "none"
+        row["feature_info_reason"] = usable
+    else:
+        try:
+            fi_stages = find_stages(model, input_size, source="feature_info")
+            row["feature_info"] = "spatial"
+            row["feature_info_stages"] = [[s.name, s.channels, s.reduction, s.layout] for s in fi_stages]
+        except Exception as e:
+            fi_stages = None
+            row["feature_info"] = "not-spatial"
+            row["feature_info_reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if fi_stages and fx_stages:
+            by_reduction = {s.reduction: s for s in fx_stages}
+            names = {s.name for s in fi_stages} | {s.name for s in fx_stages}
+            out = _capture(model, names, input_size)
+            matched = []
+            for s in fi_stages:
+                f = by_reduction.get(s.reduction)
+                same = (
+                    f is not None
+                    and out[f.name].shape == out[s.name].shape
+                    and torch.allclose(out[f.name], out[s.name], rtol=1e-4, atol=1e-5)
+                )
+                matched.append(bool(same))
+            row["matched"] = f"{sum(matched)}/{len(matched)}"
+            row["agree"] = all(matched)
+            row["mismatches"] = [
+                [s.reduction, s.name, by_reduction[s.reduction].name if s.reduction in by_reduction else None]
+                for s, m in zip(fi_stages, matched)
+                if not m
+            ]
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def write(rows: list[dict], path: Path) -> dict:
+    n = len(rows)
+    ok = [r for r in rows if r.get("fx") == "ok"]
+    refused = [r for r in rows if r.get("fx") == "no-spatial"]
+    compared = [r for r in rows if "agree" in r]
+    agree = [r for r in compared if r["agree"]]
+    summary = {
+        "families": n,
+        "fx_stages_found": len(ok),
+        "fx_refused_no_spatial_stages": len(refused),
+        "fx_failed": n - len(ok) - len(refused),
+        "handled_pct": round(100 * (len(ok) + len(refused)) / max(n, 1), 1),
+        "feature_info_spatial_compared": len(compared),
+        "feature_info_agree": len(agree),
+        "agreement_pct": round(100 * len(agree) / max(len(compared), 1), 1),
+        "torch": torch.__version__,
+    }
+    path.with_suffix(".json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    lines = [
+        "# fx stage discovery vs timm's feature_info",
+        "",
+        "Made by `python benchmarks/feature_info_agreement.py` (one model per timm family, random weights,",
+        "each at its own default input size). `agree`: every feature_info stage (last entry per reduction)",
+        "is matched by the fx stage at the same reduction outputting the same tensor.",
+        "",
+        f"- families: {n}",
+        f"- fx found stages: {len(ok)}; refused as having no spatial stages (plain ViT-like): {len(refused)}; "
+        f"failed: {summary['fx_failed']} -> handled {summary['handled_pct']}%",
+        f"- families whose feature_info describes spatial stages and fx found stages: {len(compared)}; "
+        f"fx agrees on {len(agree)} -> **{summary['agreement_pct']}%**",
+        "",
+        "| family | model | fx | fx stages (name:channels@reduction) | feature_info | matched | mismatches (reduction, feature_info, fx) / reason |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        stages = " ".join(f"{s[0]}:{s[1]}@{s[2]}" + ("/NHWC" if s[3] == "NHWC" else "") for s in r.get("stages", []))
+        detail = r.get("mismatches") or r.get("reason") or ""
+        lines.append(
+            f"| {r['family']} | {r['model']} | {r['fx']} | {stages} | {r.get('feature_info', '')} "
+            f"| {r.get('matched', '')} | {str(detail).replace('|', '/')} |"
+        )
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="*", help="only these timm families (module names)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "feature_info_agreement")
+    args = parser.parse_args()
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    families = timm_families()
+    if args.families:
+        families = {f: families[f] for f in args.families}
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bench extra brings tqdm; plain iteration without it
+        tqdm = lambda it, **kw: it  # noqa: E731
+    rows = []
+    bar = tqdm(families.items(), total=len(families), unit="family")
+    for family, name in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(name)
+        try:
+            rows.append(measure(family, name))
+        except Exception as e:  # the benchmark reports, it does not stop
+            rows.append({"family": family, "model": name, "fx": "error", "reason": f"benchmark: {e!r}"[:200]})
+            traceback.print_exc()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    summary = write(rows, args.out)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
