@@ -1,0 +1,204 @@
+"""State machinery shared by the cells that carry a latent state across mini-batches.
+
+The state contract (DESIGN.md §4) lives here, once; the cells themselves hold only
+their equations. A state is a plain tensor attribute of the module: not a Parameter,
+not a buffer, never in ``state_dict()``. It is registered by name in one place
+(:meth:`StatefulCell._register_state`), moved with the module by overriding
+:meth:`~torch.nn.Module._apply` (as SpikingJelly's ``MemoryModule`` does), forgotten by
+:meth:`StatefulCell.reset_state` and cut from the autograd graph by
+:meth:`StatefulCell.detach_state`. Model-level helpers walk ``model.modules()`` and call
+these two methods on every :class:`StatefulCell`; there is no global registry.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["StatefulCell", "STATE_MODES", "SIZE_CHANGE_POLICIES"]
+
+STATE_MODES = ("per_sample", "pooled")
+SIZE_CHANGE_POLICIES = ("reset", "raise")
+
+
+class StatefulCell(nn.Module):
+    """Base class of modules that carry a state from one mini-batch to the next.
+
+    Subclasses register their state names in ``__init__`` with
+    :meth:`_register_state`, read the previous state with :meth:`_read_state` and store
+    the new one with :meth:`_write_state`. Everything the state contract decides is
+    decided here:
+
+    * **No state means zeros.** After construction or :meth:`reset_state` the state
+      reads as zeros.
+    * **Training mode** reads the stored state and stores the new one, detached
+      unless ``detach=False`` (then :meth:`detach_state` truncates explicitly, for
+      k-step truncated back-propagation through time).
+    * **Eval mode** reads zeros and stores nothing, so an eval forward between two
+      training batches changes nothing and a sample's eval output depends on that
+      sample alone.
+    * **Batch slots** (``state_mode="per_sample"``, the paper's): sample ``k`` of a
+      batch uses and updates slot ``k``. A batch of ``B`` uses the first ``B`` slots;
+      the other slots keep their state; a batch larger than the state starts its new
+      slots from zero.
+    * **Pooled state** (``state_mode="pooled"``, beyond the paper): the stored state is
+      the batch mean, shape ``[1, ...]``, broadcast to every sample of the next batch.
+      It does not depend on the batch size or on a sample's position in its batch.
+      Prefer it when batch sizes vary, when the order of samples carries no meaning
+      (shuffled data: slot ``k`` of one batch has no relation to slot ``k`` of the
+      next), and under DistributedDataParallel, where :meth:`_pool` is the one place
+      that would average the state across ranks.
+    * **Spatial size change** (another input resolution): ``on_size_change="reset"``
+      forgets this cell's state with a :class:`UserWarning`; ``"raise"`` raises a
+      :class:`ValueError`. Call :meth:`reset_state` when you change resolution to
+      avoid both.
+    * **Dtype**: the previous state is cast to the dtype the current forward computes
+      in (the ``like`` tensor of :meth:`_read_state`), and the new state is stored in
+      the dtype it was computed in. A state stored under ``torch.autocast`` (bf16) is
+      therefore read in float32 by a later full-precision batch, and the other way
+      round, without error.
+
+    Args:
+        state_mode: ``"per_sample"`` (one state slot per batch position, as in the
+            paper) or ``"pooled"`` (one state, the batch mean).
+        detach: store the new state detached from the autograd graph (truncated
+            back-propagation of length one, as in the paper's code). With ``False``
+            the graph is kept across batches until :meth:`detach_state` is called.
+        on_size_change: what a training forward does when the stored state's spatial
+            size differs from the current one: ``"reset"`` (warn and start from zeros)
+            or ``"raise"``.
+    """
+
+    def __init__(
+        self,
+        state_mode: str = "per_sample",
+        detach: bool = True,
+        on_size_change: str = "reset",
+    ) -> None:
+        super().__init__()
+        if state_mode not in STATE_MODES:
+            raise ValueError(f"state_mode must be one of {STATE_MODES}; got {state_mode!r}")
+        if not isinstance(detach, bool):
+            raise ValueError(f"detach must be a bool; got {detach!r}")
+        if on_size_change not in SIZE_CHANGE_POLICIES:
+            raise ValueError(
+                f"on_size_change must be one of {SIZE_CHANGE_POLICIES}; got {on_size_change!r}"
+            )
+        self.state_mode = state_mode
+        self.detach = detach
+        self.on_size_change = on_size_change
+        self._state_names: tuple[str, ...] = ()
+
+    # -- registration, reset, detach, device and dtype moves -------------------------
+
+    def _register_state(self, name: str) -> None:
+        """Declare a state attribute ``name``; it starts empty (reads as zeros)."""
+        if hasattr(self, name):
+            raise ValueError(f"attribute {name!r} already exists on {type(self).__name__}")
+        self._state_names = self._state_names + (name,)
+        setattr(self, name, None)
+
+    def reset_state(self) -> None:
+        """Forget all history: the next forward starts from zero state."""
+        for name in self._state_names:
+            setattr(self, name, None)
+
+    def detach_state(self) -> None:
+        """Cut the stored state from the autograd graph, keeping its values."""
+        for name in self._state_names:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.detach())
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> StatefulCell:
+        # .to(), .cuda(), .double(), .half() all come through here: move the state too.
+        super()._apply(fn, recurse)
+        for name in self._state_names:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, fn(value))
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A state kept with its graph (detach=False) cannot be deep-copied or pickled;
+        # its values can.
+        state = super().__getstate__()
+        for name in state.get("_state_names", ()):
+            if state.get(name) is not None:
+                state[name] = state[name].detach()
+        return state
+
+    # -- reading and writing, used by the subclasses' forward -------------------------
+
+    def _read_state(self, name: str, shape: Sequence[int], like: Tensor) -> Tensor:
+        """The previous state ``name`` for a batch whose state has ``shape``.
+
+        Returns a tensor of exactly ``shape`` ``[B, C, H, W]`` in ``like``'s dtype and
+        device: zeros in eval mode or without history, else the stored state (its
+        first ``B`` slots, zero-padded if the state has fewer; or the pooled state
+        broadcast to ``B``).
+        """
+        shape = torch.Size(shape)
+        stored = getattr(self, name)
+        if stored is not None and self.training and stored.shape[-2:] != shape[-2:]:
+            self._size_changed(tuple(stored.shape[-2:]), tuple(shape[-2:]))
+            stored = None
+        if stored is None or not self.training:
+            return like.new_zeros(shape)
+        stored = stored.to(dtype=like.dtype, device=like.device)
+        if self.state_mode == "pooled":
+            return stored.expand(shape)
+        batch, slots = shape[0], stored.shape[0]
+        if batch <= slots:
+            return stored[:batch]
+        return torch.cat([stored, stored.new_zeros((batch - slots, *shape[1:]))])
+
+    def _write_state(self, name: str, value: Tensor) -> None:
+        """Store ``value`` (shape ``[B, C, H, W]``) as the new state ``name``.
+
+        Does nothing in eval mode. Per-sample: slots ``B`` and beyond keep their
+        stored state. Pooled: the batch is reduced by :meth:`_pool`.
+        """
+        if not self.training:
+            return
+        if self.detach:
+            value = value.detach()
+        if self.state_mode == "pooled":
+            value = self._pool(value)
+        else:
+            stored = getattr(self, name)
+            if stored is not None and stored.shape[0] > value.shape[0]:
+                value = torch.cat([value, stored[value.shape[0] :].to(value.dtype)])
+        setattr(self, name, value)
+
+    def _pool(self, value: Tensor) -> Tensor:
+        """Reduce a batch of states ``[B, ...]`` to the pooled state ``[1, ...]``.
+
+        The single place where the pooled state is formed: averaging it across
+        DistributedDataParallel ranks belongs here.
+        """
+        return value.mean(dim=0, keepdim=True)
+
+    def _size_changed(self, old: tuple[int, ...], new: tuple[int, ...]) -> None:
+        old_s, new_s = "x".join(map(str, old)), "x".join(map(str, new))
+        what = (
+            f"{type(self).__name__}: the spatial size of its state changed from {old_s} "
+            f"to {new_s} (a new input resolution), so the stored state no longer fits. "
+        )
+        avoid = "Call reset_state() on the model when you change the input resolution."
+        if self.on_size_change == "raise":
+            raise ValueError(
+                what + avoid + " (on_size_change='raise'; on_size_change='reset' would "
+                "forget the state with a warning instead.)"
+            )
+        warnings.warn(
+            what + "The state was reset to zeros (on_size_change='reset'). " + avoid
+            + " Pass on_size_change='raise' to make this an error.",
+            UserWarning,
+            stacklevel=2,
+        )
+        self.reset_state()
