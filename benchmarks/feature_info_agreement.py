@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import traceback
 from pathlib import Path
@@ -34,6 +35,10 @@ from bconv.errors import NoSpatialStagesError
 from bconv.surgery.stages import _feature_info
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def _pow2(r: int) -> int:
+    return 2 ** round(math.log2(r))
 
 
 def _capture(model: torch.nn.Module, names: set[str], input_size: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -89,12 +94,13 @@ def measure(family: str, name: str) -> dict:
             row["feature_info"] = "not-spatial"
             row["feature_info_reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if fi_stages and fx_stages:
+            # feature_info may give a patch size (7, 14) as reduction: compare at the nearest power of two.
             by_reduction = {s.reduction: s for s in fx_stages}
             names = {s.name for s in fi_stages} | {s.name for s in fx_stages}
             out = _capture(model, names, input_size)
             matched = []
             for s in fi_stages:
-                f = by_reduction.get(s.reduction)
+                f = by_reduction.get(_pow2(s.reduction))
                 same = (
                     f is not None
                     and out[f.name].shape == out[s.name].shape
@@ -104,7 +110,7 @@ def measure(family: str, name: str) -> dict:
             row["matched"] = f"{sum(matched)}/{len(matched)}"
             row["agree"] = all(matched)
             row["mismatches"] = [
-                [s.reduction, s.name, by_reduction[s.reduction].name if s.reduction in by_reduction else None]
+                [s.reduction, s.name, by_reduction[_pow2(s.reduction)].name if _pow2(s.reduction) in by_reduction else None]
                 for s, m in zip(fi_stages, matched)
                 if not m
             ]

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = ["StatefulCell", "STATE_MODES", "SIZE_CHANGE_POLICIES"]
@@ -71,6 +72,8 @@ class StatefulCell(nn.Module):
         on_size_change: what a training forward does when the stored state's spatial
             size differs from the current one: ``"reset"`` (warn and start from zeros)
             or ``"raise"``.
+        sync_state: with ``state_mode="pooled"``, average the pooled state across
+            DistributedDataParallel ranks (see :meth:`_pool`).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class StatefulCell(nn.Module):
         state_mode: str = "per_sample",
         detach: bool = True,
         on_size_change: str = "reset",
+        sync_state: bool = False,
     ) -> None:
         super().__init__()
         if state_mode not in STATE_MODES:
@@ -88,6 +92,11 @@ class StatefulCell(nn.Module):
             raise ValueError(
                 f"on_size_change must be one of {SIZE_CHANGE_POLICIES}; got {on_size_change!r}"
             )
+        if not isinstance(sync_state, bool):
+            raise ValueError(f"sync_state must be a bool; got {sync_state!r}")
+        if sync_state and state_mode != "pooled":
+            raise ValueError("sync_state=True averages the pooled state across ranks: it needs state_mode='pooled'")
+        self.sync_state = sync_state
         self.state_mode = state_mode
         self.detach = detach
         self.on_size_change = on_size_change
@@ -178,10 +187,19 @@ class StatefulCell(nn.Module):
     def _pool(self, value: Tensor) -> Tensor:
         """Reduce a batch of states ``[B, ...]`` to the pooled state ``[1, ...]``.
 
-        The single place where the pooled state is formed: averaging it across
-        DistributedDataParallel ranks belongs here.
+        The single place where the pooled state is formed. With ``sync_state=True``
+        under an initialised ``torch.distributed`` process group, the mean is taken
+        over the samples of every rank (one ``all_reduce`` of the sums and the sample
+        counts), so each rank stores the same state: a summary of the whole dataset
+        rather than of its shard. Every rank must run the same number of training
+        forwards, as DistributedDataParallel already requires.
         """
-        return value.mean(dim=0, keepdim=True)
+        if not (self.sync_state and dist.is_available() and dist.is_initialized()):
+            return value.mean(dim=0, keepdim=True)
+        total = value.detach().sum(dim=0, keepdim=True).float()
+        flat = torch.cat([total.flatten(), total.new_tensor([value.shape[0]])])
+        dist.all_reduce(flat)
+        return (flat[:-1] / flat[-1]).view_as(total).to(value.dtype)
 
     def _size_changed(self, old: tuple[int, ...], new: tuple[int, ...]) -> None:
         old_s, new_s = "x".join(map(str, old)), "x".join(map(str, new))

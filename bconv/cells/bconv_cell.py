@@ -27,8 +27,11 @@ class _BConvBase(StatefulCell):
         state_mode: str,
         detach: bool,
         on_size_change: str,
+        sync_state: bool,
     ) -> None:
-        super().__init__(state_mode=state_mode, detach=detach, on_size_change=on_size_change)
+        super().__init__(
+            state_mode=state_mode, detach=detach, on_size_change=on_size_change, sync_state=sync_state
+        )
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
         self.stride = _positive_int("stride", stride)
@@ -90,6 +93,7 @@ class BConvCell(_BConvBase):
         detach: store the state detached (default). ``False`` keeps the graph across
             batches until :meth:`detach_state` is called.
         on_size_change: ``"reset"`` (warn and start from zeros) or ``"raise"``.
+        sync_state: with ``state_mode="pooled"``, average the state across DDP ranks.
 
     Example::
 
@@ -109,8 +113,9 @@ class BConvCell(_BConvBase):
         state_mode: str = "per_sample",
         detach: bool = True,
         on_size_change: str = "reset",
+        sync_state: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, stride, state_mode, detach, on_size_change)
+        super().__init__(in_channels, out_channels, stride, state_mode, detach, on_size_change, sync_state)
         self.conv = nn.Conv2d(
             in_channels, 4 * out_channels, 3, stride=stride, padding=1, bias=False
         )
@@ -156,6 +161,7 @@ class BConvCellV2(_BConvBase):
         state_mode: ``"per_sample"`` (the paper's) or ``"pooled"``.
         detach: store the state detached (default).
         on_size_change: ``"reset"`` (warn and start from zeros) or ``"raise"``.
+        sync_state: with ``state_mode="pooled"``, average the state across DDP ranks.
 
     Example::
 
@@ -174,8 +180,9 @@ class BConvCellV2(_BConvBase):
         state_mode: str = "per_sample",
         detach: bool = True,
         on_size_change: str = "reset",
+        sync_state: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, stride, state_mode, detach, on_size_change)
+        super().__init__(in_channels, out_channels, stride, state_mode, detach, on_size_change, sync_state)
         self.conv = nn.Conv2d(
             2 * in_channels, 4 * out_channels, 3, stride=stride, padding=1, bias=False
         )

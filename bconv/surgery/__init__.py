@@ -1,5 +1,6 @@
-"""Tracing, stage discovery and injection."""
+"""Tracing, stage discovery and injection: trace -> stages -> ladder -> hooks."""
 
+from .ptl import PTLModel, unwrap_ptl, wrap_with_ptl
 from .stages import Stage, default_input_size, find_stages
 
-__all__ = ["Stage", "find_stages", "default_input_size"]
+__all__ = ["Stage", "find_stages", "default_input_size", "wrap_with_ptl", "unwrap_ptl", "PTLModel"]

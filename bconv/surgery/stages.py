@@ -271,23 +271,73 @@ def _stage_module(traced: Traced, node: fx.Node, previous: fx.Node | None) -> st
     return outermost
 
 
-def _inside_block(traced: Traced, node: fx.Node) -> bool:
-    """Whether ``node`` lies inside a block that goes on past it (an expansion conv before a strided one).
+def _cut_level(traced: Traced, node: fx.Node) -> int | None:
+    """How deep in the module tree a stage boundary after ``node`` would cut; None if it would cut a block.
 
-    Cutting a plain ``nn.Sequential`` between two children is a clean stage boundary; cutting any other
-    module (an inverted-residual block, a stage with a downsample, a named ``nn.Sequential`` subclass such
-    as DenseNet's transition) is not.
+    Cutting a plain ``nn.Sequential`` between two children is a clean boundary; cutting any other
+    module that goes on past ``node`` (an inverted-residual block whose expansion conv precedes the
+    strided one, a stage with its own downsample, a named ``nn.Sequential`` subclass such as DenseNet's
+    transition) is not. Among clean boundaries the shallowest is preferred: between two stages of the
+    network rather than inside a downsampling ``nn.Sequential(norm, conv)``. The top level counts as 1.
     """
     i = traced.index(node)
     returned = set(traced.returned_by.get(node, ()))
+    level = 1
     for path, calls in traced.calls.items():
-        if not path or path in returned:
+        if not path or path in returned or not any(start <= i < end for start, end in calls):
             continue
-        if any(start <= i < end for start, end in calls):
-            module = traced.modules[path]
-            if type(module) is not nn.Sequential:
-                return True
-    return False
+        if type(traced.modules[path]) is not nn.Sequential:
+            return None
+        level = max(level, path.count(".") + 1)
+    return level
+
+
+def _is_pointwise(module: nn.Module) -> bool:
+    """Norms, activations and 1x1 convs: the layers a network puts between its last stage and its pooling."""
+    for m in module.modules():
+        weight = getattr(m, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd) and all(k == 1 for k in m.kernel_size):
+            continue
+        if isinstance(m, nn.Linear):
+            continue
+        return False
+    return True
+
+
+def _choose_end(traced: Traced, run: list[fx.Node], last: bool) -> tuple[fx.Node, str] | None:
+    """The stage end of one run of chain nodes at a resolution.
+
+    The shallowest clean boundary, the latest among equals. In the last run, trailing norms, activations
+    and 1x1 convs (a final norm, timm's ``conv_head``-like expansions) are left to the head, as timm's
+    ``feature_info`` does.
+    """
+    named = []
+    for i, node in enumerate(run):
+        name = _stage_module(traced, node, run[i - 1] if i else None)
+        if name is not None:
+            named.append((node, name, _cut_level(traced, node)))
+    if not named:
+        return None
+    if last:
+        while len(named) > 1:
+            # The unit that produced the last candidate: the outermost module returning it that started
+            # after the candidate before it (a whole residual block, not the ReLU that ends it). It is
+            # left to the head only if it is pointwise and stands outside every module holding the
+            # candidate before it: a final norm at the top level, not the ReLU closing a conv block.
+            before, after = traced.index(named[-2][0]), traced.index(named[-1][0])
+            units = [p for p in traced.returned_by[named[-1][0]] if traced.calls[p][0][0] > before]
+            if not units or not _is_pointwise(traced.modules[min(units, key=lambda p: p.count("."))]):
+                break
+            if any(s <= before and after <= e for p, calls in traced.calls.items() if p for s, e in calls):
+                break
+            named.pop()
+    clean = [c for c in named if c[2] is not None]
+    if not clean:
+        return named[-1][:2]
+    best = min(level for _, _, level in clean)
+    return [c for c in clean if c[2] == best][-1][:2]
 
 
 def _node_cost(node: fx.Node, traced: Traced) -> float:
@@ -332,19 +382,11 @@ def _fx_stages(model: nn.Module, input_size: tuple[int, ...], leaf_modules: Iter
             runs.append((r, [node]))
 
     ends: list[tuple[int, fx.Node, str]] = []
-    for r, run in runs:
-        end = fallback = None
-        for i in range(len(run) - 1, -1, -1):
-            name = _stage_module(traced, run[i], run[i - 1] if i else None)
-            if name is None:
-                continue
-            fallback = fallback or (r, run[i], name)
-            if not _inside_block(traced, run[i]):
-                end = (r, run[i], name)
-                break
-        end = end or fallback
-        if end is None:
+    for k, (r, run) in enumerate(runs):
+        chosen = _choose_end(traced, run, last=k == len(runs) - 1)
+        if chosen is None:
             continue
+        end = (r, *chosen)
         # Keep reductions strictly increasing: a later return to a resolution supersedes earlier levels.
         while ends and ends[-1][0] >= r:
             ends.pop()

@@ -1,0 +1,389 @@
+"""Progressive Transfer Learning: a ladder of BConv-Cells beside any backbone's stages.
+
+Given the chosen stages s_1..s_n with outputs x_1..x_n (DESIGN.md §3, paper Eq. 3)::
+
+    y_1 = Cell_1(image)                        # strided from the image to r_1
+    z_i = Fuse_i(cat(x_i, y_i))                # 1x1 conv, i = 1..n-1
+    y_{i+1} = Cell_{i+1}(z_i)                  # stride r_{i+1}/r_i: a chain of stride-2 cells
+    out = FinalFuse(cat(x_n, y_n))             # 1x1 conv back to x_n's channels, replaces x_n
+
+The ladder reads the backbone through forward hooks and feeds back only at the last paired
+stage, so the rest of the network (pooling, head) is the user's own and the wrapped model
+returns what the original returned. FinalFuse starts as ``[identity | 0]``: a freshly
+wrapped model computes exactly what the original computed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cells import BConvCell, BConvCellV2, StatefulCell
+from ..errors import BConvError
+from ._trace import dummy_input, eval_mode
+from .stages import Stage, default_input_size, find_stages
+
+__all__ = ["PTLModel", "PTLLadder", "wrap_with_ptl", "unwrap_ptl", "CELLS"]
+
+CELLS: dict[str, type[StatefulCell]] = {"v1": BConvCell, "v2": BConvCellV2}
+_FINAL_INITS = ("identity", "paper")
+
+
+def _width(fraction: float, channels: int) -> int:
+    return max(8, round(fraction * channels))
+
+
+class PTLLadder(nn.Module):
+    """The injected modules: one chain of cells and one fusion per paired stage, and the final fusion.
+
+    Attributes:
+        cells: ``cells[i]`` takes the image (``i == 0``) or ``z_{i-1}`` to stage ``i``'s resolution.
+        fuses: ``fuses[i]`` (``i < n - 1``) is the 1x1 conv ``cat(x_i, y_i) -> z_i``.
+        final_fuse: the 1x1 conv ``cat(x_n, y_n) -> x_n``'s channels.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        in_channels: int,
+        cell: type[StatefulCell],
+        cell_width: float,
+        fuse_width: float,
+        final_init: str,
+        cell_kwargs: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.stage_names = tuple(s.name for s in stages)
+        self.layouts = tuple(s.layout for s in stages)
+        cells, fuses = [], []
+        channels, reduction = in_channels, 1
+        for i, s in enumerate(stages):
+            width = _width(cell_width, s.channels)
+            cells.append(_cell_chain(cell, channels, width, s.reduction // reduction, cell_kwargs))
+            if i < len(stages) - 1:
+                fused = _width(fuse_width, s.channels)
+                fuses.append(nn.Conv2d(s.channels + width, fused, 1, bias=False))
+                channels, reduction = fused, s.reduction
+        self.cells = nn.ModuleList(cells)
+        self.fuses = nn.ModuleList(fuses)
+        last = stages[-1].channels
+        self.final_fuse = nn.Conv2d(last + _width(cell_width, last), last, 1, bias=False)
+        if final_init == "identity":
+            with torch.no_grad():
+                self.final_fuse.weight.zero_()
+                self.final_fuse.weight[:, :last, 0, 0].copy_(torch.eye(last))
+        self._reset_pass()
+
+    # Per-forward scratch: the image, the running z, which stage comes next. Plain attributes, cleared
+    # at the last stage so no activation outlives its forward.
+    def _reset_pass(self) -> None:
+        self._image: torch.Tensor | None = None
+        self._z: torch.Tensor | None = None
+        self._next = 0
+
+    def begin(self, image: torch.Tensor) -> None:
+        self._reset_pass()
+        self._image = image
+
+    def stage(self, i: int, out: torch.Tensor) -> torch.Tensor | None:
+        """Run the ladder at stage ``i`` with its output ``out``; the replaced output at the last stage."""
+        if self._image is None:
+            return None  # the stage module was called on its own, outside a forward of the model
+        if i != self._next:
+            name, again = self.stage_names[i], i < self._next
+            self._reset_pass()
+            raise BConvError(
+                f"stage `{name}` ran {'again' if again else 'before the stages preceding it'} "
+                f"in one forward: PTL needs each paired stage to run once per forward, in order. "
+                f"Choose other stages (python -m bconv.inspect shows them)."
+            )
+        nhwc = self.layouts[i] == "NHWC"
+        x = out.permute(0, 3, 1, 2) if nhwc else out
+        y = self.cells[i](self._image if i == 0 else self._z)
+        if y.shape[-2:] != x.shape[-2:]:
+            # Stages made with unpadded convs (Inception) are a few pixels off the cells' ceil(H / 2).
+            y = F.adaptive_avg_pool2d(y, x.shape[-2:])
+        fused = torch.cat([x, y.to(x.dtype)], dim=1)
+        if i < len(self.fuses):
+            self._z = self.fuses[i](fused)
+            self._next += 1
+            return None
+        self._reset_pass()
+        result = self.final_fuse(fused)
+        return result.permute(0, 2, 3, 1) if nhwc else result
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_image=None, _z=None, _next=0)  # never pickle a forward's activations
+        return state
+
+
+def _cell_chain(cell: type[StatefulCell], c_in: int, c_out: int, stride: int, kwargs: dict) -> nn.Sequential:
+    """One cell for stride 1 or 2; a chain of stride-2 cells for 4, 8, ... (DESIGN.md §3)."""
+    steps = max(int(math.log2(stride)), 0)
+    if 2**steps != stride:
+        raise BConvError(f"stage strides must be powers of two; got {stride}")
+    if steps == 0:
+        return nn.Sequential(cell(c_in, c_out, 1, **kwargs))
+    return nn.Sequential(*[cell(c_in if k == 0 else c_out, c_out, 2, **kwargs) for k in range(steps)])
+
+
+class _ImageTap:
+    """Forward pre-hook on the network's first module: hands the image to the ladder."""
+
+    def __init__(self, ladder: PTLLadder):
+        self.ladder = ladder
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.ladder.begin(args[0])
+
+
+class _StageTap:
+    """Forward hook on a paired stage: runs the ladder, and replaces the last stage's output."""
+
+    def __init__(self, ladder: PTLLadder, index: int):
+        self.ladder = ladder
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        return self.ladder.stage(self.index, output)
+
+
+class PTLModel(nn.Module):
+    """A network with a PTL ladder injected beside its stages. Returned by :func:`wrap_with_ptl`.
+
+    The original network is ``self.model`` (its ``state_dict`` keys get the prefix ``model.``), the
+    injected modules are ``self.ptl``. Attributes the wrapper does not have are looked up on the
+    original network, so ``wrapped.fc``, ``wrapped.reset_classifier(10)`` or
+    ``wrapped.forward_features(x)`` work as before (and run the ladder).
+
+    Attributes:
+        stages: the paired stages, in order.
+    """
+
+    def __init__(self, model: nn.Module, ladder: PTLLadder, stages: Sequence[Stage]):
+        super().__init__()
+        self.model = model
+        self.ptl = ladder
+        self.stages = tuple(stages)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_is_replica", False):
+            raise BConvError(
+                "A PTL model cannot run under nn.DataParallel: its replicas are rebuilt at every forward, "
+                "so the cells' state they write is lost. Use DistributedDataParallel (one process per "
+                "device), which keeps the module and its state: see the README's DDP section."
+            )
+        return self.model(*args, **kwargs)
+
+    def reset_state(self) -> None:
+        """Forget the history of every cell: the next forward starts from zero state (call it every epoch)."""
+        for m in self.ptl.modules():
+            if isinstance(m, StatefulCell):
+                m.reset_state()
+
+    def detach_state(self) -> None:
+        """Cut every cell's state from the autograd graph (after each optimizer step)."""
+        for m in self.ptl.modules():
+            if isinstance(m, StatefulCell):
+                m.detach_state()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+
+def _select(all_stages: list[Stage], stages: Iterable[int | str] | None, model: nn.Module) -> list[Stage]:
+    if stages is None:
+        return list(all_stages)
+    if isinstance(stages, (int, str)):
+        stages = [stages]
+    valid = ", ".join(f"{s.index}: {s.name} ({s.channels}ch @ 1/{s.reduction})" for s in all_stages)
+    by_name = {s.name: s for s in all_stages}
+    modules = dict(model.named_modules())
+    chosen: list[Stage] = []
+    for spec in stages:
+        if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+            raise ValueError(f"stages must hold stage indices or names; got {spec!r}. Valid stages: {valid}")
+        if isinstance(spec, int):
+            if not -len(all_stages) <= spec < len(all_stages):
+                raise ValueError(
+                    f"stage index {spec} is out of range for {len(all_stages)} stages. Valid stages: {valid}. "
+                    f"See python -m bconv.inspect."
+                )
+            chosen.append(all_stages[spec])
+        elif spec in by_name:
+            chosen.append(by_name[spec])
+        else:
+            what = (
+                "is a module of the model but not a stage (a stage ends where the resolution drops, at a point "
+                "every path passes through)"
+                if spec in modules
+                else "is not a module of the model"
+            )
+            raise ValueError(f"stage {spec!r} {what}. Valid stages: {valid}. See python -m bconv.inspect.")
+    seen: set[int] = set()
+    for s in chosen:
+        if s.index in seen:
+            raise ValueError(f"stage {s.index} ({s.name}) is chosen twice in stages={list(stages)!r}")
+        seen.add(s.index)
+    if not chosen:
+        raise ValueError(f"stages is empty: choose at least one. Valid stages: {valid}")
+    return sorted(chosen, key=lambda s: s.index)  # the network fixes the order
+
+
+def _is_wrapped(model: nn.Module) -> bool:
+    return isinstance(model, PTLModel) or any(
+        isinstance(h, (_ImageTap, _StageTap))
+        for m in model.modules()
+        for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    )
+
+
+def wrap_with_ptl(
+    model: nn.Module,
+    stages: Sequence[int | str] | int | str | None = None,
+    cell: Literal["v1", "v2"] = "v1",
+    input_size: Sequence[int] | None = None,
+    *,
+    cell_width: float = 0.125,
+    fuse_width: float = 0.125,
+    state_mode: Literal["per_sample", "pooled"] = "per_sample",
+    sync_state: bool = False,
+    detach: bool = True,
+    on_size_change: Literal["reset", "raise"] = "reset",
+    final_init: Literal["identity", "paper"] = "identity",
+    source: Literal["auto", "fx", "feature_info"] = "auto",
+    leaf_modules: Iterable[type] = (),
+) -> PTLModel:
+    """Inject the PTL ladder (BConv-Cells and 1x1 fusions) beside the stages of ``model``.
+
+    ``model`` itself gets forward hooks (``unwrap_ptl`` removes them); its weights are not touched.
+
+    Args:
+        model: a torchvision or timm network, or your own CNN.
+        stages: the stages to pair: ``None`` (all), indices (negative allowed) or names, as
+            ``python -m bconv.inspect`` prints them. Order does not matter; duplicates are refused.
+        cell: ``"v1"`` (paper Eq. 1) or ``"v2"`` (paper Fig. 1 right).
+        input_size: ``(C, H, W)`` used to find the stages (default: the model's own, or 3x224x224).
+        cell_width: cell output channels as a fraction of the paired stage's channels (at least 8).
+            The default 1/8 puts the overhead near the paper's: ResNet-50 25.6M -> 32.0M parameters
+            (paper: 28M -> 35M), DenseNet-161 28.7M -> 38.6M (paper: 32M -> 42M).
+        fuse_width: channels of each intermediate fusion ``z_i``, as a fraction of stage ``i``'s channels.
+        state_mode: ``"per_sample"`` (the paper's: one state slot per batch position) or ``"pooled"``
+            (the batch mean, independent of batch size; see :class:`bconv.cells.StatefulCell`).
+        sync_state: with ``state_mode="pooled"`` under DistributedDataParallel, average the pooled state
+            across ranks after every training forward, so it summarises the whole dataset.
+        detach: store the cells' state detached after each forward (default). With ``False`` the graph is
+            kept across batches until ``detach_state()`` (k-step truncated back-propagation).
+        on_size_change: what a cell does when the input resolution changes in training: ``"reset"``
+            (forget its state with a warning) or ``"raise"``.
+        final_init: ``"identity"``: the final fusion starts as ``[identity | 0]``, so the wrapped model
+            computes exactly what the original did (default); ``"paper"``: PyTorch's default random init.
+        source: how to find stages (see :func:`bconv.find_stages`).
+        leaf_modules: module classes fx should not trace through.
+
+    Returns:
+        A :class:`PTLModel`: call it as the original, plus ``reset_state()`` and ``detach_state()``.
+
+    Raises:
+        ValueError: unknown, duplicate or empty ``stages``; bad options.
+        bconv.BConvError: an already wrapped model, a model wrapped in (Distributed)DataParallel, or the
+            errors of :func:`bconv.find_stages`.
+
+    Example::
+
+        >>> model = wrap_with_ptl(torchvision.models.resnet50(), stages=["layer2", "layer3", "layer4"])
+        >>> for epoch in range(epochs):
+        ...     model.reset_state()
+        ...     for x, y in loader:
+        ...         loss = criterion(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
+        ...         model.detach_state()
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap_with_ptl needs an nn.Module; got {type(model).__name__}")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise BConvError(
+            f"wrap the bare network, then put the wrapped model in DistributedDataParallel; got a "
+            f"{type(model).__name__} (its .module is the network)"
+        )
+    if _is_wrapped(model):
+        raise BConvError("this model is already wrapped with PTL; call unwrap_ptl(model) first to start again")
+    if cell not in CELLS:
+        raise ValueError(f"cell={cell!r} is not one of {', '.join(map(repr, CELLS))}")
+    if final_init not in _FINAL_INITS:
+        raise ValueError(f"final_init={final_init!r} is not one of {', '.join(map(repr, _FINAL_INITS))}")
+    for name, value in (("cell_width", cell_width), ("fuse_width", fuse_width)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 4:
+            raise ValueError(f"{name} must be a fraction of the stage's channels in (0, 4]; got {value!r}")
+    if sync_state and state_mode != "pooled":
+        raise ValueError("sync_state=True averages the pooled state across ranks: it needs state_mode='pooled'")
+
+    input_size = tuple(input_size) if input_size is not None else default_input_size(model)
+    all_stages = find_stages(model, input_size, source, leaf_modules=leaf_modules)
+    chosen = _select(all_stages, stages, model)
+    cell_kwargs = dict(state_mode=state_mode, detach=detach, on_size_change=on_size_change)
+    if sync_state:
+        cell_kwargs["sync_state"] = True
+    ladder = PTLLadder(chosen, input_size[0], CELLS[cell], cell_width, fuse_width, final_init, cell_kwargs)
+    param = next(model.parameters(), None)
+    if param is not None:
+        ladder.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
+
+    modules = dict(model.named_modules())
+    first = modules[all_stages[0].modules[0]]
+    first.register_forward_pre_hook(_ImageTap(ladder))
+    for i, s in enumerate(chosen):
+        modules[s.name].register_forward_hook(_StageTap(ladder, i))
+    wrapped = PTLModel(model, ladder, chosen)
+    _check_wiring(wrapped, input_size)
+    return wrapped
+
+
+def _check_wiring(wrapped: PTLModel, input_size: Sequence[int]) -> None:
+    """One eval forward: the image reaches the first cell and the ladder reaches its last stage.
+
+    On failure the hooks are removed again, so the user's model is left as it was.
+    """
+    x = dummy_input(wrapped.model, input_size)
+    try:
+        with eval_mode(wrapped), torch.no_grad():
+            wrapped(x)
+    except BConvError:
+        unwrap_ptl(wrapped)
+        raise
+    except Exception as e:
+        unwrap_ptl(wrapped)
+        raise BConvError(f"the PTL ladder does not fit this model: {type(e).__name__}: {e}") from e
+    if wrapped.ptl._image is not None:
+        wrapped.ptl._reset_pass()
+        unwrap_ptl(wrapped)
+        raise BConvError("the last paired stage did not run in a forward of the model; choose other stages")
+
+
+def unwrap_ptl(model: PTLModel) -> nn.Module:
+    """The original network, with every hook of bconv removed (the injected modules stay in ``model.ptl``).
+
+    Raises:
+        ValueError: ``model`` is not a PTL-wrapped model.
+    """
+    if not isinstance(model, PTLModel):
+        raise ValueError(f"unwrap_ptl needs a model returned by wrap_with_ptl; got {type(model).__name__}")
+    network = model.model
+    for m in network.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(h, (_ImageTap, _StageTap))]:
+                del hooks[key]
+                m._forward_hooks_with_kwargs.pop(key, None)
+                m._forward_hooks_always_called.pop(key, None)
+                m._forward_pre_hooks_with_kwargs.pop(key, None)
+    return network
