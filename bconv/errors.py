@@ -5,7 +5,7 @@ Every error names the bad input and what would be valid, and points at
 so ``except bconv.BConvError`` catches anything bconv raises on purpose.
 """
 
-__all__ = ["BConvError", "TraceError", "NoSpatialStagesError", "InputSizeError"]
+__all__ = ["BConvError", "TraceError", "NoSpatialStagesError", "InputSizeError", "ClassifierNotFoundError"]
 
 
 class BConvError(Exception):
@@ -22,3 +22,7 @@ class NoSpatialStagesError(BConvError, ValueError):
 
 class InputSizeError(BConvError, ValueError):
     """The model rejected the dummy input built from ``input_size``."""
+
+
+class ClassifierNotFoundError(BConvError, ValueError):
+    """The model has no final classifier that reads a pooled feature vector."""

@@ -12,15 +12,18 @@ Models are built with random weights: nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Sequence
 
 from ._zoo import UnknownModelError, build, resolve, torchvision_input_size
 from .errors import BConvError
+from .surgery.plan import Plan, ptl_plan
+from .surgery.ptl import wrap_with_ptl
 from .surgery.stages import Stage, default_input_size, find_stages
 
-__all__ = ["main", "format_table"]
+__all__ = ["main", "format_table", "format_plan"]
 
 
 def format_table(stages: Sequence[Stage]) -> str:
@@ -37,6 +40,28 @@ def format_table(stages: Sequence[Stage]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def format_plan(plan: Plan) -> str:
+    """What PTL adds, per paired stage and in total."""
+    header = ("stage", "cells", "cell output", "fusion", "params", "GFLOPs")
+    rows = [header] + [
+        (r.stage, r.cells, "x".join(map(str, r.cell_output)), r.fusion, f"{r.params:,}", f"{r.flops / 1e9:.3f}")
+        for r in plan.rows
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(
+        f"parameters {plan.base_params:,} -> {plan.base_params + plan.added_params:,} "
+        f"(+{plan.added_params:,}, +{100 * plan.added_params / max(plan.base_params, 1):.1f}%)"
+    )
+    lines.append(
+        f"FLOPs      {plan.base_flops / 1e9:.3f}G -> {(plan.base_flops + plan.added_flops) / 1e9:.3f}G "
+        f"(+{plan.added_flops / 1e9:.3f}G, +{100 * plan.added_flops / max(plan.base_flops, 1):.1f}%)"
+    )
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bconv.inspect",
@@ -46,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), help="dummy input size (default: the model's own)")
     p.add_argument("--source", choices=("auto", "fx", "feature_info"), default="auto", help="how to find stages (default: auto)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    p.add_argument("--cell", choices=("v1", "v2"), default="v1", help="BConv-Cell of the PTL preview (default: v1)")
+    p.add_argument("--no-plan", action="store_true", help="only the stages, no PTL preview")
     return p
 
 
@@ -69,6 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bconv.inspect: {spec}: {e}", file=sys.stderr)
         return 1
     source = stages[0].source
+    plan = None
+    if not args.no_plan:
+        try:
+            plan = ptl_plan(wrap_with_ptl(model, cell=args.cell, input_size=input_size, source=args.source), input_size)
+        except (BConvError, ValueError) as e:
+            print(f"bconv.inspect: {spec}: no PTL preview: {e}", file=sys.stderr)
     if args.json:
         print(json.dumps({
             "model": spec.name,
@@ -80,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "shape": list(s.shape), "layout": s.layout, "modules": list(s.modules)}
                 for s in stages
             ],
+            "ptl": None if plan is None else {
+                "cell": args.cell,
+                "stages": [dataclasses.asdict(r) for r in plan.rows],
+                "base_params": plan.base_params, "added_params": plan.added_params,
+                "base_flops": plan.base_flops, "added_flops": plan.added_flops,
+            },
         }, indent=2))  # fmt: skip
         return 0
     print(f"{spec.name} from {spec.zoo} (random weights), input {'x'.join(map(str, input_size))}, "
@@ -87,7 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_table(stages))
     print()
-    print("Pass a module name or an index to wrap_with_ptl(model, stages=[...]).")
+    if plan is not None:
+        print(f"PTL preview, wrap_with_ptl(model, cell={args.cell!r}) with every stage paired:")
+        print()
+        print(format_plan(plan))
+        print()
+    print("Pass module names or indices to wrap_with_ptl(model, stages=[...]) to pair fewer stages.")
     return 0
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..cells import BConvCell, BConvCellV2, StatefulCell
 from ..errors import BConvError
+from ._hooks import BConvHook
 from ._trace import dummy_input, eval_mode
 from .stages import Stage, default_input_size, find_stages
 
@@ -132,7 +133,7 @@ def _cell_chain(cell: type[StatefulCell], c_in: int, c_out: int, stride: int, kw
     return nn.Sequential(*[cell(c_in if k == 0 else c_out, c_out, 2, **kwargs) for k in range(steps)])
 
 
-class _ImageTap:
+class _ImageTap(BConvHook):
     """Forward pre-hook on the network's first module: hands the image to the ladder."""
 
     def __init__(self, ladder: PTLLadder):
@@ -142,7 +143,7 @@ class _ImageTap:
         self.ladder.begin(args[0])
 
 
-class _StageTap:
+class _StageTap(BConvHook):
     """Forward hook on a paired stage: runs the ladder, and replaces the last stage's output."""
 
     def __init__(self, ladder: PTLLadder, index: int):
@@ -243,7 +244,7 @@ def _select(all_stages: list[Stage], stages: Iterable[int | str] | None, model: 
 
 def _is_wrapped(model: nn.Module) -> bool:
     return isinstance(model, PTLModel) or any(
-        isinstance(h, (_ImageTap, _StageTap))
+        isinstance(h, BConvHook)
         for m in model.modules()
         for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
     )
@@ -381,7 +382,7 @@ def unwrap_ptl(model: PTLModel) -> nn.Module:
     network = model.model
     for m in network.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
-            for key in [k for k, h in hooks.items() if isinstance(h, (_ImageTap, _StageTap))]:
+            for key in [k for k, h in hooks.items() if isinstance(h, BConvHook)]:
                 del hooks[key]
                 m._forward_hooks_with_kwargs.pop(key, None)
                 m._forward_hooks_always_called.pop(key, None)

@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import BConvError, InputSizeError, NoSpatialStagesError
+from ._hooks import bconv_hooks_suspended
 from ._trace import Traced, dummy_input, eval_mode, model_error_message, propagate_shapes, trace
 
 __all__ = ["Stage", "find_stages", "default_input_size", "spatial_layout"]
@@ -109,7 +110,8 @@ def find_stages(
     if source not in _SOURCES:
         raise ValueError(f"source={source!r} is not one of {', '.join(map(repr, _SOURCES))}")
     input_size = _check_input_size(model, input_size)
-    with eval_mode(model):
+    # A PTL-wrapped network's hooks would run the ladder on the dummy input: switch them off.
+    with eval_mode(model), bconv_hooks_suspended(model):
         if source == "fx":
             return _fx_stages(model, input_size, leaf_modules)
         usable = _feature_info(model)
