@@ -115,7 +115,7 @@ def _compiled_and_eager():
     torch.manual_seed(0)
     eager = wrap_with_ptl(TinyCNN(), input_size=(3, 32, 32), final_init="paper")
     compiled_module = copy.deepcopy(eager)
-    return eager, compiled_module, torch.compile(compiled_module)
+    return eager, compiled_module, torch.compile(compiled_module, fullgraph=True)  # no graph breaks
 
 
 def test_torch_compile_matches_eager_over_training_batches_and_eval():

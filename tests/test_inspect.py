@@ -1,0 +1,74 @@
+"""python -m bconv.inspect: the table a newcomer sees, JSON, the PTL preview, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bconv.inspect import main
+
+
+def test_table_of_a_torchvision_model(capsys):
+    assert main(["resnet18", "--input-size", "3", "64", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18 from torchvision (random weights), input 3x64x64, 5 stages found with fx" in out
+    assert "index  module  channels  reduction  output shape  layout" in out
+    assert "    4  layer4       512         32  512x2x2       NCHW" in out
+    # the PTL preview: a row per stage and the totals
+    assert "layer4  v1 32->64 s2  64x2x2       final 1x1 576->512  368,640" in out
+    assert "parameters 11,689,512 -> 12,097,032 (+407,520, +3.5%)" in out and "FLOPs      0.297G" in out
+
+
+def test_timm_prefix_json_and_feature_info_source(capsys):
+    assert main(["timm:resnet18", "--input-size", "3", "64", "64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["zoo"] == "timm" and data["source"] == "feature_info"
+    assert [s["name"] for s in data["stages"]] == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    assert data["stages"][1]["modules"] == ["maxpool", "layer1"]
+    ptl = data["ptl"]
+    assert ptl["added_params"] == sum(r["params"] for r in ptl["stages"]) > 0
+    assert ptl["added_flops"] == sum(r["flops"] for r in ptl["stages"]) > 0
+
+
+def test_nhwc_and_cell_v2_preview(capsys):
+    assert main(["timm:swin_tiny_patch4_window7_224", "--cell", "v2"]) == 0
+    out = capsys.readouterr().out
+    assert "56x56x96      NHWC" in out and "v2 3->12 s2xs2" in out
+
+
+def test_no_plan_and_source_fx(capsys):
+    assert main(["timm:resnet18", "--input-size", "3", "64", "64", "--source", "fx", "--no-plan"]) == 0
+    out = capsys.readouterr().out
+    assert "found with fx" in out and "PTL preview" not in out
+
+
+def test_unknown_name_exits_2_with_one_line_and_suggestions(capsys):
+    assert main(["resnet5O"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no model named 'resnet5O'" in err and "closest: resnet50" in err
+    assert main(["keras:resnet50"]) == 2
+    assert "use torchvision:NAME or timm:NAME" in capsys.readouterr().err
+
+
+def test_model_without_spatial_stages_exits_1_without_traceback(capsys):
+    assert main(["vit_b_16", "--no-plan"]) == 1
+    err = capsys.readouterr().err
+    assert "has no spatial stages" in err and "Traceback" not in err
+
+
+def test_bad_input_size_shows_the_models_message(capsys):
+    assert main(["timm:swin_tiny_patch4_window7_224", "--input-size", "3", "100", "100"]) == 1
+    assert "rejected a dummy input" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs_as_a_newcomer_would():
+    ok = subprocess.run(
+        [sys.executable, "-m", "bconv.inspect", "resnet18", "--input-size", "3", "64", "64", "--no-plan"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ok.returncode == 0 and "layer4" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "bconv.inspect", "nosuchnet"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("bconv.inspect: no model")
