@@ -13,9 +13,9 @@ from torch import nn
 import timm
 from bconv import BConvError, PTLModel, find_stages, unwrap_ptl, wrap_with_ptl
 from bconv.cells import BConvCell, BConvCellV2, StatefulCell
-from bconv._zoo import torchvision_names
+from bconv._zoo import timm_families, torchvision_names
 
-from conftest import zoo_model
+from conftest import TinyCNN, zoo_model
 
 # Representative: residual, dense, inverted residual, ConvNeXt, NHWC Swin (torchvision and timm),
 # inception (tuple outputs in training), and timm's own small models.
@@ -331,18 +331,6 @@ def test_bf16_autocast_on_cpu():
     assert all(torch.isfinite(c.c_prev).all() for c in _cells(wrapped))
 
 
-class TinyCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.stage1 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
-        self.stage2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
-        self.head = nn.Linear(32, 5)
-
-    def forward(self, x):
-        return self.head(self.stage2(self.stage1(self.stem(x))).mean((2, 3)))
-
-
 def test_users_own_cnn():
     model = TinyCNN()
     wrapped = wrap_with_ptl(model, input_size=(3, 32, 32))
@@ -365,3 +353,21 @@ def test_every_torchvision_classifier_wraps(name):
     x = torch.randn(2, *input_size)
     with torch.no_grad():
         torch.testing.assert_close(wrapped.eval()(x), unwrap_ptl(copy.deepcopy(wrapped)).eval()(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,name", sorted(timm_families().items()))
+def test_one_model_of_every_timm_family_wraps(family, name):
+    from bconv.errors import NoSpatialStagesError
+
+    model = zoo_model(f"timm:{name}").eval()
+    input_size = tuple(model.pretrained_cfg["input_size"])
+    x = torch.randn(2, *input_size)
+    with torch.no_grad():
+        expected = model(x)
+    try:
+        wrapped = wrap_with_ptl(model, input_size=input_size)
+    except NoSpatialStagesError:
+        pytest.skip("no spatial stages (ViT-like)")
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped.eval()(x), expected, rtol=1e-4, atol=1e-4)

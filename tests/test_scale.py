@@ -17,17 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from bconv import wrap_with_ptl
 from bconv.cells import StatefulCell
 
-
-class TinyCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.stage1 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
-        self.stage2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
-        self.head = nn.Linear(32, 5)
-
-    def forward(self, x):
-        return self.head(self.stage2(self.stage1(self.stem(x))).mean((2, 3)))
+from conftest import TinyCNN
 
 
 def _cells(model: nn.Module) -> list[StatefulCell]:

@@ -295,17 +295,21 @@ def _cut_level(traced: Traced, node: fx.Node) -> int | None:
 
 
 def _is_pointwise(module: nn.Module) -> bool:
-    """Norms, activations and 1x1 convs: the layers a network puts between its last stage and its pooling."""
+    """Norms, activations, and at most one 1x1 conv or linear layer: what a network puts between its last
+    stage and its pooling (a final norm, a ``conv_head``). An attention or MLP block has several layers.
+    """
+    layers = 0
     for m in module.modules():
         weight = getattr(m, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
             continue
         if isinstance(m, nn.modules.conv._ConvNd) and all(k == 1 for k in m.kernel_size):
-            continue
-        if isinstance(m, nn.Linear):
-            continue
-        return False
-    return True
+            layers += 1
+        elif isinstance(m, nn.Linear):
+            layers += 1
+        else:
+            return False
+    return layers <= 1
 
 
 def _choose_end(traced: Traced, run: list[fx.Node], last: bool) -> tuple[fx.Node, str] | None:
@@ -389,8 +393,12 @@ def _fx_stages(model: nn.Module, input_size: tuple[int, ...], leaf_modules: Iter
         if chosen is None:
             continue
         end = (r, *chosen)
-        # Keep reductions strictly increasing: a later return to a resolution supersedes earlier levels.
-        while ends and ends[-1][0] >= r:
+        # Classification backbones only downsample along the path every input takes. A run at a lower
+        # reduction than one already seen is a reshaped token tensor that looks like a feature map
+        # (NesT's blocks [B, T, N, C]): ignore it. A later run at the same reduction extends that level.
+        if ends and r < ends[-1][0]:
+            continue
+        if ends and r == ends[-1][0]:
             ends.pop()
         ends.append(end)
 
