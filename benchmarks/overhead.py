@@ -134,7 +134,8 @@ def write(rows: list[dict], args: argparse.Namespace, device: torch.device, seco
         "# PTL overhead at default widths (every stage paired, cell v1)",
         "",
         f"Made by `python benchmarks/overhead.py --models {' '.join(r['model'] for r in rows)} --batch {args.batch} "
-        f"--repeats {args.repeats} --device {device.type}` in {seconds:.0f} s; torch {torch.__version__}, "
+        f"--repeats {args.repeats} --device {device.type}"
+        f"{f' --threads {args.threads}' if args.threads else ''}` in {seconds:.0f} s; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Time ratio: wrapped/plain train step, interleaved, median of "
         f"{args.repeats} (min-max). Bar: time ratio <= 1.15 x FLOP ratio.",
         "",
@@ -162,8 +163,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     start = time.perf_counter()
     rows = []
