@@ -533,8 +533,9 @@ def _feature_info_stages(model: nn.Module, entries: list[dict[str, Any]], input_
         geometry = spatial_layout(calls[0][1:], input_size)
         if geometry is None:
             raise NoSpatialStagesError(f"feature_info module {path!r} outputs {list(calls[0][1:])}, not a feature map")
-        layout, _, channels = geometry
-        r = int(e.get("reduction", geometry[1]))
+        # The measured stride rounded to a power of two, as fx reports it: feature_info sometimes
+        # gives a patch size (ConvMixer's and Sequencer's 7) or a stride its entry does not have.
+        layout, r, channels = geometry
         if stages and r <= stages[-1].reduction:
             stages.pop()  # several entries at one resolution: the last one before the drop is the stage
             boundaries.pop()
