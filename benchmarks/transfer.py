@@ -1,0 +1,752 @@
+"""Fine-tuning experiment: does PTL improve fine-tuning of a pre-trained backbone?
+
+The PTL paper reports that PTL improves fine-tuning (CIFAR-10 error 5.92% -> 5.62% with DenseNet-100,
+PTL-v2 5.38%). This script tests the claim in a transfer setting, with every condition on the same
+backbone, data, schedule and seeds, and each condition's learning rate tuned on a validation split.
+
+**Transfer setting.** The classes of the dataset are split in two halves: the backbone is pre-trained
+on the first half (the source task), then fine-tuned on the second half (the target task), as PTL is
+meant to be used. Digits: pre-train on 0-4, fine-tune on 5-9.
+
+**Data** (``--dataset``), all loaded into memory, scaled to [0, 1] and normalised per channel with the
+source training set's statistics:
+
+* ``digits`` (default): scikit-learn's bundled handwritten digits (1797 8x8 grey images, nothing is
+  downloaded), upsampled to 16x16 (bilinear) so the third stage still has 4x4 pixels. One pool, split
+  per class with a fixed seed: source 80% train / 20% test; target 40% train / 20% val / 40% test.
+* ``cifar10 --data-dir DIR``: torchvision's ``CIFAR10(DIR, download=False)`` (``DIR/cifar-10-batches-py``).
+  The official test set is the test split; 20% of the target classes' training images per class are
+  the validation split. Random crop (4-pixel zero padding) and horizontal flip in training.
+* ``folder --data-dir DIR``: ``torchvision.datasets.ImageFolder(DIR)`` (``DIR/<class>/<image>``, at least 4
+  classes), images resized to ``--image-size`` (default 32); classes in sorted order, the first half is the
+  source. Split as digits; crop and flip as CIFAR-10.
+
+**Backbone.** A small ResNet (``SmallResNet``): a 3x3 conv stem, then three stages of basic residual
+blocks at strides 1, 2, 2 (``width``, ``2*width``, ``4*width`` channels), global average pooling and a
+linear classifier. ``bconv.find_stages`` finds its three stages (``layer1``, ``layer2``, ``layer3``), where
+PTL pairs its cells (library defaults: ``cell_width=fuse_width=1/8``, identity-initialised final fusion;
+``--final-init paper`` for the paper's random init). The results report how much the fine-tuned final
+fusion draws on the ladder (``ladder_weight_ratio``).
+
+**Pre-training** (once per seed, the same for every condition of that seed): SGD (momentum 0.9, weight
+decay 5e-4, lr 0.05, cosine schedule), batch 32, ``--source-epochs`` epochs, on the source training split.
+
+**Conditions** (fine-tuning from the seed's pre-trained backbone with a new, seeded classifier):
+
+* ``plain``: fine-tune the whole backbone;
+* ``ptl_v1``, ``ptl_v2``: ``wrap_with_ptl(backbone, cell="v1"|"v2")``, everything trained;
+  ``reset_state()`` at the start of every epoch, ``detach_state()`` after every step; evaluated in eval
+  mode (zero state, as in the paper);
+* ``rollback``: ``bconv.rollback.Rollback.run`` over ``--rollback-periods`` periods that split the same
+  epoch budget; lr ``lr`` for rolled-back stages and the head, ``lr/10`` for kept stages, ``10*lr`` for the
+  head in the first period (the released code's ratios around its 0.01), a fresh optimizer and cosine
+  schedule per period;
+* ``std``: a plain backbone trained with ``bconv.distill.STDTrainer`` (lam 0.8), the teacher being the
+  ``ptl_v1`` model of the same seed trained at ``ptl_v1``'s selected learning rate.
+
+Every condition uses SGD (momentum 0.9, weight decay 5e-4), batch 32, a cosine schedule over
+``--epochs`` epochs, the same data order and augmentation per seed, and each learning rate of ``--lrs``.
+**Learning-rate tuning, the same for every condition:** each condition's lr is the one with the best mean
+final validation accuracy over the seeds (ties: lower mean validation loss); the test split is never used
+to choose. The reported numbers are the test accuracies of the selected lr.
+
+Writes ``benchmarks/results/transfer.json``, ``.md`` and ``.png`` (test accuracy per epoch, mean and
+min-max band over the seeds). Every number written was measured in that run.
+
+Reproduce::
+
+    pip install -e ".[bench]"
+    python benchmarks/transfer.py                        # digits, the committed results
+    python benchmarks/transfer.py --quick --out /tmp/t   # a smoke run of every condition, about a minute
+    python benchmarks/transfer.py --dataset cifar10 --data-dir ~/data --per-class 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bconv import wrap_with_ptl
+from bconv.distill import STDTrainer
+from bconv.rollback import Rollback
+
+RESULTS = Path(__file__).parent / "results"
+CONDITIONS = ("plain", "ptl_v1", "ptl_v2", "rollback", "std")
+SPLIT_SEED = 0  # the data split is fixed; run seeds vary initialisation, data order and augmentation
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Split:
+    """Images ``x`` ``[N, C, H, W]`` (float) and labels ``y`` ``[N]`` (0..classes-1)."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class TransferData:
+    """The source task (pre-training) and the target task (fine-tuning) of one dataset."""
+
+    name: str
+    source_classes: list[str]
+    target_classes: list[str]
+    source_train: Split
+    source_test: Split
+    target_train: Split
+    target_val: Split
+    target_test: Split
+    augment: bool
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.source_train.x.shape[1:])  # type: ignore[return-value]
+
+    def sizes(self) -> dict[str, int]:
+        names = ("source_train", "source_test", "target_train", "target_val", "target_test")
+        return {k: len(getattr(self, k)) for k in names}
+
+
+def _per_class_split(y: Tensor, fractions: Sequence[float], seed: int) -> list[Tensor]:
+    """Indices of ``len(fractions)`` disjoint parts, each holding that fraction of every class."""
+    gen = torch.Generator().manual_seed(seed)
+    parts: list[list[Tensor]] = [[] for _ in fractions]
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        bounds = [round(b * len(idx)) for b in _cumulative(fractions)]
+        for k, (lo, hi) in enumerate(zip([0, *bounds[:-1]], bounds)):
+            parts[k].append(idx[lo:hi])
+    return [torch.cat(p) for p in parts]
+
+
+def _cumulative(fractions: Sequence[float]) -> list[float]:
+    total, out = 0.0, []
+    for f in fractions:
+        total += f
+        out.append(total)
+    out[-1] = 1.0
+    return out
+
+
+def _cap(split: Split, per_class: int | None) -> Split:
+    """At most ``per_class`` images of each class (the first ones: splits are already shuffled)."""
+    if per_class is None:
+        return split
+    keep = torch.cat([torch.nonzero(split.y == c).flatten()[:per_class] for c in torch.unique(split.y)])
+    keep = keep.sort().values
+    return Split(split.x[keep], split.y[keep])
+
+
+def _relabel(x: Tensor, y: Tensor, classes: Sequence[int]) -> Split:
+    """The images of ``classes``, labelled by their position in ``classes``."""
+    mapping = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
+    mapping[torch.tensor(list(classes))] = torch.arange(len(classes))
+    keep = mapping[y] >= 0
+    return Split(x[keep], mapping[y[keep]])
+
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def load_digits(image_size: int) -> tuple[Tensor, Tensor, list[str]]:
+    """scikit-learn's bundled digits: ``[1797, 1, S, S]`` in [0, 1], labels, class names."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    return _resize(x, image_size), torch.tensor(digits.target, dtype=torch.long), [str(c) for c in range(10)]
+
+
+def load_cifar10(data_dir: Path, train: bool, image_size: int) -> tuple[Tensor, Tensor, list[str]]:
+    """torchvision's CIFAR-10 from a local copy (``data_dir/cifar-10-batches-py``); nothing is downloaded."""
+    from torchvision.datasets import CIFAR10
+
+    dataset = CIFAR10(str(data_dir), train=train, download=False)
+    x = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).float() / 255.0
+    return _resize(x, image_size), torch.tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
+
+
+def load_folder(data_dir: Path, image_size: int) -> tuple[Tensor, Tensor, list[str]]:
+    """``torchvision.datasets.ImageFolder(data_dir)``, RGB, resized to ``image_size`` x ``image_size``."""
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(data_dir), transform=transforms.Compose([
+        transforms.Resize((image_size, image_size)), transforms.ToTensor(),
+    ]))  # fmt: skip
+    if not len(dataset):
+        raise ValueError(f"no images found under {data_dir}")
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return x, torch.tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
+
+
+def make_data(dataset: str, data_dir: Path | None, image_size: int | None, per_class: int | None) -> TransferData:
+    """Load ``dataset`` and split it into the source and target tasks (see the module docstring)."""
+    if dataset != "digits" and data_dir is None:
+        raise SystemExit(f"--dataset {dataset} needs --data-dir DIR")
+    if dataset == "cifar10":
+        size = image_size or 32
+        x, y, names = load_cifar10(data_dir, True, size)
+        x_test, y_test, _ = load_cifar10(data_dir, False, size)
+    else:
+        x, y, names = load_digits(image_size or 16) if dataset == "digits" else load_folder(data_dir, image_size or 32)
+        x_test = y_test = None
+    if len(names) < 4:
+        raise SystemExit(f"{dataset} has {len(names)} classes; the transfer setting needs at least 4 (2 + 2)")
+    half = len(names) // 2
+    source, target = list(range(half)), list(range(half, len(names)))
+    src, tgt = _relabel(x, y, source), _relabel(x, y, target)
+    if x_test is None:  # one pool: split it per class
+        s_train, s_test = _per_class_split(src.y, (0.8, 0.2), SPLIT_SEED)
+        t_train, t_val, t_test = _per_class_split(tgt.y, (0.4, 0.2, 0.4), SPLIT_SEED)
+        source_test, target_test = Split(src.x[s_test], src.y[s_test]), Split(tgt.x[t_test], tgt.y[t_test])
+    else:  # the official test set is the test split
+        s_train = torch.arange(len(src))
+        t_train, t_val = _per_class_split(tgt.y, (0.8, 0.2), SPLIT_SEED)
+        source_test, target_test = _relabel(x_test, y_test, source), _relabel(x_test, y_test, target)
+    splits = [
+        Split(src.x[s_train], src.y[s_train]),
+        source_test,
+        Split(tgt.x[t_train], tgt.y[t_train]),
+        Split(tgt.x[t_val], tgt.y[t_val]),
+        target_test,
+    ]
+    splits = [_cap(s, per_class) for s in splits]
+    mean = splits[0].x.mean(dim=(0, 2, 3), keepdim=True)
+    std = splits[0].x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    splits = [Split((s.x - mean) / std, s.y) for s in splits]
+    return TransferData(
+        dataset, [names[c] for c in source], [names[c] for c in target], *splits, augment=dataset != "digits"
+    )
+
+
+def _augment(x: Tensor, gen: torch.Generator, pad: int = 4) -> Tensor:
+    """Random crop with ``pad`` pixels of zero padding and random horizontal flip, per image."""
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    offsets = torch.randint(0, 2 * pad + 1, (len(x), 2), generator=gen).tolist()
+    h, w = x.shape[-2:]
+    return torch.stack([p[:, i : i + h, j : j + w] for p, (i, j) in zip(padded, offsets)])
+
+
+def batches(split: Split, batch_size: int, gen: torch.Generator, augment: bool):
+    """One epoch of shuffled mini-batches ``(x, y)``; the last one may be smaller."""
+    order = torch.randperm(len(split), generator=gen)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x = split.x[idx]
+        yield (_augment(x, gen) if augment else x), split.y[idx]
+
+
+# ----------------------------------------------------------------------------------------------- backbone
+
+
+class BasicBlock(nn.Module):
+    """The residual block of ResNet-18: two 3x3 conv-BN, a projection shortcut when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet for small images: stem, three stages (strides 1, 2, 2), global pooling, ``fc``.
+
+    Args:
+        in_channels: image channels.
+        num_classes: outputs of ``fc``.
+        width: channels of the first stage (then ``2*width``, ``4*width``).
+        blocks: basic blocks per stage.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16, blocks: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        widths = (width, 2 * width, 4 * width)
+        layers = []
+        for i, (c_in, c_out) in enumerate(zip((width, *widths[:-1]), widths)):
+            stride = 1 if i == 0 else 2
+            layers.append(nn.Sequential(*[BasicBlock(c_in if b == 0 else c_out, c_out, stride if b == 0 else 1)
+                                          for b in range(blocks)]))  # fmt: skip
+        self.layer1, self.layer2, self.layer3 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class Config:
+    """The schedule shared by every condition (see the module docstring)."""
+
+    epochs: int = 15
+    source_epochs: int = 15
+    batch_size: int = 32
+    source_lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    width: int = 16
+    blocks: int = 1
+    lam: float = 0.8
+    rollback_periods: int = 3
+    final_init: str = "identity"
+    lrs: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+
+
+def _sgd(params, lr: float, cfg: Config) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 256) -> tuple[float, float]:
+    """``(accuracy %, mean cross-entropy)`` of ``model`` in eval mode (PTL: zero state)."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, len(split), batch_size):
+        x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
+        logits = model(x)
+        correct += int((logits.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+    return 100.0 * correct / len(split), loss / len(split)
+
+
+def train_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: Callable[[Tensor, Tensor], None],
+    train: Split,
+    epochs: int,
+    gen: torch.Generator,
+    cfg: Config,
+    augment: bool,
+    evaluate_on: dict[str, Split],
+    bar=None,
+) -> list[dict[str, float]]:
+    """``epochs`` epochs of ``step(x, y)`` under a cosine schedule; returns the evaluations after each epoch.
+
+    A PTL model's state is reset at the start of every epoch and detached after every step.
+    """
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    ptl = hasattr(model, "reset_state")
+    curve = []
+    for _ in range(epochs):
+        model.train()
+        if ptl:
+            model.reset_state()
+        for x, y in batches(train, cfg.batch_size, gen, augment):
+            step(x, y)
+            if ptl:
+                model.detach_state()
+        scheduler.step()
+        point: dict[str, float] = {}
+        for name, split in evaluate_on.items():
+            point[f"{name}_acc"], point[f"{name}_loss"] = evaluate(model, split)
+        curve.append(point)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(acc=f"{point[next(k for k in reversed(point) if k.endswith('_acc'))]:.1f}")
+    return curve
+
+
+def _supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[Tensor, Tensor], None]:
+    def step(x: Tensor, y: Tensor) -> None:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def pretrain(data: TransferData, seed: int, cfg: Config, bar=None) -> tuple[dict[str, Tensor], float]:
+    """The seed's backbone trained on the source task: ``(state_dict, source test accuracy %)``."""
+    torch.manual_seed(seed)
+    model = SmallResNet(data.input_size[0], len(data.source_classes), cfg.width, cfg.blocks)
+    optimizer = _sgd(model.parameters(), cfg.source_lr, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    curve = train_epochs(
+        model, optimizer, _supervised_step(model, optimizer), data.source_train, cfg.source_epochs, gen, cfg,
+        data.augment, {"source_test": data.source_test}, bar,
+    )  # fmt: skip
+    return copy.deepcopy(model.state_dict()), curve[-1]["source_test_acc"]
+
+
+def target_backbone(data: TransferData, pretrained: dict[str, Tensor], seed: int, cfg: Config) -> SmallResNet:
+    """The pre-trained backbone with a new classifier for the target task, initialised from ``seed``."""
+    model = SmallResNet(data.input_size[0], len(data.source_classes), cfg.width, cfg.blocks)
+    model.load_state_dict(pretrained)
+    torch.manual_seed(seed)
+    model.fc = nn.Linear(model.fc.in_features, len(data.target_classes))
+    return model
+
+
+def finetune(
+    condition: str,
+    data: TransferData,
+    pretrained: dict[str, Tensor],
+    lr: float,
+    seed: int,
+    cfg: Config,
+    teacher: nn.Module | None = None,
+    bar=None,
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """Fine-tune the seed's pre-trained backbone on the target task under ``condition``.
+
+    Returns:
+        The trained model and its evaluations (validation and test) after every epoch.
+    """
+    model: nn.Module = target_backbone(data, pretrained, seed, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    common = dict(train=data.target_train, gen=gen, cfg=cfg, augment=data.augment, bar=bar,
+                  evaluate_on={"val": data.target_val, "test": data.target_test})  # fmt: skip
+    if condition in ("ptl_v1", "ptl_v2"):
+        model = wrap_with_ptl(model, cell=condition[-2:], input_size=data.input_size, final_init=cfg.final_init)
+    if condition in ("plain", "ptl_v1", "ptl_v2"):
+        optimizer = _sgd(model.parameters(), lr, cfg)
+        return model, train_epochs(model, optimizer, _supervised_step(model, optimizer), epochs=cfg.epochs, **common)
+    if condition == "std":
+        if teacher is None:
+            raise ValueError("the std condition needs a teacher (the ptl_v1 model of the same seed)")
+        trainer = STDTrainer(model, teacher, lam=cfg.lam, input_size=data.input_size)
+        optimizer = _sgd(trainer.parameters(), lr, cfg)
+        step = lambda x, y: trainer.step(x, y, optimizer)  # noqa: E731
+        return model, train_epochs(model, optimizer, step, epochs=cfg.epochs, **common)
+    if condition == "rollback":
+        per_period = cfg.epochs // cfg.rollback_periods
+        rollback = Rollback(model, input_size=data.input_size)
+
+        def period(model: nn.Module, optimizer: torch.optim.Optimizer, index: int) -> list[dict[str, float]]:
+            return train_epochs(model, optimizer, _supervised_step(model, optimizer), epochs=per_period, **common)
+
+        curves = rollback.run(
+            period, cfg.rollback_periods, make_optimizer=lambda groups: _sgd(groups, lr, cfg),
+            lr_rolled=lr, lr_kept=lr / 10, lr_head=lr, lr_head_first=10 * lr,
+        )  # fmt: skip
+        return model, [point for curve in curves for point in curve]
+    raise ValueError(f"unknown condition {condition!r}; choose from {', '.join(CONDITIONS)}")
+
+
+def ladder_weight_ratio(model: nn.Module) -> float:
+    """``||W_ladder|| / ||W_backbone||`` of a PTL model's final fusion ``out = W_backbone x_n + W_ladder y_n``.
+
+    How much the last stage's output draws on the ladder (0 at bconv's identity init).
+    """
+    weight = model.ptl.final_fuse.weight.detach().flatten(1)
+    n = model.stages[-1].channels
+    return float(weight[:, n:].norm() / weight[:, :n].norm())
+
+
+# ----------------------------------------------------------------------------------------------- the experiment
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def select_lr(runs: list[dict], condition: str) -> float:
+    """The lr with the best mean final validation accuracy over seeds (ties: the lower mean validation loss)."""
+    scores = {}
+    for lr in sorted({r["lr"] for r in runs if r["condition"] == condition}):
+        finals = [r["curve"][-1] for r in runs if r["condition"] == condition and r["lr"] == lr]
+        scores[lr] = (statistics.fmean(p["val_acc"] for p in finals), -statistics.fmean(p["val_loss"] for p in finals))
+    return max(scores, key=scores.get)
+
+
+def summarise(runs: list[dict], conditions: Sequence[str], selected: dict[str, float]) -> dict[str, dict]:
+    """Per condition at its selected lr: final test accuracy over seeds, the mean curve, paired gains."""
+    results: dict[str, dict] = {}
+    chosen = {c: sorted((r for r in runs if r["condition"] == c and r["lr"] == selected[c]), key=lambda r: r["seed"])
+              for c in conditions}  # fmt: skip
+    for c in conditions:
+        finals = [r["curve"][-1]["test_acc"] for r in chosen[c]]
+        mean, std = _mean_std(finals)
+        epochs = len(chosen[c][0]["curve"])
+        per_epoch = [[r["curve"][e]["test_acc"] for r in chosen[c]] for e in range(epochs)]
+        results[c] = {
+            "lr": selected[c],
+            "seeds": [r["seed"] for r in chosen[c]],
+            "test_acc": finals,
+            "test_acc_mean": mean,
+            "test_acc_std": std,
+            "test_acc_min": min(finals),
+            "test_acc_max": max(finals),
+            "val_acc_mean": statistics.fmean(r["curve"][-1]["val_acc"] for r in chosen[c]),
+            "curve_mean": [statistics.fmean(v) for v in per_epoch],
+            "curve_min": [min(v) for v in per_epoch],
+            "curve_max": [max(v) for v in per_epoch],
+        }
+        if c.startswith("ptl"):
+            results[c]["ladder_weight_ratio_mean"] = statistics.fmean(r["ladder_weight_ratio"] for r in chosen[c])
+        if c != "plain" and "plain" in chosen:
+            gains = [a - b for a, b in zip(finals, results["plain"]["test_acc"])]  # same seeds, same order
+            results[c]["gain_vs_plain_mean"], results[c]["gain_vs_plain_std"] = _mean_std(gains)
+            results[c]["seeds_better_than_plain"] = sum(g > 0 for g in gains)
+            results[c]["seeds_worse_than_plain"] = sum(g < 0 for g in gains)
+    return results
+
+
+def plot(results: dict[str, dict], title: str, path: Path) -> None:
+    """Mean test accuracy per epoch for each condition with the min-max band over the seeds: all epochs
+    on the left, the second half zoomed on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110)
+    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1))]
+    epochs = len(next(iter(results.values()))["curve_mean"])
+    zoom_from = epochs // 2  # index of the first epoch shown on the right
+    for ax, first in zip(axes, (0, zoom_from)):
+        for (condition, r), style in zip(results.items(), styles):
+            x = range(first + 1, epochs + 1)
+            label = f"{condition} (lr {r['lr']:g}): {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}%"
+            (line,) = ax.plot(x, r["curve_mean"][first:], linestyle=style, marker=".", label=label)
+            ax.fill_between(x, r["curve_min"][first:], r["curve_max"][first:], color=line.get_color(), alpha=0.12)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("fine-tuning epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("target test accuracy (%)")
+    axes[0].set_title("all epochs", fontsize=9)
+    axes[1].set_title(f"epochs {zoom_from + 1}-{epochs}, zoomed", fontsize=9)
+    axes[1].legend(fontsize=8, loc="best", title_fontsize=7,
+                   title="final epoch: mean ± std over seeds; bands: min-max")  # fmt: skip
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    cfg, results, data = report["config"], report["results"], report["data"]
+    n = len(cfg["seeds"])
+    lines = [
+        "# Fine-tuning experiment: plain fine-tuning vs PTL (and STD, rolling back)",
+        "",
+        f"Made by `{report['command']}` in {report['wall_s'] / 60:.1f} minutes (torch {report['torch']}, "
+        f"CPU threads: {report['threads']}). See the docstring of `benchmarks/transfer.py` for the design.",
+        "",
+        f"- data: `{data['dataset']}`, input {'x'.join(map(str, data['input_size']))}; source classes "
+        f"{', '.join(data['source_classes'])}; target classes {', '.join(data['target_classes'])}",
+        "- split sizes: " + ", ".join(f"{k} {v}" for k, v in data["sizes"].items()),
+        f"- backbone: SmallResNet(width={cfg['width']}, blocks={cfg['blocks']}), "
+        f"{report['backbone_params']} parameters; PTL v1 adds {report['ptl_params']['ptl_v1']}, "
+        f"v2 adds {report['ptl_params']['ptl_v2']} (final fusion initialised `{cfg['final_init']}`)",
+        f"- pre-training: {cfg['source_epochs']} epochs, lr {cfg['source_lr']:g}; source test accuracy per seed: "
+        + ", ".join(f"{p['source_test_acc']:.1f}%" for p in report["pretrain"]),
+        f"- fine-tuning: {cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD momentum {cfg['momentum']:g}, "
+        f"weight decay {cfg['weight_decay']:g}, cosine schedule; seeds {cfg['seeds']}; lr grid {cfg['lrs']} "
+        f"tuned per condition on the validation split",
+        "",
+        f"## Final target test accuracy ({n} seeds, selected lr)",
+        "",
+        "| condition | lr (selected on val) | val acc mean | test acc mean ± std | min | max "
+        "| gain vs plain, paired by seed (mean ± std) | seeds better / worse than plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c, r in results.items():
+        gain = f"{r['gain_vs_plain_mean']:+.2f} ± {r['gain_vs_plain_std']:.2f}" if "gain_vs_plain_mean" in r else ""
+        better = f"{r['seeds_better_than_plain']} / {r['seeds_worse_than_plain']}" if gain else ""
+        lines.append(
+            f"| {c} | {r['lr']:g} | {r['val_acc_mean']:.2f} | **{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}** "
+            f"| {r['test_acc_min']:.2f} | {r['test_acc_max']:.2f} | {gain} | {better} |"
+        )
+    lines += ["", f"One target test image is {100 / data['sizes']['target_test']:.2f} points of accuracy."]
+    ladder = [f"{c} {r['ladder_weight_ratio_mean']:.2g}" for c, r in results.items() if "ladder_weight_ratio_mean" in r]
+    if ladder:
+        lines.append(
+            "\nHow much the fine-tuned PTL models use their ladder: ||W_ladder|| / ||W_backbone|| of the final fusion "
+            f"`out = W_backbone x_n + W_ladder y_n`, mean over seeds: {', '.join(ladder)} "
+            f"({'0 at the identity init' if cfg['final_init'] == 'identity' else 'random at init'})."
+        )
+    lines += [
+        "",
+        f"![test accuracy per epoch]({path.with_suffix('.png').name})",
+        "",
+        "## Learning-rate grid (mean final validation accuracy over seeds; the selected lr in bold)",
+        "",
+        "| condition | " + " | ".join(f"lr {lr:g}" for lr in cfg["lrs"]) + " |",
+        "|---|" + "---|" * len(cfg["lrs"]),
+    ]
+    for c in results:
+        cells = []
+        for lr in cfg["lrs"]:
+            finals = [r["curve"][-1]["val_acc"] for r in report["runs"] if r["condition"] == c and r["lr"] == lr]
+            cell = f"{statistics.fmean(finals):.2f}" if finals else ""
+            cells.append(f"**{cell}**" if lr == results[c]["lr"] else cell)
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def run(args: argparse.Namespace, command: str) -> dict:
+    """The whole experiment: pre-train per seed, fine-tune every condition x lr x seed, select, report."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    cfg = Config(epochs=args.epochs, source_epochs=args.source_epochs, width=args.width, blocks=args.blocks,
+                 rollback_periods=args.rollback_periods, final_init=args.final_init, lrs=args.lrs,
+                 seeds=args.seeds)  # fmt: skip
+    data = make_data(args.dataset, args.data_dir, args.image_size, args.per_class)
+    conditions = [c for c in CONDITIONS if c in args.conditions]  # a fixed order: std needs ptl_v1 first
+    backbone = SmallResNet(data.input_size[0], len(data.target_classes), cfg.width, cfg.blocks)
+    ptl_params = {v: _count(wrap_with_ptl(copy.deepcopy(backbone), cell=v[-2:], input_size=data.input_size).ptl)
+                  for v in ("ptl_v1", "ptl_v2")}  # fmt: skip
+
+    total = len(cfg.seeds) * (cfg.source_epochs + cfg.epochs * len(cfg.lrs) * len(conditions))
+    overall = tqdm(total=total, unit="epoch", desc="all runs", position=0)
+    pretrained, pretrain_report = {}, []
+    for seed in cfg.seeds:
+        with tqdm(total=cfg.source_epochs, desc=f"pre-train seed {seed}", leave=False, position=1) as bar:
+            t = time.perf_counter()
+            pretrained[seed], acc = pretrain(data, seed, cfg, bar)
+        overall.update(cfg.source_epochs)
+        pretrain_report.append({"seed": seed, "source_test_acc": acc, "seconds": round(time.perf_counter() - t, 1)})
+
+    runs: list[dict] = []
+    selected: dict[str, float] = {}
+    ptl_v1_models: dict[tuple[float, int], nn.Module] = {}
+    for condition in conditions:
+        for lr in cfg.lrs:
+            for seed in cfg.seeds:
+                teacher = ptl_v1_models[(selected["ptl_v1"], seed)] if condition == "std" else None
+                with tqdm(total=cfg.epochs, desc=f"{condition} lr {lr:g} seed {seed}", leave=False, position=1) as bar:
+                    t = time.perf_counter()
+                    model, curve = finetune(condition, data, pretrained[seed], lr, seed, cfg, teacher, bar)
+                overall.update(cfg.epochs)
+                runs.append({"condition": condition, "lr": lr, "seed": seed, "curve": curve,
+                             "seconds": round(time.perf_counter() - t, 1)})  # fmt: skip
+                if condition.startswith("ptl"):
+                    runs[-1]["ladder_weight_ratio"] = ladder_weight_ratio(model)
+                if condition == "ptl_v1" and "std" in conditions:
+                    ptl_v1_models[(lr, seed)] = model
+        selected[condition] = select_lr(runs, condition)
+    overall.close()
+
+    report = {
+        "command": command,
+        "config": asdict(cfg),
+        "conditions": conditions,
+        "data": {"dataset": data.name, "input_size": list(data.input_size), "source_classes": data.source_classes,
+                 "target_classes": data.target_classes, "sizes": data.sizes(), "augment": data.augment},  # fmt: skip
+        "backbone_params": _count(backbone),
+        "ptl_params": ptl_params,
+        "pretrain": pretrain_report,
+        "selected_lr": selected,
+        "results": summarise(runs, conditions, selected),
+        "runs": runs,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, out)
+    title = (f"{data.name}: fine-tuning on classes {', '.join(data.target_classes)} after pre-training on "
+             f"{', '.join(data.source_classes)} ({len(cfg.seeds)} seeds)")  # fmt: skip
+    plot(report["results"], title, out.with_suffix(".png"))
+    return report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=("digits", "cifar10", "folder"), default="digits")
+    parser.add_argument("--data-dir", type=Path,
+                        help="cifar10: the folder holding cifar-10-batches-py; folder: the ImageFolder tree")
+    parser.add_argument("--image-size", type=int, help="resize images to this (digits 16, cifar10 32, folder 32)")
+    parser.add_argument("--per-class", type=int, help="use at most this many images per class in every split")
+    parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
+    parser.add_argument("--seeds", type=int, nargs="+", help="run seeds (default 0 1 2 3 4; --quick 0 1 2)")
+    parser.add_argument("--lrs", type=float, nargs="+", help="the lr grid (default 0.003 0.01 0.03 0.1)")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default 15; --quick 3)")
+    parser.add_argument("--source-epochs", type=int, help="pre-training epochs (default 15; --quick 3)")
+    parser.add_argument("--width", type=int, default=16, help="channels of the backbone's first stage")
+    parser.add_argument("--blocks", type=int, default=1, help="residual blocks per stage")
+    parser.add_argument("--rollback-periods", type=int, help="periods of the rollback condition (default 3)")
+    parser.add_argument("--final-init", choices=("identity", "paper"), default="identity",
+                        help="PTL's final fusion at init: bconv's identity (default) or the paper's random init")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 3 seeds, 3 + 3 epochs, lrs 0.01 0.05, at most 40 images per class")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the model is small, and on a shared machine more threads "
+                        "contend for the cores)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "transfer", help="output path without suffix")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {"seeds": [0, 1, 2] if quick else [0, 1, 2, 3, 4], "lrs": [0.01, 0.05] if quick else Config().lrs,
+                "epochs": 3 if quick else 15, "source_epochs": 3 if quick else 15, "rollback_periods": 3,
+                "per_class": 40 if quick else None}  # fmt: skip
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if "std" in args.conditions and "ptl_v1" not in args.conditions:
+        parser.error("the std condition distils the ptl_v1 model: add ptl_v1 to --conditions")
+    if "rollback" in args.conditions and (args.epochs % args.rollback_periods or args.rollback_periods > 4):
+        parser.error(f"--epochs {args.epochs} must split into --rollback-periods {args.rollback_periods} (at most 4) "
+                     f"equal periods")  # fmt: skip
+    if len(args.seeds) < 2:
+        parser.error("give at least 2 seeds: the results report the spread over seeds")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = shlex.join(["python", "benchmarks/transfer.py", *(sys.argv[1:] if argv is None else argv)])
+    report = run(args, command)
+    for c, r in report["results"].items():
+        print(f"{c:9s} lr {r['lr']:<6g} test acc {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}% "
+              f"(n={len(r['seeds'])})")  # fmt: skip
+    print(f"wall time {report['wall_s'] / 60:.1f} min; wrote {args.out.with_suffix('.md')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

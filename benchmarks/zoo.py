@@ -1,0 +1,315 @@
+"""Zoo coverage: does ``wrap_with_ptl`` work on every torchvision classifier and every timm family?
+
+For every torchvision classification model and one representative model per timm family
+(``bconv._zoo.timm_families()``: the smallest-sounding model of each module that registers models),
+built with random weights at its own default input size (torchvision: the crop size of its first
+weights; timm: ``pretrained_cfg["input_size"]``), the script measures:
+
+* **wrap**: ``wrap_with_ptl(model)`` on all discovered stages (``source="auto"``), timed; the source
+  that found the stages (timm's ``feature_info`` or fx) and the stage count. A model refused with
+  ``NoSpatialStagesError`` (plain ViT-like) counts as "no spatial stages", not as a failure;
+* **agreement** (timm models whose ``feature_info`` gave the stages): do the fx stages output the same
+  tensors? (the comparison of ``benchmarks/feature_info_agreement.py``);
+* **preserve**: function preservation at init, the eval output of the wrapped model against the
+  original's (bconv's hooks switched off) on one batch of 2; passes if ``allclose(rtol=1e-4, atol=1e-4)``;
+* **train**: one SGD step on a dummy loss (mean square of the output), batch 2, train mode, then
+  ``detach_state()``; passes if the loss and every gradient are finite;
+* **eval**: one eval forward after that step; passes if the output is finite and has the init shape.
+
+Every exception is caught per model and reported with its one-line reason; the script never stops
+on a model. Models in ``EXCLUDED`` are listed with the reason and not built.
+
+Writes ``benchmarks/results/zoo.md`` (summary, failures, table) and ``zoo.json``.
+
+Reproduce::
+
+    pip install -e ".[bench]"
+    python benchmarks/zoo.py                                   # everything (see zoo.md for the wall time)
+    python benchmarks/zoo.py --models torchvision:resnet18 timm:test_convnext --out /tmp/zoo
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bconv import wrap_with_ptl
+from bconv._zoo import ZooModel, build, resolve, timm_families, torchvision_input_size, torchvision_names
+from bconv.errors import NoSpatialStagesError
+from bconv.surgery._hooks import bconv_hooks_suspended
+from bconv.surgery.stages import default_input_size, find_stages
+from feature_info_agreement import agreement
+
+RESULTS = Path(__file__).parent / "results"
+
+# Not built, to keep the run short on two CPU cores: by the FLOP counts torchvision publishes with their
+# weights, each of these needs at least half the compute of all the torchvision classifiers measured here
+# together, and smaller models of the same architecture are measured.
+EXCLUDED: dict[str, str] = {
+    "torchvision:vit_h_14": "torchvision's largest ViT, at its weights' 518x518 crop: by torchvision's FLOP "
+    "count it needs more compute than all the torchvision classifiers measured here together; a plain ViT like "
+    "vit_b_16, vit_b_32, vit_l_16 and vit_l_32, which are measured",
+    "torchvision:regnet_y_128gf": "torchvision's largest RegNet, at its weights' 384x384 crop: by torchvision's "
+    "FLOP count it needs about half the compute of all the torchvision classifiers measured here together; the "
+    "seven other regnet_y_* models are measured",
+}
+
+CHECKS = ("wrap", "preserve", "train", "eval")
+BATCH = 2  # BatchNorm in train mode needs more than one value per channel
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _tensor(output: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor, a namedtuple with ``logits`` (Inception), or the first item."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)) and output:
+        return _tensor(output[0])
+    raise TypeError(f"the model returned {type(output).__name__}, not a tensor")
+
+
+def _params_m(module: torch.nn.Module) -> float:
+    return round(sum(p.numel() for p in module.parameters()) / 1e6, 2)
+
+
+def models(selection: list[str] | None = None) -> list[tuple[ZooModel, str]]:
+    """``(model, family)`` for every torchvision classifier and every timm family, or for ``selection``."""
+    if selection:
+        chosen = [resolve(spec) for spec in selection]
+        return [(m, m.zoo if m.zoo == "torchvision" else "") for m in chosen]
+    rows = [(ZooModel("torchvision", name), "torchvision") for name in torchvision_names()]
+    rows += [(ZooModel("timm", name), family) for family, name in sorted(timm_families().items())]
+    return rows
+
+
+def input_size_of(spec: ZooModel, model: torch.nn.Module) -> tuple[int, ...]:
+    if spec.zoo == "torchvision":
+        return torchvision_input_size(spec.name)
+    return default_input_size(model)
+
+
+def measure(spec: ZooModel, family: str) -> dict:
+    """Every check of the module docstring on one model; failures become a step name and a reason."""
+    row: dict = {"zoo": spec.zoo, "family": family, "model": spec.name}
+    if str(spec) in EXCLUDED:
+        return {**row, "status": "excluded", "reason": EXCLUDED[str(spec)]}
+    start = time.perf_counter()
+    try:
+        model = build(spec).eval()
+    except Exception as e:  # a model its zoo cannot build here
+        return {**row, "status": "fail", "step": "build", "reason": _first_line(e)}
+    input_size = input_size_of(spec, model)
+    row.update(params_m=_params_m(model), input_size=list(input_size))
+    x = torch.randn(BATCH, *input_size, generator=torch.Generator().manual_seed(0))
+
+    try:
+        t = time.perf_counter()
+        wrapped = wrap_with_ptl(model, input_size=input_size)
+        row["wrap_s"] = round(time.perf_counter() - t, 2)
+    except NoSpatialStagesError as e:
+        return {**row, "status": "no-spatial", "reason": str(e).splitlines()[0][:300], "seconds": _since(start)}
+    except Exception as e:
+        return {**row, "status": "fail", "step": "wrap", "reason": _first_line(e), "seconds": _since(start)}
+    row.update(
+        wrap=True,
+        source=wrapped.stages[0].source,
+        stages=len(wrapped.stages),
+        stage_names=[s.name for s in wrapped.stages],
+        ptl_params_m=_params_m(wrapped.ptl),
+    )
+    reasons: dict[str, str] = {}
+
+    if row["source"] == "feature_info":
+        # timm's hand-written stages gave the wrap: are they what fx finds?
+        try:
+            fx_stages = find_stages(model, input_size, source="fx")
+            with bconv_hooks_suspended(model):
+                row.update(agreement(model, input_size, fx_stages, list(wrapped.stages)))
+        except Exception as e:
+            row["agreement_error"] = _first_line(e)
+
+    init_shape = None
+    try:
+        with torch.no_grad():
+            ours = _tensor(wrapped.eval()(x))
+            with bconv_hooks_suspended(model):
+                theirs = _tensor(model(x))
+        init_shape = tuple(ours.shape)
+        row["max_abs_diff"] = float((ours - theirs).abs().max())
+        row["preserve"] = bool(torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4))
+        if not row["preserve"]:
+            reasons["preserve"] = f"eval output differs from the original's by up to {row['max_abs_diff']:.3g}"
+    except Exception as e:
+        row["preserve"], reasons["preserve"] = False, _first_line(e)
+
+    try:
+        wrapped.train()
+        wrapped.reset_state()
+        optimizer = torch.optim.SGD(wrapped.parameters(), lr=1e-3)
+        loss = _tensor(wrapped(x)).float().pow(2).mean()
+        loss.backward()
+        finite = bool(torch.isfinite(loss)) and all(
+            bool(torch.isfinite(p.grad).all()) for p in wrapped.parameters() if p.grad is not None
+        )
+        optimizer.step()
+        wrapped.detach_state()
+        row["train"] = finite
+        if not finite:
+            reasons["train"] = "non-finite loss or gradient"
+    except Exception as e:
+        row["train"], reasons["train"] = False, _first_line(e)
+    finally:
+        wrapped.zero_grad(set_to_none=True)
+
+    try:
+        with torch.no_grad():
+            out = _tensor(wrapped.eval()(x))
+        row["eval"] = bool(torch.isfinite(out).all()) and (init_shape is None or tuple(out.shape) == init_shape)
+        if not row["eval"]:
+            reasons["eval"] = "non-finite output or a shape other than at init"
+    except Exception as e:
+        row["eval"], reasons["eval"] = False, _first_line(e)
+
+    failed = [c for c in CHECKS if row.get(c) is False]
+    row["status"] = "ok" if not failed else "fail"
+    if failed:
+        row["step"], row["reason"] = failed[0], "; ".join(f"{c}: {reasons[c]}" for c in failed)
+    row["seconds"] = _since(start)
+    return row
+
+
+def _since(start: float) -> float:
+    return round(time.perf_counter() - start, 2)
+
+
+def summarise(rows: list[dict], wall_s: float) -> dict:
+    by = lambda status: [r for r in rows if r["status"] == status]  # noqa: E731
+    wrapped = [r for r in rows if r.get("wrap")]
+    compared = [r for r in rows if "agree" in r]
+    return {
+        "models": len(rows),
+        "torchvision": sum(r["zoo"] == "torchvision" for r in rows),
+        "timm_families": sum(r["zoo"] == "timm" for r in rows),
+        "excluded": len(by("excluded")),
+        "measured": len(rows) - len(by("excluded")),
+        "no_spatial_stages": len(by("no-spatial")),
+        "wrapped": len(wrapped),
+        "wrap_failed": sum(r.get("step") in ("build", "wrap") for r in rows),
+        "preserved": sum(bool(r.get("preserve")) for r in wrapped),
+        "train_step_ok": sum(bool(r.get("train")) for r in wrapped),
+        "eval_step_ok": sum(bool(r.get("eval")) for r in wrapped),
+        "all_checks_ok": len(by("ok")),
+        "feature_info_compared": len(compared),
+        "feature_info_agree": sum(r["agree"] for r in compared),
+        "wall_s": round(wall_s, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+
+
+def write(rows: list[dict], summary: dict, command: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "summary": summary, "rows": rows}, indent=1))
+    s = summary
+    slowest = sorted((r for r in rows if "seconds" in r), key=lambda r: -r["seconds"])[:5]
+    spatial = s["measured"] - s["no_spatial_stages"]
+    lines = [
+        "# Zoo coverage of `wrap_with_ptl`",
+        "",
+        f"Made by `{command}` in {s['wall_s'] / 60:.1f} minutes (torch {s['torch']}, CPU threads: {s['threads']},",
+        f"{s['platform']}). Random weights, each model at its own default input size, batch {BATCH}.",
+        "See the docstring of `benchmarks/zoo.py` for what each check means.",
+        "",
+        "## Summary",
+        "",
+        f"- models: {s['models']} ({s['torchvision']} torchvision classifiers, {s['timm_families']} timm families); "
+        f"excluded: {s['excluded']}; measured: {s['measured']}",
+        f"- refused as having no spatial stages (plain ViT-like): {s['no_spatial_stages']}",
+        f"- **wrapped: {s['wrapped']} of the {spatial} measured models that were not refused** "
+        f"(build or wrap failed: {s['wrap_failed']})",
+        f"- of the wrapped: function preserved at init {s['preserved']}, train step {s['train_step_ok']}, "
+        f"eval step {s['eval_step_ok']}; every check passed: {s['all_checks_ok']}",
+        f"- timm models wrapped from `feature_info` whose fx stages output the same tensors: "
+        f"{s['feature_info_agree']} of {s['feature_info_compared']}",
+        "- slowest: " + ", ".join(f"`{r['model']}` {r['seconds']:.0f} s" for r in slowest),
+        "",
+        "## Failures",
+        "",
+    ]
+    failures = [r for r in rows if r["status"] == "fail"]
+    lines += [f"- `{r['zoo']}:{r['model']}` ({r['step']}): {r['reason']}" for r in failures] or ["None."]
+    lines += ["", "## Excluded", ""]
+    lines += [f"- `{r['zoo']}:{r['model']}`: {r['reason']}" for r in rows if r["status"] == "excluded"] or ["None."]
+    lines += [
+        "",
+        "## All models",
+        "",
+        "`source`: what found the stages; `fx = feature_info`: fx stages matched / feature_info stages; "
+        "`diff`: max |wrapped - original| at init; times in seconds.",
+        "",
+        "| zoo | family | model | params (M) | input | status | source | stages | PTL params (M) | wrap s "
+        "| fx = feature_info | diff | preserve | train | eval | total s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    mark = {True: "yes", False: "**no**", None: ""}
+    for r in rows:
+        size = "x".join(map(str, r["input_size"][1:])) if "input_size" in r else ""
+        diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else ""
+        lines.append(
+            f"| {r['zoo']} | {r['family'] if r['zoo'] == 'timm' else ''} | {r['model']} | {r.get('params_m', '')} "
+            f"| {size} | {r['status']} | {r.get('source', '')} | {r.get('stages', '')} | {r.get('ptl_params_m', '')} "
+            f"| {r.get('wrap_s', '')} | {r.get('matched', '')} | {diff} | {mark[r.get('preserve')]} "
+            f"| {mark[r.get('train')]} | {mark[r.get('eval')]} | {r.get('seconds', '')} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", help="only these models (resnet50, timm:NAME, torchvision:NAME)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared machine more threads contend for the cores)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "zoo", help="output path without suffix")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from tqdm import tqdm
+
+    command = shlex.join(["python", "benchmarks/zoo.py", *(sys.argv[1:] if argv is None else argv)])
+    start = time.perf_counter()
+    rows = []
+    bar = tqdm(models(args.models), unit="model")
+    for spec, family in bar:
+        bar.set_postfix_str(str(spec))
+        torch.manual_seed(0)
+        try:
+            rows.append(measure(spec, family))
+        except Exception as e:  # the benchmark reports, it does not stop
+            rows.append({"zoo": spec.zoo, "family": family, "model": spec.name, "status": "fail",
+                         "step": "benchmark", "reason": _first_line(e)})  # fmt: skip
+        gc.collect()
+    summary = summarise(rows, time.perf_counter() - start)
+    write(rows, summary, command, args.out)
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

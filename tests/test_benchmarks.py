@@ -1,0 +1,188 @@
+"""The benchmarks run end to end, on data the tests make themselves, writing to tmp_path only.
+
+``benchmarks/transfer.py --quick`` runs on scikit-learn's bundled digits (nothing to make), on a tiny
+ImageFolder tree of PNGs, and on a fake local CIFAR-10 copy in torchvision's pickle format. A fake copy
+cannot match the md5 sums that torchvision's ``CIFAR10`` checks before it reads anything, so that test
+replaces only ``torchvision.datasets.cifar.check_integrity`` (with "the file exists"); everything else,
+opening and unpickling the batches, reshaping and the class names, is torchvision's own loading path.
+``benchmarks/zoo.py`` runs on a few small models.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+for _extra in ("sklearn", "matplotlib", "tqdm"):  # the bench extra: pip install -e ".[bench]"
+    pytest.importorskip(_extra, reason='the benchmarks need the bench extra: pip install -e ".[test,bench]"')
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # zoo.py imports its sibling feature_info_agreement.py, as scripts do
+try:
+    transfer = importlib.import_module("transfer")
+    zoo = importlib.import_module("zoo")
+finally:
+    sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The scripts' main() sets torch's thread count (--threads): give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------- transfer
+
+
+def _check_report(report: dict, out: Path, conditions: list[str], epochs: int = 3) -> None:
+    assert report["conditions"] == conditions
+    assert set(report["results"]) == set(conditions)
+    for c, r in report["results"].items():
+        assert r["seeds"] == [0, 1, 2]
+        assert r["lr"] in report["config"]["lrs"]
+        assert len(r["curve_mean"]) == epochs
+        assert all(0.0 <= a <= 100.0 for a in r["test_acc"])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["results"] == report["results"]
+    md = out.with_suffix(".md").read_text()
+    assert "python benchmarks/transfer.py" in md and "--quick" in md
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_transfer_quick_on_digits_runs_every_condition(tmp_path):
+    out = tmp_path / "transfer"
+    report = transfer.main(["--quick", "--out", str(out)])
+    _check_report(report, out, list(transfer.CONDITIONS))
+    assert report["data"]["source_classes"] == ["0", "1", "2", "3", "4"]
+    assert report["data"]["target_classes"] == ["5", "6", "7", "8", "9"]
+    assert len(report["runs"]) == 5 * 2 * 3  # conditions x lrs x seeds
+    assert "gain_vs_plain_mean" in report["results"]["ptl_v1"]
+
+
+def _write_image_folder(root: Path, classes: int = 4, per_class: int = 10) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+            pixels[..., c % 3] = 40 * c  # something per class to learn
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+
+
+def test_transfer_quick_on_an_image_folder(tmp_path):
+    _write_image_folder(tmp_path / "images")
+    out = tmp_path / "transfer"
+    report = transfer.main(["--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--image-size", "16",
+                            "--quick", "--conditions", "plain", "ptl_v1", "--out", str(out)])  # fmt: skip
+    _check_report(report, out, ["plain", "ptl_v1"])
+    assert report["data"]["source_classes"] == ["class0", "class1"]
+    assert report["data"]["target_classes"] == ["class2", "class3"]
+    assert report["data"]["input_size"] == [3, 16, 16]
+    # 10 images per class: 8 + 2 per source class, 4 + 2 + 4 per target class
+    assert report["data"]["sizes"] == {"source_train": 16, "source_test": 4, "target_train": 8, "target_val": 4,
+                                       "target_test": 8}  # fmt: skip
+
+
+def _write_fake_cifar10(root: Path, per_batch: int = 20, test: int = 50) -> np.ndarray:
+    """torchvision's CIFAR-10 python layout with random images; returns the first training image (HWC)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    first = None
+    for name, n in [*[(f"data_batch_{i}", per_batch) for i in range(1, 6)], ("test_batch", test)]:
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        first = data[0] if first is None else first
+        entry = {"batch_label": name, "labels": [i % 10 for i in range(n)], "data": data,
+                 "filenames": [f"{name}_{i}.png" for i in range(n)]}  # fmt: skip
+        (folder / name).write_bytes(pickle.dumps(entry))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names, "num_cases_per_batch": per_batch}))
+    return first.reshape(3, 32, 32).transpose(1, 2, 0)
+
+
+def test_cifar10_is_read_from_a_local_copy_and_never_downloaded(tmp_path):
+    _write_fake_cifar10(tmp_path)
+    # The md5 sums of a fake copy do not match: torchvision refuses it rather than downloading.
+    with pytest.raises(RuntimeError, match="not found or corrupted"):
+        transfer.load_cifar10(tmp_path, True, 32)
+
+
+def test_transfer_quick_on_a_local_cifar10_copy(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar
+
+    first = _write_fake_cifar10(tmp_path)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    x, y, names = transfer.load_cifar10(tmp_path, True, 32)
+    assert x.shape == (100, 3, 32, 32) and names[5] == "dog"
+    torch.testing.assert_close(x[0], torch.from_numpy(first).permute(2, 0, 1).float() / 255)
+    out = tmp_path / "transfer"
+    report = transfer.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--quick",
+                            "--conditions", "plain", "ptl_v2", "--out", str(out)])  # fmt: skip
+    _check_report(report, out, ["plain", "ptl_v2"])
+    assert report["data"]["target_classes"] == ["dog", "frog", "horse", "ship", "truck"]
+    # the official test batch is the test split: 5 images of each target class
+    assert report["data"]["sizes"]["target_test"] == 25
+
+
+def test_per_class_split_is_disjoint_stratified_and_fixed():
+    y = torch.arange(5).repeat_interleave(20)
+    parts = transfer._per_class_split(y, (0.4, 0.2, 0.4), seed=0)
+    assert sorted(torch.cat(parts).tolist()) == list(range(100))
+    for part, n in zip(parts, (8, 4, 8)):
+        assert torch.bincount(y[part], minlength=5).tolist() == [n] * 5
+    again = transfer._per_class_split(y, (0.4, 0.2, 0.4), seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again))
+
+
+def test_lr_is_selected_on_validation_never_on_test():
+    def run(lr, seed, val, test):
+        return {"condition": "plain", "lr": lr, "seed": seed, "curve": [{"val_acc": val, "val_loss": 1.0,
+                                                                         "test_acc": test}]}  # fmt: skip
+
+    runs = [run(0.01, s, 90.0, 99.0) for s in range(3)] + [run(0.1, s, 95.0, 80.0) for s in range(3)]
+    assert transfer.select_lr(runs, "plain") == 0.1
+
+
+def test_transfer_refuses_std_without_its_teacher():
+    with pytest.raises(SystemExit):
+        transfer.parse_args(["--conditions", "plain", "std"])
+
+
+# ----------------------------------------------------------------------------------------------- zoo
+
+
+def test_zoo_on_a_few_models(tmp_path):
+    out = tmp_path / "zoo"
+    specs = ["torchvision:resnet18", "timm:test_convnext", "timm:test_vit", "torchvision:vit_h_14"]
+    summary = zoo.main(["--models", *specs, "--out", str(out)])
+    rows = {r["model"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert rows["resnet18"]["status"] == "ok" and rows["resnet18"]["source"] == "fx"
+    assert rows["resnet18"]["stages"] == 5 and rows["resnet18"]["max_abs_diff"] <= 1e-4
+    assert rows["test_convnext"]["source"] == "feature_info" and rows["test_convnext"]["agree"]
+    assert rows["test_vit"]["status"] == "no-spatial"
+    assert rows["vit_h_14"]["status"] == "excluded" and "params_m" not in rows["vit_h_14"]  # never built
+    assert summary["wrapped"] == 2 and summary["all_checks_ok"] == 2 and summary["no_spatial_stages"] == 1
+    md = out.with_suffix(".md").read_text()
+    assert "python benchmarks/zoo.py --models" in md and "## Failures" in md
+
+
+def test_zoo_reports_a_failure_with_its_reason(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the ladder does not fit\nsecond line")
+
+    monkeypatch.setattr(zoo, "wrap_with_ptl", broken)
+    row = zoo.measure(zoo.resolve("timm:test_convnext"), "convnext")
+    assert row["status"] == "fail" and row["step"] == "wrap"
+    assert row["reason"] == "RuntimeError: the ladder does not fit"
