@@ -364,7 +364,6 @@ def _fx_stages(model: nn.Module, input_size: tuple[int, ...], leaf_modules: Iter
     x = dummy_input(model, input_size)
     propagate_shapes(traced, model, x)
     chain = _dominator_chain(traced.nodes, traced.carries_tensor)
-    gm = traced.graph_module
 
     # Runs of consecutive spatial chain nodes at one reduction; the head starts at global pooling.
     runs: list[tuple[int, list[fx.Node]]] = []
