@@ -211,6 +211,61 @@ def test_users_own_nhwc_model():
     check_stage_invariants(model, stages, (3, 32, 32))
 
 
+class StridedHeadNet(nn.Module):
+    """SelecSLS-like: the last strided convs live in a module called ``head``, the classifier is ``fc``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 1))
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x):
+        return self.fc(self.head(self.features(self.stem(x))).mean((2, 3)))
+
+
+class NeckNet(nn.Module):
+    """SAM-like: a ``neck`` projects the last stage before pooling; it is not part of a stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.blocks = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.neck = nn.Sequential(nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24), nn.Conv2d(24, 24, 3, padding=1))
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.fc(self.neck(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+def test_a_head_named_module_that_downsamples_is_a_stage_and_a_neck_is_not():
+    model = StridedHeadNet()
+    stages = find_stages(model, (3, 32, 32))
+    assert [(s.name, s.channels, s.reduction) for s in stages] == [("stem", 8, 2), ("features", 16, 4), ("head", 48, 8)]
+    check_stage_invariants(model, stages, (3, 32, 32))
+    model = NeckNet()
+    stages = find_stages(model, (3, 32, 32))
+    assert [(s.name, s.reduction) for s in stages] == [("stem", 2), ("blocks", 4)]
+    assert "neck" not in {m for s in stages for m in s.modules}
+
+
+def test_feature_info_entry_naming_the_model_itself_is_skipped():
+    # TResNet's feature_info starts with an entry for module '' that timm's own extraction leaves out.
+    model = StridedHeadNet()
+    model.feature_info = [
+        dict(num_chs=3, reduction=2, module=""),
+        dict(num_chs=16, reduction=4, module="features"),
+        dict(num_chs=48, reduction=8, module="head"),
+    ]
+    stages = find_stages(model, (3, 32, 32), source="feature_info")
+    assert [(s.name, s.reduction, s.source) for s in stages] == [("features", 4, "feature_info"), ("head", 8, "feature_info")]
+    model.feature_info = [dict(num_chs=3, reduction=2, module="")]
+    with pytest.raises(ValueError, match="names no submodule"):
+        find_stages(model, (3, 32, 32), source="feature_info")
+    assert find_stages(model, (3, 32, 32), source="auto")[0].source == "fx"
+
+
 def test_find_stages_leaves_the_model_as_it_was():
     model = zoo_model("torchvision:resnet18")
     model.train()

@@ -220,8 +220,9 @@ _ADAPTIVE_POOLS = (
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )  # fmt: skip
 _REDUCTIONS = {"mean", "amax", "max", "sum", "logsumexp", "flatten", "adaptive_avg_pool2d", "adaptive_max_pool2d"}
-# Module names that timm and torchvision give to the classifier part of a network.
-_HEAD_NAME = re.compile(r"(^|_)head(_|$)|^classifier$")
+# Module names that timm and torchvision give to the classifier part of a network, and to a neck
+# (SAM's projection after its blocks): what follows the backbone's last stage.
+_HEAD_NAME = re.compile(r"(^|_)(head|neck)(_|$)|^classifier$")
 
 
 def _is_global_pool(node: fx.Node, traced: Traced) -> bool:
@@ -245,13 +246,29 @@ def _is_global_pool(node: fx.Node, traced: Traced) -> bool:
 
 
 def _head_start(traced: Traced) -> int:
-    """Index of the first node computed inside a module named like a classifier head (``head``, ``conv_head``)."""
+    """Index of the first node computed inside a module named like a head (``head``, ``conv_head``, ``neck``).
+
+    A module so named that still downsamples is part of the backbone (SelecSLS calls its last strided
+    convs ``head``): a classifier head or a neck works at the resolution it is given.
+    """
     starts = [
         calls[0][0]
         for path, calls in traced.calls.items()
-        if path and _HEAD_NAME.search(path.rpartition(".")[2])
+        if path and _HEAD_NAME.search(path.rpartition(".")[2]) and not _downsamples(traced, calls[0][0], calls[-1][1])
     ]
     return min(starts, default=len(traced.nodes) + 1)
+
+
+def _downsamples(traced: Traced, start: int, end: int) -> bool:
+    """Whether a feature map computed by nodes ``[start, end)`` has a higher reduction than the one entering them."""
+    def reduction(node: fx.Node) -> int | None:
+        shape = traced.shapes.get(node)
+        geometry = spatial_layout(shape[1:], traced.input_size) if shape is not None else None
+        return geometry[1] if geometry else None
+
+    before = next((r for n in reversed(traced.nodes[:start]) if (r := reduction(n)) is not None), None)
+    inside = [r for n in traced.nodes[start:end] if (r := reduction(n)) is not None]
+    return before is not None and any(r > before for r in inside)
 
 
 _ALIASES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
@@ -359,13 +376,8 @@ def _node_cost(node: fx.Node, traced: Traced) -> float:
     return float(params) * math.prod(out) / max(channels, 1)
 
 
-def _fx_stages(model: nn.Module, input_size: tuple[int, ...], leaf_modules: Iterable[type]) -> list[Stage]:
-    traced = trace(model, leaf_modules)
-    x = dummy_input(model, input_size)
-    propagate_shapes(traced, model, x)
-    chain = _dominator_chain(traced.nodes, traced.carries_tensor)
-
-    # Runs of consecutive spatial chain nodes at one reduction; the head starts at global pooling.
+def _runs(traced: Traced, chain: list[fx.Node]) -> list[tuple[int, list[fx.Node]]]:
+    """Runs of consecutive spatial chain nodes at one reduction, up to the head (global pooling)."""
     runs: list[tuple[int, list[fx.Node]]] = []
     previous_hw: int | None = None
     head = _head_start(traced)
@@ -373,7 +385,7 @@ def _fx_stages(model: nn.Module, input_size: tuple[int, ...], leaf_modules: Iter
         if traced.index(node) >= head or _is_global_pool(node, traced):
             break
         shape = traced.shapes.get(node)
-        geometry = spatial_layout(shape[1:], input_size) if shape is not None else None
+        geometry = spatial_layout(shape[1:], traced.input_size) if shape is not None else None
         if geometry is None:
             continue
         layout, r, _ = geometry
@@ -385,6 +397,15 @@ def _fx_stages(model: nn.Module, input_size: tuple[int, ...], leaf_modules: Iter
             runs[-1][1].append(node)
         else:
             runs.append((r, [node]))
+    return runs
+
+
+def _fx_stages(model: nn.Module, input_size: tuple[int, ...], leaf_modules: Iterable[type]) -> list[Stage]:
+    traced = trace(model, leaf_modules)
+    x = dummy_input(model, input_size)
+    propagate_shapes(traced, model, x)
+    chain = _dominator_chain(traced.nodes, traced.carries_tensor)
+    runs = _runs(traced, chain)
 
     ends: list[tuple[int, fx.Node, str]] = []
     for k, (r, run) in enumerate(runs):
@@ -474,6 +495,11 @@ def _feature_info(model: nn.Module) -> list[dict[str, Any]] | str:
     entries = list(info.info if hasattr(info, "info") else info)
     if not entries or not all(isinstance(e, dict) and "module" in e for e in entries):
         return "its feature_info does not list modules"
+    # An entry naming the model itself (TResNet's first) is not a module output; timm's own feature
+    # extraction leaves it out by default too.
+    entries = [e for e in entries if e["module"]]
+    if not entries:
+        return "its feature_info names no submodule"
     modules = dict(model.named_modules())
     for e in entries:
         if e.get("hook_type", "forward") != "forward":
