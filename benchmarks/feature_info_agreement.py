@@ -7,7 +7,14 @@ registers it), built with random weights at its own input size:
   (plain ViTs), or a failure with its one-line reason;
 * where the model has a ``feature_info`` that describes spatial module outputs: agreement, i.e. for
   every feature_info stage (the last entry at each reduction), the fx stage at the same reduction
-  outputs the same tensor (compared by value, both captured by forward hooks in one pass).
+  outputs the same tensor (compared by value, both captured by forward hooks in one pass);
+* for every feature_info stage fx does not match, why, measured against the stage rule itself
+  ("the last module output before the resolution drops, where every path passes through"): the
+  graph is run once more recording every dominator's value, and timm's tapped tensor is looked up
+  among them. ``not-a-dominator``: no tensor that every path passes through has its values (timm taps
+  one branch, e.g. a pre-activation inside the next block). ``not-last``: it is a dominator, but more
+  of the network follows it at the same resolution before the drop (named). ``rule-compatible``: it
+  is the last dominator at its resolution, so fx could have chosen it and did not.
 
 Writes ``benchmarks/results/feature_info_agreement.md`` and ``.json``.
 
@@ -32,13 +39,25 @@ import torch
 from bconv import find_stages
 from bconv._zoo import build, timm_families, ZooModel
 from bconv.errors import NoSpatialStagesError
-from bconv.surgery.stages import _feature_info
+from bconv.surgery._trace import propagate_shapes, trace
+from bconv.surgery.stages import _dominator_chain, _feature_info, _group_modules, _runs
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def _pow2(r: int) -> int:
     return 2 ** round(math.log2(r))
+
+
+_CONTRADICTS = ("not-a-dominator", "not-last")
+
+
+def _input(input_size: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def _capture(model: torch.nn.Module, names: set[str], input_size: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -50,11 +69,57 @@ def _capture(model: torch.nn.Module, names: set[str], input_size: tuple[int, ...
     ]
     try:
         with torch.no_grad():
-            model(torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0)))
+            model(_input(input_size))
     finally:
         for h in handles:
             h.remove()
     return outputs
+
+
+class _Values(torch.fx.Interpreter):
+    """Runs a traced graph, keeping a copy of the value of some nodes (copied: later in-place ops)."""
+
+    def __init__(self, module: torch.fx.GraphModule, keep: set):
+        super().__init__(module)
+        self.keep = keep
+        self.values: dict = {}
+
+    def run_node(self, n: torch.fx.Node):
+        out = super().run_node(n)
+        if n in self.keep and isinstance(out, torch.Tensor):
+            self.values[n] = out.detach().clone()
+        return out
+
+
+def diagnose(model: torch.nn.Module, input_size: tuple[int, ...], unmatched: list) -> list[list]:
+    """``[reduction, feature_info module, kind, detail]`` for each unmatched feature_info stage (see the module doc)."""
+    traced = trace(model)
+    x = _input(input_size)
+    propagate_shapes(traced, model, x)
+    chain = _dominator_chain(traced.nodes, traced.carries_tensor)
+    runs = _runs(traced, chain)
+    recorder = _Values(traced.graph_module, set(chain))
+    with torch.no_grad():
+        recorder.run(x)
+    taps = _capture(model, {s.name for s in unmatched}, input_size)
+    spans = {p: (calls[0][0], calls[-1][1]) for p, calls in traced.calls.items() if p}
+    out = []
+    for s in unmatched:
+        found = [n for n in chain if n in recorder.values and _same(recorder.values[n], taps[s.name])]
+        last = next((nodes[-1] for r, nodes in reversed(runs) if r == _pow2(s.reduction)), None)
+        if not found:
+            out.append([s.reduction, s.name, "not-a-dominator", "no tensor that every path passes through has its values"])
+            continue
+        tap = found[-1]
+        if last is None or traced.index(tap) > traced.index(last):
+            out.append([s.reduction, s.name, "rule-compatible", "a dominator past fx's last one at this reduction"])
+        elif last in found:
+            out.append([s.reduction, s.name, "rule-compatible", "the last dominator at its reduction"])
+        else:
+            after = _group_modules(spans, [traced.index(tap), traced.index(last)])[1]
+            shown = ", ".join(after[:3]) + (f" and {len(after) - 3} more" if len(after) > 3 else "")
+            out.append([s.reduction, s.name, "not-last", f"followed at the same resolution by {shown or 'unnamed ops'}"])
+    return out
 
 
 def measure(family: str, name: str) -> dict:
@@ -112,21 +177,22 @@ def agreement(model: torch.nn.Module, input_size: tuple[int, ...], fx_stages: li
     matched = []
     for s in fi_stages:
         f = by_reduction.get(_pow2(s.reduction))
-        same = (
-            f is not None
-            and out[f.name].shape == out[s.name].shape
-            and torch.allclose(out[f.name], out[s.name], rtol=1e-4, atol=1e-5)
-        )
-        matched.append(bool(same))
-    return {
+        matched.append(f is not None and _same(out[f.name], out[s.name]))
+    unmatched = [s for s, m in zip(fi_stages, matched) if not m]
+    row = {
         "matched": f"{sum(matched)}/{len(matched)}",
         "agree": all(matched),
         "mismatches": [
             [s.reduction, s.name, by_reduction[_pow2(s.reduction)].name if _pow2(s.reduction) in by_reduction else None]
-            for s, m in zip(fi_stages, matched)
-            if not m
+            for s in unmatched
         ],
     }
+    if unmatched:
+        try:
+            row["why"] = diagnose(model, input_size, unmatched)
+        except Exception as e:  # the diagnosis reports, it does not stop the benchmark
+            row["why"] = [[None, None, "unknown", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"]]
+    return row
 
 
 def write(rows: list[dict], path: Path) -> dict:
@@ -136,6 +202,11 @@ def write(rows: list[dict], path: Path) -> dict:
     # Every family whose feature_info describes spatial stages counts; fx failing on it is a disagreement.
     compared = [r for r in rows if r.get("feature_info") == "spatial"]
     agree = [r for r in compared if r.get("agree")]
+    # Families with a feature_info tap that is not what the stage rule asks for: no implementation of
+    # the rule can match them, so they bound the agreement any implementation can reach.
+    contradicting = [r for r in compared if any(w[2] in _CONTRADICTS for w in r.get("why", ()))]
+    ceiling = len(compared) - len(contradicting)
+    taps = [tuple(map(int, r["matched"].split("/"))) for r in compared if r.get("matched")]
     summary = {
         "families": n,
         "fx_stages_found": len(ok),
@@ -145,6 +216,10 @@ def write(rows: list[dict], path: Path) -> dict:
         "feature_info_spatial_compared": len(compared),
         "feature_info_agree": len(agree),
         "agreement_pct": round(100 * len(agree) / max(len(compared), 1), 1),
+        "feature_info_stages_compared": sum(n for _, n in taps),
+        "feature_info_stages_matched": sum(k for k, _ in taps),
+        "feature_info_contradicts_rule": len(contradicting),
+        "rule_ceiling_pct": round(100 * ceiling / max(len(compared), 1), 1),
         "torch": torch.__version__,
     }
     path.with_suffix(".json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
@@ -159,7 +234,12 @@ def write(rows: list[dict], path: Path) -> dict:
         f"- fx found stages: {len(ok)}; refused as having no spatial stages (plain ViT-like): {len(refused)}; "
         f"failed: {summary['fx_failed']} -> handled {summary['handled_pct']}%",
         f"- families whose feature_info describes spatial stages: {len(compared)}; "
-        f"fx agrees on {len(agree)} -> **{summary['agreement_pct']}%**",
+        f"fx agrees on {len(agree)} -> **{summary['agreement_pct']}%**; stages matched: "
+        f"{summary['feature_info_stages_matched']} of {summary['feature_info_stages_compared']}",
+        f"- families with a feature_info tap that contradicts the stage rule "
+        f"(`not-a-dominator` or `not-last`, see below): {len(contradicting)} "
+        f"({', '.join(r['family'] for r in contradicting) or 'none'}); the most any implementation of the rule "
+        f"can agree on is {ceiling} of {len(compared)} -> {summary['rule_ceiling_pct']}%",
         "",
         "| family | model | fx | fx stages (name:channels@reduction) | feature_info | matched | mismatches (reduction, feature_info, fx) / reason |",
         "|---|---|---|---|---|---|---|",
@@ -171,6 +251,16 @@ def write(rows: list[dict], path: Path) -> dict:
             f"| {r['family']} | {r['model']} | {r['fx']} | {stages} | {r.get('feature_info', '')} "
             f"| {r.get('matched', '')} | {str(detail).replace('|', '/')} |"
         )
+    diagnosed = [r for r in rows if r.get("why")]
+    if diagnosed:
+        lines += [
+            "",
+            "## Why the unmatched feature_info taps differ",
+            "",
+            "| family | reduction | feature_info tap | kind | detail |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['family']} | {w[0]} | {w[1]} | {w[2]} | {w[3]} |" for r in diagnosed for w in r["why"]]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return summary
 

@@ -5,7 +5,8 @@ ImageFolder tree of PNGs, and on a fake local CIFAR-10 copy in torchvision's pic
 cannot match the md5 sums that torchvision's ``CIFAR10`` checks before it reads anything, so that test
 replaces only ``torchvision.datasets.cifar.check_integrity`` (with "the file exists"); everything else,
 opening and unpickling the batches, reshaping and the class names, is torchvision's own loading path.
-``benchmarks/zoo.py`` runs on a few small models.
+``benchmarks/zoo.py`` runs on a few small models; ``benchmarks/feature_info_agreement.py``'s comparison
+and its diagnosis on a network whose feature_info taps are each wrong in a known way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+from bconv import find_stages
 
 for _extra in ("sklearn", "matplotlib", "tqdm"):  # the bench extra: pip install -e ".[bench]"
     pytest.importorskip(_extra, reason='the benchmarks need the bench extra: pip install -e ".[test,bench]"')
@@ -29,6 +33,7 @@ sys.path.insert(0, str(BENCHMARKS))  # zoo.py imports its sibling feature_info_a
 try:
     transfer = importlib.import_module("transfer")
     zoo = importlib.import_module("zoo")
+    agreement = importlib.import_module("feature_info_agreement")
 finally:
     sys.path.remove(str(BENCHMARKS))
 
@@ -186,3 +191,66 @@ def test_zoo_reports_a_failure_with_its_reason(monkeypatch):
     row = zoo.measure(zoo.resolve("timm:test_convnext"), "convnext")
     assert row["status"] == "fail" and row["step"] == "wrap"
     assert row["reason"] == "RuntimeError: the ladder does not fit"
+
+
+# ------------------------------------------------------------------------------ feature_info agreement
+
+
+class _Tapped(nn.Module):
+    """A network whose feature_info taps disagree with its stages in the three ways the benchmark names."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.pre = nn.Conv2d(16, 16, 1)  # on the branch only: the skip bypasses it
+        self.branch = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.skip = nn.Conv2d(16, 32, 1, stride=2)
+        self.post = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
+        self.norm = nn.BatchNorm2d(32)  # a final top-level norm, which fx leaves to the head
+        self.norm.running_mean.fill_(0.5)  # not the identity in eval
+        self.fc = nn.Linear(32, 10)
+        self.feature_info = [
+            dict(num_chs=8, reduction=2, module="stem.0"),  # before the stem's ReLU: not the last at r2
+            dict(num_chs=16, reduction=4, module="pre"),  # one branch: not a dominator
+            dict(num_chs=32, reduction=8, module="norm"),  # the last dominator: fx could have chosen it
+        ]
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        x = self.post(self.branch(self.pre(x)) + self.skip(x))
+        return self.fc(self.norm(x).mean((2, 3)))
+
+
+def test_agreement_diagnoses_each_unmatched_tap():
+    model = _Tapped().eval()
+    size = (3, 32, 32)
+    fx_stages = find_stages(model, size, source="fx")
+    assert [s.name for s in fx_stages] == ["stem", "block", "post"]
+    row = agreement.agreement(model, size, fx_stages, find_stages(model, size, source="feature_info"))
+    assert row["matched"] == "0/3" and not row["agree"]
+    assert [w[:3] for w in row["why"]] == [
+        [2, "stem.0", "not-last"], [4, "pre", "not-a-dominator"], [8, "norm", "rule-compatible"],
+    ]  # fmt: skip
+    assert "stem.1" in row["why"][0][3]
+    # A tap fx does output is matched, and needs no diagnosis.
+    model.feature_info = [dict(num_chs=16, reduction=4, module="block")]
+    row = agreement.agreement(model, size, fx_stages, find_stages(model, size, source="feature_info"))
+    assert row["matched"] == "1/1" and row["agree"] and "why" not in row
+
+
+def test_agreement_summary_bounds_what_the_rule_can_reach(tmp_path):
+    rows = [
+        {"family": "a", "model": "a", "fx": "ok", "feature_info": "spatial", "agree": True, "matched": "4/4"},
+        {"family": "b", "model": "b", "fx": "ok", "feature_info": "spatial", "agree": False, "matched": "3/4",
+         "why": [[4, "x", "rule-compatible", ""]]},
+        {"family": "c", "model": "c", "fx": "ok", "feature_info": "spatial", "agree": False, "matched": "1/3",
+         "why": [[4, "x", "rule-compatible", ""], [8, "y", "not-last", ""]]},
+        {"family": "d", "model": "d", "fx": "no-spatial", "feature_info": "not-spatial"},
+    ]  # fmt: skip
+    summary = agreement.write(rows, tmp_path / "fia")
+    assert summary["feature_info_spatial_compared"] == 3 and summary["feature_info_agree"] == 1
+    assert summary["feature_info_contradicts_rule"] == 1 and summary["rule_ceiling_pct"] == 66.7
+    assert (summary["feature_info_stages_matched"], summary["feature_info_stages_compared"]) == (8, 11)
+    md = (tmp_path / "fia.md").read_text()
+    assert "## Why the unmatched feature_info taps differ" in md and "| c | 8 | y | not-last |" in md
