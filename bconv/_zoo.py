@@ -80,10 +80,17 @@ def build(model: ZooModel | str, **kwargs) -> nn.Module:
         return timm.create_model(model.name, pretrained=False, **kwargs)
 
 
-def torchvision_input_size(name: str) -> tuple[int, int, int]:
-    """The crop size torchvision's weights were trained at (299 for Inception v3), else 224."""
+def torchvision_input_size(name: str, model: nn.Module | None = None) -> tuple[int, int, int]:
+    """The crop size torchvision's weights were trained at (299 for Inception v3), else 224.
+
+    A model built with fixed-size position embeddings says its own size: ``vit_h_14`` built without
+    weights takes 224, not the 518 of its only weights.
+    """
     import torchvision
 
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int):
+        return (3, size, size)
     try:
         weights = torchvision.models.get_model_weights(name)
         crop = list(weights)[0].transforms().crop_size

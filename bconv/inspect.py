@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.input_size:
         input_size = tuple(args.input_size)
     elif spec.zoo == "torchvision":
-        input_size = torchvision_input_size(spec.name)
+        input_size = torchvision_input_size(spec.name, model)
     else:
         input_size = default_input_size(model)
     try:

@@ -82,10 +82,11 @@ def _memory(model, opt, x, y, device: torch.device) -> int:
 
 def measure(spec_name: str, batch: int, repeats: int, device: torch.device) -> dict:
     spec = resolve(spec_name)
-    input_size = torchvision_input_size(spec.name) if spec.zoo == "torchvision" else None
     torch.manual_seed(0)
     plain = build(spec).to(device)
-    if input_size is None:
+    if spec.zoo == "torchvision":
+        input_size = torchvision_input_size(spec.name, plain)
+    else:
         input_size = tuple(plain.pretrained_cfg["input_size"])
     wrapped = wrap_with_ptl(copy.deepcopy(plain), input_size=input_size)
     x = torch.randn(batch, *input_size, device=device)

@@ -101,7 +101,7 @@ def models(selection: list[str] | None = None) -> list[tuple[ZooModel, str]]:
 
 def input_size_of(spec: ZooModel, model: torch.nn.Module) -> tuple[int, ...]:
     if spec.zoo == "torchvision":
-        return torchvision_input_size(spec.name)
+        return torchvision_input_size(spec.name, model)
     return default_input_size(model)
 
 

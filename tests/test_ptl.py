@@ -13,9 +13,9 @@ from torch import nn
 import timm
 from bconv import BConvError, PTLModel, find_stages, unwrap_ptl, wrap_with_ptl
 from bconv.cells import BConvCell, BConvCellV2, StatefulCell
-from bconv._zoo import timm_families, torchvision_names
+from bconv._zoo import torchvision_names
 
-from conftest import TinyCNN, zoo_model
+from conftest import TinyCNN, timm_family_params, zoo_model
 
 # Representative: residual, dense, inverted residual, ConvNeXt, NHWC Swin (torchvision and timm),
 # inception (tuple outputs in training), and timm's own small models.
@@ -345,7 +345,7 @@ def test_every_torchvision_classifier_wraps(name):
     from bconv.errors import NoSpatialStagesError
 
     model = zoo_model(f"torchvision:{name}").eval()
-    input_size = torchvision_input_size(name)
+    input_size = torchvision_input_size(name, model)
     try:
         wrapped = wrap_with_ptl(model, input_size=input_size)
     except NoSpatialStagesError:
@@ -356,7 +356,7 @@ def test_every_torchvision_classifier_wraps(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,name", sorted(timm_families().items()))
+@pytest.mark.parametrize("family,name", timm_family_params())
 def test_one_model_of_every_timm_family_wraps(family, name):
     from bconv.errors import NoSpatialStagesError
 

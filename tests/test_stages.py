@@ -10,10 +10,10 @@ from torch import nn
 
 import timm
 from bconv import InputSizeError, NoSpatialStagesError, Stage, TraceError, find_stages
-from bconv._zoo import timm_families, torchvision_input_size, torchvision_names
+from bconv._zoo import torchvision_input_size, torchvision_names
 from bconv.surgery.stages import spatial_layout
 
-from conftest import zoo_model
+from conftest import timm_family_params, zoo_model
 
 # A representative subset for the default run: residual, dense, inverted-residual, plain, inception,
 # NHWC transformer, anytime-pooled, and timm's tiny test models of several families.
@@ -266,6 +266,15 @@ def test_feature_info_entry_naming_the_model_itself_is_skipped():
     assert find_stages(model, (3, 32, 32), source="auto")[0].source == "fx"
 
 
+def test_torchvision_input_size_follows_a_fixed_size_model():
+    # vit_h_14's only weights are at 518, but built without them it takes 224 (its image_size).
+    vit = nn.Module()
+    vit.image_size = 224
+    assert torchvision_input_size("vit_h_14", vit) == (3, 224, 224)
+    assert torchvision_input_size("vit_h_14") == (3, 518, 518)
+    assert torchvision_input_size("inception_v3", zoo_model("torchvision:squeezenet1_1")) == (3, 299, 299)
+
+
 def test_find_stages_leaves_the_model_as_it_was():
     model = zoo_model("torchvision:resnet18")
     model.train()
@@ -348,7 +357,7 @@ def test_stage_is_a_frozen_record():
 @pytest.mark.parametrize("name", torchvision_names())
 def test_every_torchvision_classifier(name):
     model = zoo_model(f"torchvision:{name}")
-    input_size = torchvision_input_size(name)
+    input_size = torchvision_input_size(name, model)
     if name in TORCHVISION_NO_SPATIAL:
         with pytest.raises(NoSpatialStagesError):
             find_stages(model, input_size)
@@ -358,7 +367,7 @@ def test_every_torchvision_classifier(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,name", sorted(timm_families().items()))
+@pytest.mark.parametrize("family,name", timm_family_params())
 def test_every_timm_family(family, name):
     model = zoo_model(f"timm:{name}")
     try:
