@@ -250,6 +250,29 @@ def test_a_head_named_module_that_downsamples_is_a_stage_and_a_neck_is_not():
     assert "neck" not in {m for s in stages for m in s.modules}
 
 
+class PreActNet(nn.Module):
+    """Xception/NASNet-like ending: the last block, then a lone ``act`` (or a lone ``norm``) before pooling."""
+
+    def __init__(self, tail: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16))
+        self.tail = tail
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.tail(self.block(self.stem(x))).mean((2, 3)))
+
+
+def test_a_final_activation_closes_the_last_stage_and_a_final_norm_is_left_to_the_head():
+    model = PreActNet(nn.ReLU())
+    stages = find_stages(model, (3, 32, 32))
+    assert [(s.name, s.reduction) for s in stages] == [("stem", 2), ("tail", 4)]
+    check_stage_invariants(model, stages, (3, 32, 32))
+    model = PreActNet(nn.BatchNorm2d(16))
+    assert [(s.name, s.reduction) for s in find_stages(model, (3, 32, 32))] == [("stem", 2), ("block", 4)]
+
+
 def test_feature_info_entry_naming_the_model_itself_is_skipped():
     # TResNet's feature_info starts with an entry for module '' that timm's own extraction leaves out.
     model = StridedHeadNet()

@@ -332,9 +332,9 @@ def _is_pointwise(module: nn.Module) -> bool:
 def _choose_end(traced: Traced, run: list[fx.Node], last: bool) -> tuple[fx.Node, str] | None:
     """The stage end of one run of chain nodes at a resolution.
 
-    The shallowest clean boundary, the latest among equals. In the last run, trailing norms, activations
-    and 1x1 convs (a final norm, timm's ``conv_head``-like expansions) are left to the head, as timm's
-    ``feature_info`` does.
+    The shallowest clean boundary, the latest among equals. In the last run, trailing norms and 1x1 convs
+    (a final norm, timm's ``conv_head``-like expansions) are left to the head, as timm's ``feature_info``
+    does; a final activation stays: it closes the last block (Xception's and NASNet's final ReLU).
     """
     named = []
     for i, node in enumerate(run):
@@ -347,11 +347,13 @@ def _choose_end(traced: Traced, run: list[fx.Node], last: bool) -> tuple[fx.Node
         while len(named) > 1:
             # The unit that produced the last candidate: the outermost module returning it that started
             # after the candidate before it (a whole residual block, not the ReLU that ends it). It is
-            # left to the head only if it is pointwise and stands outside every module holding the
-            # candidate before it: a final norm at the top level, not the ReLU closing a conv block.
+            # left to the head only if it is pointwise with weights (a norm, a 1x1 conv) and stands outside
+            # every module holding the candidate before it: a final norm at the top level, not the ReLU
+            # closing a conv block nor a lone activation after the last block.
             before, after = traced.index(named[-2][0]), traced.index(named[-1][0])
             units = [p for p in traced.returned_by[named[-1][0]] if traced.calls[p][0][0] > before]
-            if not units or not _is_pointwise(traced.modules[min(units, key=lambda p: p.count("."))]):
+            unit = traced.modules[min(units, key=lambda p: p.count("."))] if units else None
+            if unit is None or not _is_pointwise(unit) or not any(True for _ in unit.parameters()):
                 break
             if any(s <= before and after <= e for p, calls in traced.calls.items() if p for s, e in calls):
                 break
