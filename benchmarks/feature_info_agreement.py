@@ -91,8 +91,11 @@ class _Values(torch.fx.Interpreter):
         return out
 
 
-def diagnose(model: torch.nn.Module, input_size: tuple[int, ...], unmatched: list) -> list[list]:
-    """``[reduction, feature_info module, kind, detail]`` for each unmatched feature_info stage (see the module doc)."""
+def diagnose(model: torch.nn.Module, input_size: tuple[int, ...], unmatched: list, taps: dict[str, torch.Tensor]) -> list[list]:
+    """``[reduction, feature_info module, kind, detail]`` for each unmatched feature_info stage (see the module doc).
+
+    ``taps`` holds the outputs of their modules, captured by :func:`_capture` on the same input.
+    """
     traced = trace(model)
     x = _input(input_size)
     propagate_shapes(traced, model, x)
@@ -101,7 +104,6 @@ def diagnose(model: torch.nn.Module, input_size: tuple[int, ...], unmatched: lis
     recorder = _Values(traced.graph_module, set(chain))
     with torch.no_grad():
         recorder.run(x)
-    taps = _capture(model, {s.name for s in unmatched}, input_size)
     spans = {p: (calls[0][0], calls[-1][1]) for p, calls in traced.calls.items() if p}
     out = []
     for s in unmatched:
@@ -189,7 +191,7 @@ def agreement(model: torch.nn.Module, input_size: tuple[int, ...], fx_stages: li
     }
     if unmatched:
         try:
-            row["why"] = diagnose(model, input_size, unmatched)
+            row["why"] = diagnose(model, input_size, unmatched, out)
         except Exception as e:  # the diagnosis reports, it does not stop the benchmark
             row["why"] = [[None, None, "unknown", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"]]
     return row

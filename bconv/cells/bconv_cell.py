@@ -50,6 +50,14 @@ class _BConvBase(StatefulCell):
         out_h, out_w = (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
         return batch, self.out_channels, out_h, out_w
 
+    def _step(self, gates: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """The LSTM update from the gate pre-activations ``(i, f, o, g)``: stores ``C_b``, returns ``y_b``."""
+        i, f, o, g = gates.chunk(4, dim=1)
+        i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
+        c = f * self._read_state("c_prev", shape, like=f) + i * g
+        self._write_state("c_prev", c)
+        return o * torch.tanh(c)
+
     def extra_repr(self) -> str:
         text = (
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
@@ -122,14 +130,8 @@ class BConvCell(_BConvBase):
         self._register_state("c_prev")
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = self._state_shape(x)
-        i, f, o, g = self.conv(x).chunk(4, dim=1)
-        i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
-        c_prev = self._read_state("c_prev", shape, like=f)
-        c = f * c_prev + i * g
-        y = o * torch.tanh(c)
-        self._write_state("c_prev", c)
-        return y
+        shape = self._state_shape(x)  # checks x before the conv sees it
+        return self._step(self.conv(x), shape)
 
 
 class BConvCellV2(_BConvBase):
@@ -196,11 +198,6 @@ class BConvCellV2(_BConvBase):
         shape = self._state_shape(x)
         y_prev = self._read_state("y_prev", shape, like=x)
         r = self.recover(y_prev, output_size=x.shape[-2:])
-        i, f, o, g = self.conv(torch.cat([x, r.to(x.dtype)], dim=1)).chunk(4, dim=1)
-        i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
-        c_prev = self._read_state("c_prev", shape, like=f)
-        c = f * c_prev + i * g
-        y = o * torch.tanh(c)
-        self._write_state("c_prev", c)
+        y = self._step(self.conv(torch.cat([x, r.to(x.dtype)], dim=1)), shape)
         self._write_state("y_prev", y)
         return y

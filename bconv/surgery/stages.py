@@ -259,16 +259,16 @@ def _head_start(traced: Traced) -> int:
     return min(starts, default=len(traced.nodes) + 1)
 
 
+def _geometry(traced: Traced, node: fx.Node) -> tuple[Layout, int, int] | None:
+    """:func:`spatial_layout` of a node's output, None for a node that is not a feature map."""
+    shape = traced.shapes.get(node)
+    return spatial_layout(shape[1:], traced.input_size) if shape is not None else None
+
+
 def _downsamples(traced: Traced, start: int, end: int) -> bool:
     """Whether a feature map computed by nodes ``[start, end)`` has a higher reduction than the one entering them."""
-    def reduction(node: fx.Node) -> int | None:
-        shape = traced.shapes.get(node)
-        geometry = spatial_layout(shape[1:], traced.input_size) if shape is not None else None
-        return geometry[1] if geometry else None
-
-    before = next((r for n in reversed(traced.nodes[:start]) if (r := reduction(n)) is not None), None)
-    inside = [r for n in traced.nodes[start:end] if (r := reduction(n)) is not None]
-    return before is not None and any(r > before for r in inside)
+    before = next((g[1] for n in reversed(traced.nodes[:start]) if (g := _geometry(traced, n))), None)
+    return before is not None and any(g[1] > before for n in traced.nodes[start:end] if (g := _geometry(traced, n)))
 
 
 _ALIASES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
@@ -312,9 +312,12 @@ def _cut_level(traced: Traced, node: fx.Node) -> int | None:
 
 
 def _is_pointwise(module: nn.Module) -> bool:
-    """Norms, activations, and at most one 1x1 conv or linear layer: what a network puts between its last
-    stage and its pooling (a final norm, a ``conv_head``). An attention or MLP block has several layers.
+    """Norms and at most one 1x1 conv or linear layer, with weights: what a network puts between its last
+    stage and its pooling (a final norm, a ``conv_head``). An attention or MLP block has several layers;
+    a lone activation has no weights and closes the block before it.
     """
+    if next(module.parameters(), None) is None:
+        return False
     layers = 0
     for m in module.modules():
         weight = getattr(m, "weight", None)
@@ -353,7 +356,7 @@ def _choose_end(traced: Traced, run: list[fx.Node], last: bool) -> tuple[fx.Node
             before, after = traced.index(named[-2][0]), traced.index(named[-1][0])
             units = [p for p in traced.returned_by[named[-1][0]] if traced.calls[p][0][0] > before]
             unit = traced.modules[min(units, key=lambda p: p.count("."))] if units else None
-            if unit is None or not _is_pointwise(unit) or not any(True for _ in unit.parameters()):
+            if unit is None or not _is_pointwise(unit):
                 break
             if any(s <= before and after <= e for p, calls in traced.calls.items() if p for s, e in calls):
                 break
@@ -386,11 +389,11 @@ def _runs(traced: Traced, chain: list[fx.Node]) -> list[tuple[int, list[fx.Node]
     for node in chain:
         if traced.index(node) >= head or _is_global_pool(node, traced):
             break
-        shape = traced.shapes.get(node)
-        geometry = spatial_layout(shape[1:], traced.input_size) if shape is not None else None
+        geometry = _geometry(traced, node)
         if geometry is None:
             continue
         layout, r, _ = geometry
+        shape = traced.shapes[node]
         hw = shape[2] * shape[3] if layout == "NCHW" else shape[1] * shape[2]
         if hw == 1 and previous_hw is not None and previous_hw > 16:
             break  # a 1x1 map after a drop of more than 4x per side is global pooling
@@ -431,7 +434,7 @@ def _fx_stages(model: nn.Module, input_size: tuple[int, ...], leaf_modules: Iter
     groups = _group_modules(spans, boundaries)
     stages = []
     for i, ((r, node, name), modules) in enumerate(zip(ends, groups)):
-        layout, _, channels = spatial_layout(traced.shapes[node][1:], input_size)  # type: ignore[misc]
+        layout, _, channels = _geometry(traced, node)  # type: ignore[misc]
         stages.append(Stage(i, name, channels, r, layout, traced.shapes[node][1:], tuple(modules), "fx"))
     return stages
 
