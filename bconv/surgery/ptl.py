@@ -26,7 +26,8 @@ from ..cells import BConvCell, BConvCellV2, StatefulCell
 from ..errors import BConvError
 from ._hooks import BConvHook
 from ._trace import dummy_input, eval_mode
-from .stages import Stage, default_input_size, find_stages
+from .anatomy import anatomy
+from .stages import Stage, default_input_size
 
 __all__ = ["PTLModel", "PTLLadder", "wrap_with_ptl", "unwrap_ptl", "CELLS"]
 
@@ -330,7 +331,8 @@ def wrap_with_ptl(
         raise ValueError("sync_state=True averages the pooled state across ranks: it needs state_mode='pooled'")
 
     input_size = tuple(input_size) if input_size is not None else default_input_size(model)
-    all_stages = find_stages(model, input_size, source, leaf_modules=leaf_modules)
+    body = anatomy(model, input_size, source, leaf_modules=leaf_modules)
+    all_stages = list(body.stages)
     chosen = _select(all_stages, stages, model)
     cell_kwargs = dict(state_mode=state_mode, detach=detach, on_size_change=on_size_change)
     if sync_state:
@@ -341,7 +343,7 @@ def wrap_with_ptl(
         ladder.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
 
     modules = dict(model.named_modules())
-    first = modules[all_stages[0].modules[0]]
+    first = modules[body.stem[0]]
     first.register_forward_pre_hook(_ImageTap(ladder))
     for i, s in enumerate(chosen):
         modules[s.name].register_forward_hook(_StageTap(ladder, i))
