@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -254,14 +255,69 @@ def _has_tensor(value: Any) -> bool:
     return isinstance(value, (tuple, list, type({}.values()))) and any(_has_tensor(v) for v in value)
 
 
+# Modules whose output has their input's shape and dtype, whatever their weights: on meta tensors their
+# (Python-level, decomposed) kernels are most of a shape pass and tell nothing, so they are skipped.
+_SAME_SHAPE_MODULES = (
+    nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardswish,
+    nn.Hardsigmoid, nn.Tanh, nn.LeakyReLU, nn.Mish, nn.ELU, nn.PReLU, nn.Identity, nn.Dropout,
+    nn.Dropout2d, nn.AlphaDropout,
+)  # fmt: skip
+_SAME_SHAPE_FUNCTIONS = {
+    torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.relu6,
+    torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.hardswish,
+    torch.nn.functional.hardsigmoid, torch.nn.functional.sigmoid, torch.nn.functional.dropout,
+    torch.nn.functional.batch_norm,
+}  # fmt: skip
+
+
+def _run_sequential(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A plain ``nn.Sequential`` on a meta tensor, skipping the children that keep shapes."""
+    for child in module:
+        if isinstance(child, _SAME_SHAPE_MODULES):
+            continue
+        x = _run_sequential(child, x) if type(child).forward is nn.Sequential.forward else child(x)
+    return x
+
+
+_BROADCAST_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul}
+
+
 class _ShapeRecorder(fx.Interpreter):
+    """Runs a traced graph and records every tensor node's shape; on meta tensors, skips what keeps shapes."""
+
     def __init__(self, traced: Traced, shapes: dict[fx.Node, tuple[int, ...]]):
         super().__init__(traced.graph_module)
         self.traced = traced
         self.shapes = shapes
 
+    def _same_shape(self, n: fx.Node) -> torch.Tensor | None:
+        if not n.args or not isinstance(n.args[0], fx.Node):
+            return None
+        x = self.env.get(n.args[0])
+        if not isinstance(x, torch.Tensor) or not x.is_meta:
+            return None
+        if n.op == "call_module":
+            module = self.fetch_attr(str(n.target))
+            if isinstance(module, _SAME_SHAPE_MODULES):
+                return x
+            if type(module).forward is nn.Sequential.forward and len(n.args) == 1 and not n.kwargs:
+                return _run_sequential(module, x)  # a leaf block (torchvision's Conv2dNormActivation)
+            return None
+        if n.op == "call_function" and n.target in _SAME_SHAPE_FUNCTIONS:
+            return x
+        if n.op == "call_function" and n.target in _BROADCAST_FUNCTIONS and len(n.args) == 2 and not n.kwargs:
+            y = self.env.get(n.args[1]) if isinstance(n.args[1], fx.Node) else n.args[1]
+            if isinstance(y, torch.Tensor) and y.is_meta:
+                shape = torch.broadcast_shapes(x.shape, y.shape)
+                return torch.empty(shape, dtype=torch.result_type(x, y), device="meta")
+            if isinstance(y, (int, float)):
+                return x
+        return None
+
     def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
+        out = self._same_shape(n)
+        if out is None:
+            out = super().run_node(n)
         if isinstance(out, torch.Tensor):
             self.shapes[n] = tuple(out.shape)
             self.traced.carries_tensor.add(n)
@@ -276,7 +332,7 @@ class _Call(nn.Module):
     def __init__(self, module: nn.Module, fn: Callable[..., Any]):
         super().__init__()
         self.module = module
-        self.fn = fn
+        self.__dict__["fn"] = fn  # not a child: a module passed as fn must appear once, under `module`
 
     def forward(self, *args: Any) -> Any:
         return self.fn(*args)

@@ -25,7 +25,7 @@ from torch import nn
 from ..cells import BConvCell, BConvCellV2, StatefulCell
 from ..errors import BConvError
 from ._hooks import BConvHook
-from ._trace import dummy_input, eval_mode
+from ._trace import dummy_input, eval_mode, meta_input, on_meta
 from .anatomy import anatomy
 from .stages import Stage, default_input_size
 
@@ -355,12 +355,19 @@ def wrap_with_ptl(
 def _check_wiring(wrapped: PTLModel, input_size: Sequence[int]) -> None:
     """One eval forward: the image reaches the first cell and the ladder reaches its last stage.
 
-    On failure the hooks are removed again, so the user's model is left as it was.
+    The forward runs on meta tensors (no real compute; see ``_trace.on_meta``), and for real only where
+    meta tensors cannot run the model. On failure the hooks are removed again, so the user's model is
+    left as it was.
     """
-    x = dummy_input(wrapped.model, input_size)
     try:
-        with eval_mode(wrapped), torch.no_grad():
-            wrapped(x)
+        with eval_mode(wrapped):
+            try:
+                on_meta(wrapped, wrapped, meta_input(wrapped.model, input_size))
+            except BConvError:
+                raise
+            except Exception:
+                with torch.no_grad():
+                    wrapped(dummy_input(wrapped.model, input_size))
     except BConvError:
         unwrap_ptl(wrapped)
         raise
