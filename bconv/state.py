@@ -146,6 +146,10 @@ def load_latent_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
             if missing or unexpected
             else ""
         )
-        raise BConvError("cannot restore the latent state; nothing was changed:\n  " + "\n  ".join(problems) + hint)
+        hint = hint or (
+            " A latent state fits a model wrapped with the same options as the one that saved it: build the "
+            "model with bconv.load_ptl from the same checkpoint."
+        )
+        raise BConvError("cannot restore the latent state; nothing was changed:\n  " + "\n  ".join(problems) + "\n" + hint.strip())
     for name, cell in cells.items():
         cell.load_latent_state(state_dict[name])

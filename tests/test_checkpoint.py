@@ -379,3 +379,45 @@ def test_ddp_run_resumes_bitwise_with_two_gloo_processes(tmp_path):
         states = [torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=True)["latent"] for r in range(2)]
         same = all(torch.equal(states[0][k]["c_prev"], states[1][k]["c_prev"]) for k in states[0])
         assert same == bool(options.get("sync_state")), name  # synced: one state; else: each rank its own
+
+
+def _readme_recipe() -> str:
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index("### Resuming an interrupted run") :]
+    return section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")]
+
+
+class _Preempted(Exception):
+    pass
+
+
+def test_the_readme_resume_recipe_resumes_exactly(tmp_path, monkeypatch):
+    """The README's script, run as written: once uninterrupted, once preempted after a checkpoint and rerun."""
+    monkeypatch.chdir(tmp_path)
+    recipe = compile(_readme_recipe(), "README.md", "exec")
+    g = torch.Generator().manual_seed(5)
+    dataset = torch.utils.data.TensorDataset(torch.randn(150, *SIZE, generator=g), torch.randint(0, 5, (150,), generator=g))
+    calls = []
+
+    def preempt_after_checkpoint(at: int):
+        def time_to_checkpoint():
+            calls.append(None)
+            if len(calls) == at + 1:
+                raise _Preempted  # the job dies right after writing its checkpoint
+            return len(calls) == at
+
+        return time_to_checkpoint
+
+    def script(time_to_checkpoint):
+        torch.manual_seed(0)
+        namespace = dict(dataset=dataset, epochs=2, build_network=TinyCNN, time_to_checkpoint=time_to_checkpoint)
+        exec(recipe, namespace)
+        return namespace["model"]
+
+    full = script(lambda: False)
+    with pytest.raises(_Preempted):
+        script(preempt_after_checkpoint(2))  # in the first epoch (batches of 64, 64, 22), after its 2nd batch
+    assert torch.load("run.pt", weights_only=True)["step"] == 2
+    resumed = script(lambda: False)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

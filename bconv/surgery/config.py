@@ -184,7 +184,8 @@ def mismatch_message(checkpoint: PTLConfig, model: PTLConfig) -> str:
         f"({len(diffs)} differ{'s' if len(diffs) == 1 else ''}):\n" + "\n".join(lines) + "\n"
         "No weight of the PTL model was loaded. Let the checkpoint build the wrapper: "
         "`model = bconv.load_ptl(fresh_network, state_dict)` wraps a freshly built network exactly as the "
-        f"checkpoint's was and loads it; or wrap by hand with {by_hand}."
+        f"checkpoint's was and loads it; or wrap by hand with {by_hand}. To load these weights into this "
+        f"model on purpose, delete the checkpoint's `_extra_state` key first."
     )
 
 
