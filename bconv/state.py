@@ -126,7 +126,9 @@ def load_latent_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
     """
     cells = dict(_cells(model, "load_latent_state_dict"))
     if not isinstance(state_dict, Mapping):
-        raise BConvError(f"load_latent_state_dict needs the dict latent_state_dict() returned; got {type(state_dict).__name__}")
+        raise BConvError(
+            f"load_latent_state_dict needs the dict latent_state_dict() returned; got {type(state_dict).__name__}"
+        )
     problems = []
     missing = [k for k in cells if k not in state_dict]
     unexpected = [k for k in state_dict if k not in cells]
@@ -136,7 +138,7 @@ def load_latent_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
         problems.append(f"states for {unexpected}, which are not cells of this {type(model).__name__}")
     for name, cell in cells.items():
         if name in state_dict:
-            problems += [f"{name}: {p}" for p in cell.latent_state_problems(state_dict[name])]
+            problems += [f"{name}: {p}" for p in cell._latent_state_problems(state_dict[name])]
     if problems:
         hint = (
             f" The cells of this model are {list(cells)}. Keys are module paths relative to the model "
@@ -150,6 +152,8 @@ def load_latent_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
             " A latent state fits a model wrapped with the same options as the one that saved it: build the "
             "model with bconv.load_ptl from the same checkpoint."
         )
-        raise BConvError("cannot restore the latent state; nothing was changed:\n  " + "\n  ".join(problems) + "\n" + hint.strip())
+        raise BConvError(
+            "cannot restore the latent state; nothing was changed:\n  " + "\n  ".join(problems) + "\n" + hint.strip()
+        )
     for name, cell in cells.items():
         cell.load_latent_state(state_dict[name])

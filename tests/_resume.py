@@ -50,7 +50,11 @@ VARIANTS = {
 def rng_states() -> dict:
     """The global RNG states, as tensors and plain values (``torch.load(weights_only=True)`` reads them)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss], "python": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
 
 
 def set_rng_states(states: dict) -> None:
@@ -185,7 +189,9 @@ def ddp_worker(rank: int, world: int, port: int, out: str, phase: str, variants:
             else:
                 # With sync_state every rank holds the same state: rank 0's copy restores them all.
                 shared = out / f"{name}-rank0.pt" if options.get("sync_state") else None
-                torch.save(run(resume=ckpt, latent_from=shared, rank=rank, world=world), out / f"{name}-resumed-rank{rank}.pt")
+                torch.save(
+                    run(resume=ckpt, latent_from=shared, rank=rank, world=world), out / f"{name}-resumed-rank{rank}.pt"
+                )
     finally:
         torch.distributed.destroy_process_group()
 

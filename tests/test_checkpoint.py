@@ -53,13 +53,31 @@ class _LocalLeaf(nn.Module):  # importable by its qualified name: tests/ is on s
 
 def test_config_records_every_option_with_the_stage_names():
     wrapped = _wrap(
-        stages=[-2, -1], cell="v2", cell_width=0.5, fuse_width=0.25, state_mode="pooled", sync_state=True,
-        detach=False, on_size_change="raise", final_init="paper", source="fx", leaf_modules=[_LocalLeaf],
+        stages=[-2, -1],
+        cell="v2",
+        cell_width=0.5,
+        fuse_width=0.25,
+        state_mode="pooled",
+        sync_state=True,
+        detach=False,
+        on_size_change="raise",
+        final_init="paper",
+        source="fx",
+        leaf_modules=[_LocalLeaf],
     )
     assert wrapped.config == PTLConfig(
-        stages=("stage1", "stage2"), cell="v2", input_size=SIZE, cell_width=0.5, fuse_width=0.25,
-        state_mode="pooled", sync_state=True, detach=False, on_size_change="raise", final_init="paper",
-        source="fx", leaf_modules=("test_checkpoint:_LocalLeaf",),
+        stages=("stage1", "stage2"),
+        cell="v2",
+        input_size=SIZE,
+        cell_width=0.5,
+        fuse_width=0.25,
+        state_mode="pooled",
+        sync_state=True,
+        detach=False,
+        on_size_change="raise",
+        final_init="paper",
+        source="fx",
+        leaf_modules=("test_checkpoint:_LocalLeaf",),
     )
     assert wrapped.config.version == bconv.__version__
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -151,7 +169,9 @@ def test_load_ptl_wraps_a_fresh_network_as_the_checkpoint_was(options):
     x = torch.randn(3, *SIZE)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), wrapped.eval()(x))
-    assert not any(v is not None for c in loaded.latent_state_dict().values() for k, v in c.items() if k != "state_mode")
+    assert not any(
+        v is not None for c in loaded.latent_state_dict().values() for k, v in c.items() if k != "state_mode"
+    )
 
 
 def test_load_ptl_imports_leaf_modules_back_or_asks_for_them():
@@ -249,18 +269,37 @@ def test_latent_state_with_detach_false_is_saved_detached():
 
 
 def _states(model):
-    return {k: {n: None if v is None or isinstance(v, str) else v.clone() for n, v in s.items()} for k, s in model.latent_state_dict().items()}
+    return {
+        k: {n: None if v is None or isinstance(v, str) else v.clone() for n, v in s.items()}
+        for k, s in model.latent_state_dict().items()
+    }
 
 
 @pytest.mark.parametrize(
     "saved_options, edit, message",
     [
         (dict(), lambda sd: sd.pop("ptl.cells.1.0"), r"no state for the cells \['ptl.cells.1.0'\]"),
-        (dict(), lambda sd: sd.update({"ptl.cells.9.0": sd["ptl.cells.0.0"]}), r"states for \['ptl.cells.9.0'\], which are not cells"),
-        (dict(state_mode="pooled"), None, r"ptl.cells.0.0: saved from a cell with state_mode='pooled', this cell has state_mode='per_sample'"),
-        (dict(cell="v2"), None, r"ptl.cells.0.0: this BConvCell keeps \['c_prev'\]; the saved state has unknown \['y_prev'\]"),
+        (
+            dict(),
+            lambda sd: sd.update({"ptl.cells.9.0": sd["ptl.cells.0.0"]}),
+            r"states for \['ptl.cells.9.0'\], which are not cells",
+        ),
+        (
+            dict(state_mode="pooled"),
+            None,
+            r"ptl.cells.0.0: saved from a cell with state_mode='pooled', this cell has state_mode='per_sample'",
+        ),
+        (
+            dict(cell="v2"),
+            None,
+            r"ptl.cells.0.0: this BConvCell keeps \['c_prev'\]; the saved state has unknown \['y_prev'\]",
+        ),
         (dict(cell_width=0.5), None, r"ptl.cells.2.0: c_prev has 16 channels, this cell's state has 8"),
-        (dict(), lambda sd: sd["ptl.cells.2.0"].update(c_prev=torch.zeros(4, 8)), r"ptl.cells.2.0: c_prev must be a floating-point tensor \[batch, channels, H, W\]; got a torch.float32 tensor of shape \(4, 8\)"),
+        (
+            dict(),
+            lambda sd: sd["ptl.cells.2.0"].update(c_prev=torch.zeros(4, 8)),
+            r"ptl.cells.2.0: c_prev must be a floating-point tensor \[batch, channels, H, W\]; got a torch.float32 tensor of shape \(4, 8\)",
+        ),
     ],
     ids=["missing", "unexpected", "state_mode", "v2_into_v1", "channels", "shape"],
 )
@@ -302,7 +341,9 @@ def test_model_level_functions_work_on_a_ptl_model_nested_in_another_network():
     outer(torch.randn(3, *SIZE))
     latent = bconv.latent_state_dict(outer)
     assert list(latent) == ["backbone.ptl.cells.0.0", "backbone.ptl.cells.1.0", "backbone.ptl.cells.2.0"]
-    assert {k.removeprefix("backbone."): v for k, v in latent.items()}.keys() == outer.backbone.latent_state_dict().keys()
+    assert {
+        k.removeprefix("backbone."): v for k, v in latent.items()
+    }.keys() == outer.backbone.latent_state_dict().keys()
 
     twin = Outer()
     twin.load_state_dict(outer.state_dict())  # the nested config is checked too
@@ -336,10 +377,16 @@ def resumed(tmp_path_factory):
             _resume.run(options, stop=_resume.STOP, checkpoint=out / f"{name}.pt")
     finally:
         torch.set_num_threads(threads)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(bconv.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(bconv.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     done = subprocess.run(
         [sys.executable, str(Path(_resume.__file__)), str(out), *(str(out / f"{n}.pt") for n in _resume.VARIANTS)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return {name: (full[name], torch.load(out / f"{name}-resumed.pt", weights_only=True)) for name in _resume.VARIANTS}
@@ -396,7 +443,9 @@ def test_the_readme_resume_recipe_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recipe = compile(_readme_recipe(), "README.md", "exec")
     g = torch.Generator().manual_seed(5)
-    dataset = torch.utils.data.TensorDataset(torch.randn(150, *SIZE, generator=g), torch.randint(0, 5, (150,), generator=g))
+    dataset = torch.utils.data.TensorDataset(
+        torch.randn(150, *SIZE, generator=g), torch.randint(0, 5, (150,), generator=g)
+    )
     calls = []
 
     def preempt_after_checkpoint(at: int):

@@ -142,7 +142,7 @@ class StatefulCell(nn.Module):
             state[name] = None if value is None else value.detach()
         return state
 
-    def latent_state_problems(self, state: Any) -> list[str]:
+    def _latent_state_problems(self, state: Any) -> list[str]:
         """What prevents :meth:`load_latent_state` from restoring ``state`` here (empty: nothing)."""
         if not isinstance(state, Mapping):
             return [f"expected a dict from latent_state(), got {type(state).__name__}"]
@@ -164,7 +164,11 @@ class StatefulCell(nn.Module):
             if value is None:
                 continue
             if not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() != 4:
-                what = f"{value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                what = (
+                    f"{value.dtype} tensor of shape {tuple(value.shape)}"
+                    if isinstance(value, Tensor)
+                    else type(value).__name__
+                )
                 problems.append(f"{name} must be a floating-point tensor [batch, channels, H, W]; got a {what}")
                 continue
             shapes.add(tuple(value.shape))
@@ -183,7 +187,7 @@ class StatefulCell(nn.Module):
             bconv.BConvError: the state does not fit this cell (its names, state mode or channels);
                 the cell's state is left as it was.
         """
-        problems = self.latent_state_problems(state)
+        problems = self._latent_state_problems(state)
         if problems:
             raise BConvError(f"cannot restore the latent state of this {type(self).__name__}: " + "; ".join(problems))
         param = next(self.parameters(), None)

@@ -78,9 +78,9 @@ class PTLConfig:
     version: str = dataclasses.field(default=__version__, compare=False)
 
     @staticmethod
-    def class_name(cls: type) -> str:
+    def class_name(klass: type) -> str:
         """``"module:QualName"`` of a class, the form ``leaf_modules`` records."""
-        return f"{cls.__module__}:{cls.__qualname__}"
+        return f"{klass.__module__}:{klass.__qualname__}"
 
     def to_extra_state(self) -> torch.Tensor:
         """The value ``state_dict()`` stores: ``{"format": 1, "config": {...}}`` as JSON in a uint8 tensor."""
@@ -104,7 +104,11 @@ class PTLConfig:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 pass
         if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and "format" in state):
-            what = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            what = (
+                f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+                if isinstance(value, torch.Tensor)
+                else type(value).__name__
+            )
             raise BConvError(
                 f"the state dict's `_extra_state` is not a bconv PTL config (got {what}); "
                 f"it was not written by PTLModel.state_dict()"

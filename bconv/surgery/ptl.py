@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cells import BConvCell, BConvCellV2, StatefulCell
 from .. import state as _state
+from ..cells import BConvCell, BConvCellV2, StatefulCell
 from ..errors import BConvError
 from ._hooks import BConvHook
 from .config import PTLConfig, mismatch_message
@@ -325,7 +325,8 @@ def wrap_with_ptl(
         leaf_modules: module classes fx should not trace through.
 
     Returns:
-        A :class:`PTLModel`: call it as the original, plus ``reset_state()`` and ``detach_state()``.
+        A :class:`PTLModel`: call it as the original, plus ``reset_state()`` and ``detach_state()``;
+        ``config`` records these options (and ``state_dict()`` carries them, see :func:`bconv.load_ptl`).
 
     Raises:
         ValueError: unknown, duplicate or empty ``stages``; bad options.
