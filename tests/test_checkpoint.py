@@ -207,6 +207,19 @@ def test_load_ptl_refuses_a_network_without_the_checkpoints_stages():
         load_ptl(other, saved)
 
 
+def test_load_ptl_leaves_a_network_whose_weights_do_not_fit_unwrapped():
+    class Wider(TinyCNN):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(32, 7)
+
+    network = Wider()
+    with pytest.raises(RuntimeError, match="size mismatch for model.head.weight"):
+        load_ptl(network, _wrap().state_dict())
+    assert not bconv.surgery.ptl._is_wrapped(network)
+    wrap_with_ptl(network, input_size=SIZE)  # can be wrapped again
+
+
 def test_a_corrupt_config_gets_a_clear_error():
     saved = _wrap().state_dict()
     stored = json.loads(bytes(saved["_extra_state"].tolist()))

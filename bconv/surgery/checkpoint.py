@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import BConvError
 from .config import PTLConfig
-from .ptl import PTLModel, wrap_with_ptl
+from .ptl import PTLModel, unwrap_ptl, wrap_with_ptl
 
 __all__ = ["load_ptl"]
 
@@ -37,7 +37,8 @@ def load_ptl(
     Raises:
         bconv.BConvError: the state dict carries no PTL config (a checkpoint written before bconv
             recorded it, or not a PTL model's); the checkpoint's stages are not stages of ``model``.
-        RuntimeError: torch's own error when the weights do not fit (another architecture).
+        RuntimeError: torch's own error when the weights do not fit (another architecture); the network is
+            handed back unwrapped.
 
     Example::
 
@@ -59,7 +60,11 @@ def load_ptl(
             f"checkpoint was trained from (same architecture, freshly built); its stages were "
             f"{list(config.stages)}"
         ) from e
-    wrapped.load_state_dict(state_dict)
+    try:
+        wrapped.load_state_dict(state_dict)
+    except Exception:
+        unwrap_ptl(wrapped)  # hand the network back without bconv's hooks
+        raise
     return wrapped
 
 

@@ -171,8 +171,9 @@ def _import_class(name: str) -> type:
             f"the checkpoint was wrapped with leaf_modules=[{name}], which cannot be imported here ({e}); "
             f"pass the class itself: bconv.load_ptl(model, state_dict, leaf_modules=[YourClass])"
         ) from e
-    if not isinstance(obj, type):
-        raise BConvError(f"leaf module {name} recorded in the checkpoint is not a class here")
+    if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+        # A checkpoint is data: what it names is only used if it is a module class.
+        raise BConvError(f"leaf module {name} recorded in the checkpoint is not an nn.Module class here")
     return obj
 
 
