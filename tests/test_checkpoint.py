@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,6 @@ from bconv import BConvError, PTLConfig, load_ptl, wrap_with_ptl
 
 import _resume
 from conftest import TinyCNN
-from test_scale import _free_port
 
 SIZE = (3, 16, 16)
 
@@ -418,6 +418,12 @@ def test_a_run_interrupted_mid_epoch_resumes_bitwise_in_a_new_process(resumed, v
     plain_weights, plain_output = results["without_latent"]
     assert not torch.equal(output, plain_output)
     assert not all(torch.equal(weights[k], plain_weights[k]) for k in weights)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 DDP_VARIANTS = {
