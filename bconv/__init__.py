@@ -2,14 +2,20 @@
 
 from .cells import BConvCell, BConvCellV2
 from .errors import BConvError, InputSizeError, NoSpatialStagesError, TraceError
-from .surgery import PTLModel, Stage, find_stages, unwrap_ptl, wrap_with_ptl
-
-__version__ = "0.1.0"
+from ._version import __version__
+from .state import detach_state, latent_state_dict, load_latent_state_dict, reset_state
+from .surgery import PTLConfig, PTLModel, Stage, find_stages, load_ptl, unwrap_ptl, wrap_with_ptl
 
 __all__ = [
     "wrap_with_ptl",
     "unwrap_ptl",
     "PTLModel",
+    "PTLConfig",
+    "load_ptl",
+    "reset_state",
+    "detach_state",
+    "latent_state_dict",
+    "load_latent_state_dict",
     "find_stages",
     "Stage",
     "BConvCell",

@@ -6,19 +6,23 @@ not a buffer, never in ``state_dict()``. It is registered by name in one place
 (:meth:`StatefulCell._register_state`), moved with the module by overriding
 :meth:`~torch.nn.Module._apply` (as SpikingJelly's ``MemoryModule`` does), forgotten by
 :meth:`StatefulCell.reset_state` and cut from the autograd graph by
-:meth:`StatefulCell.detach_state`. Model-level helpers walk ``model.modules()`` and call
-these two methods on every :class:`StatefulCell`; there is no global registry.
+:meth:`StatefulCell.detach_state`, saved and restored for a checkpoint by
+:meth:`StatefulCell.latent_state` and :meth:`StatefulCell.load_latent_state`. Model-level helpers
+(``bconv.state``) walk ``model.modules()`` and call these methods on every :class:`StatefulCell`;
+there is no global registry.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from bconv.errors import BConvError
 
 __all__ = ["StatefulCell", "STATE_MODES", "SIZE_CHANGE_POLICIES"]
 
@@ -122,6 +126,80 @@ class StatefulCell(nn.Module):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.detach())
+
+    # -- saving and restoring the state (checkpoints that resume mid-epoch) ----------
+
+    def latent_state(self) -> dict[str, Any]:
+        """This cell's state, for a checkpoint: ``{"state_mode": mode, name: tensor or None, ...}``.
+
+        The tensors are the stored ones, detached (a graph cannot be saved), with their dtype and
+        device; ``None`` for a state with no history. Only plain values and tensors, so that
+        ``torch.load(..., weights_only=True)`` reads it back.
+        """
+        state: dict[str, Any] = {"state_mode": self.state_mode}
+        for name in self._state_names:
+            value = getattr(self, name)
+            state[name] = None if value is None else value.detach()
+        return state
+
+    def _latent_state_problems(self, state: Any) -> list[str]:
+        """What prevents :meth:`load_latent_state` from restoring ``state`` here (empty: nothing)."""
+        if not isinstance(state, Mapping):
+            return [f"expected a dict from latent_state(), got {type(state).__name__}"]
+        problems = []
+        mode = state.get("state_mode")
+        if mode != self.state_mode:
+            problems.append(f"saved from a cell with state_mode={mode!r}, this cell has state_mode={self.state_mode!r}")
+        missing = [n for n in self._state_names if n not in state]
+        extra = [n for n in state if n != "state_mode" and n not in self._state_names]
+        if missing or extra:
+            problems.append(
+                f"this {type(self).__name__} keeps {list(self._state_names)}; the saved state "
+                + "; ".join(filter(None, [missing and f"lacks {missing}", extra and f"has unknown {extra}"]))
+            )
+        channels = self._state_channels()
+        shapes = set()
+        for name in self._state_names:
+            value = state.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() != 4:
+                what = (
+                    f"{value.dtype} tensor of shape {tuple(value.shape)}"
+                    if isinstance(value, Tensor)
+                    else type(value).__name__
+                )
+                problems.append(f"{name} must be a floating-point tensor [batch, channels, H, W]; got a {what}")
+                continue
+            shapes.add(tuple(value.shape))
+            if channels is not None and value.shape[1] != channels:
+                problems.append(f"{name} has {value.shape[1]} channels, this cell's state has {channels}")
+            if self.state_mode == "pooled" and value.shape[0] != 1:
+                problems.append(f"{name} has {value.shape[0]} batch slots; a pooled state has exactly one")
+        if len(shapes) > 1:
+            problems.append(f"the saved states have different shapes {sorted(shapes)}; they are saved together")
+        return problems
+
+    def load_latent_state(self, state: Mapping[str, Any]) -> None:
+        """Restore a state returned by :meth:`latent_state` (copied, on this cell's device, dtype kept).
+
+        Raises:
+            bconv.BConvError: the state does not fit this cell (its names, state mode or channels);
+                the cell's state is left as it was.
+        """
+        problems = self._latent_state_problems(state)
+        if problems:
+            raise BConvError(f"cannot restore the latent state of this {type(self).__name__}: " + "; ".join(problems))
+        param = next(self.parameters(), None)
+        for name in self._state_names:
+            value = state[name]
+            if value is not None:
+                value = value.detach().to(device=param.device if param is not None else value.device, copy=True)
+            setattr(self, name, value)
+
+    def _state_channels(self) -> int | None:
+        """Channels of the state, checked when a state is restored (``None``: not checked)."""
+        return None
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> StatefulCell:
         # .to(), .cuda(), .double(), .half() all come through here: move the state too.

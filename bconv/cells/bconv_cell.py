@@ -50,6 +50,9 @@ class _BConvBase(StatefulCell):
         out_h, out_w = (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
         return batch, self.out_channels, out_h, out_w
 
+    def _state_channels(self) -> int:
+        return self.out_channels
+
     def _step(self, gates: Tensor, shape: tuple[int, ...]) -> Tensor:
         """The LSTM update from the gate pre-activations ``(i, f, o, g)``: stores ``C_b``, returns ``y_b``."""
         i, f, o, g = gates.chunk(4, dim=1)

@@ -16,17 +16,19 @@ wrapped model computes exactly what the original computed.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import state as _state
 from ..cells import BConvCell, BConvCellV2, StatefulCell
 from ..errors import BConvError
 from ._hooks import BConvHook
 from ._trace import dummy_input, eval_mode, meta_input, on_meta
 from .anatomy import anatomy
+from .config import PTLConfig, mismatch_message
 from .stages import Stage, default_input_size
 
 __all__ = ["PTLModel", "PTLLadder", "wrap_with_ptl", "unwrap_ptl", "CELLS"]
@@ -163,15 +165,40 @@ class PTLModel(nn.Module):
     original network, so ``wrapped.fc``, ``wrapped.reset_classifier(10)`` or
     ``wrapped.forward_features(x)`` work as before (and run the ladder).
 
+    ``state_dict()`` carries :attr:`config` (key ``_extra_state``): loading a checkpoint written with
+    other options raises a :class:`~bconv.BConvError` naming each one, and :func:`bconv.load_ptl`
+    rebuilds the wrapper from it. A checkpoint without that key (written before bconv recorded it)
+    loads as before.
+
     Attributes:
         stages: the paired stages, in order.
+        config: the options of :func:`wrap_with_ptl` that built this model (a :class:`PTLConfig`).
     """
 
-    def __init__(self, model: nn.Module, ladder: PTLLadder, stages: Sequence[Stage]):
+    def __init__(
+        self, model: nn.Module, ladder: PTLLadder, stages: Sequence[Stage], config: PTLConfig | None = None
+    ):
         super().__init__()
         self.model = model
         self.ptl = ladder
         self.stages = tuple(stages)
+        self.config = config
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self.config.to_extra_state() if self.config is not None else torch.zeros(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state: Any) -> None:
+        if self.config is None or (isinstance(state, torch.Tensor) and state.numel() == 0):
+            return  # a wrapper built by hand, without a config: nothing to compare
+        saved = PTLConfig.from_extra_state(state)
+        if saved != self.config:
+            raise BConvError(mismatch_message(saved, self.config))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        key = prefix + "_extra_state"
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)  # a checkpoint from before the config was recorded: load it as it is
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if getattr(self, "_is_replica", False):
@@ -184,15 +211,19 @@ class PTLModel(nn.Module):
 
     def reset_state(self) -> None:
         """Forget the history of every cell: the next forward starts from zero state (call it every epoch)."""
-        for m in self.ptl.modules():
-            if isinstance(m, StatefulCell):
-                m.reset_state()
+        _state.reset_state(self)
 
     def detach_state(self) -> None:
         """Cut every cell's state from the autograd graph (after each optimizer step)."""
-        for m in self.ptl.modules():
-            if isinstance(m, StatefulCell):
-                m.detach_state()
+        _state.detach_state(self)
+
+    def latent_state_dict(self) -> dict[str, dict[str, Any]]:
+        """Every cell's state, keyed by the cell's module path; see :func:`bconv.latent_state_dict`."""
+        return _state.latent_state_dict(self)
+
+    def load_latent_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the cells' state from :meth:`latent_state_dict`; see :func:`bconv.load_latent_state_dict`."""
+        _state.load_latent_state_dict(self, state_dict)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -295,7 +326,8 @@ def wrap_with_ptl(
         leaf_modules: module classes fx should not trace through.
 
     Returns:
-        A :class:`PTLModel`: call it as the original, plus ``reset_state()`` and ``detach_state()``.
+        A :class:`PTLModel`: call it as the original, plus ``reset_state()`` and ``detach_state()``;
+        ``config`` records these options (and ``state_dict()`` carries them, see :func:`bconv.load_ptl`).
 
     Raises:
         ValueError: unknown, duplicate or empty ``stages``; bad options.
@@ -329,6 +361,7 @@ def wrap_with_ptl(
             raise ValueError(f"{name} must be a fraction of the stage's channels in (0, 4]; got {value!r}")
     if sync_state and state_mode != "pooled":
         raise ValueError("sync_state=True averages the pooled state across ranks: it needs state_mode='pooled'")
+    leaf_modules = tuple(leaf_modules)  # read twice: by discovery and by the config
 
     input_size = tuple(input_size) if input_size is not None else default_input_size(model)
     body = anatomy(model, input_size, source, leaf_modules=leaf_modules)
@@ -347,7 +380,13 @@ def wrap_with_ptl(
     first.register_forward_pre_hook(_ImageTap(ladder))
     for i, s in enumerate(chosen):
         modules[s.name].register_forward_hook(_StageTap(ladder, i))
-    wrapped = PTLModel(model, ladder, chosen)
+    config = PTLConfig(
+        stages=tuple(s.name for s in chosen), cell=cell, input_size=tuple(int(n) for n in input_size),
+        cell_width=float(cell_width), fuse_width=float(fuse_width), state_mode=state_mode, sync_state=sync_state,
+        detach=detach, on_size_change=on_size_change, final_init=final_init, source=source,
+        leaf_modules=tuple(PTLConfig.class_name(c) for c in leaf_modules),
+    )
+    wrapped = PTLModel(model, ladder, chosen, config)
     _check_wiring(wrapped, input_size)
     return wrapped
 

@@ -1,0 +1,85 @@
+"""Rebuild a PTL model from its checkpoint alone: :func:`load_ptl`."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import BConvError
+from .config import PTLConfig
+from .ptl import PTLModel, unwrap_ptl, wrap_with_ptl
+
+__all__ = ["load_ptl"]
+
+_KEY = "_extra_state"
+
+
+def load_ptl(
+    model: nn.Module, state_dict: Mapping[str, Any], *, leaf_modules: Iterable[type] | None = None
+) -> PTLModel:
+    """Wrap a freshly built network exactly as the checkpoint's was, and load the checkpoint into it.
+
+    The options come from the :class:`PTLConfig` that ``PTLModel.state_dict()`` carries, so none
+    has to be repeated. The weights are loaded strictly.
+
+    Args:
+        model: the original network, freshly built, not wrapped (for example ``resnet50()``).
+        state_dict: a ``PTLModel``'s ``state_dict()`` (read with ``torch.load(..., weights_only=True)``).
+        leaf_modules: the ``leaf_modules`` classes of the original wrap, only needed when the recorded
+            names cannot be imported (a class defined in ``__main__`` or in a function).
+
+    Returns:
+        The :class:`PTLModel`, with the checkpoint's weights and ``config``. Its cells start with no
+        history: restore a saved latent state with ``load_latent_state_dict``.
+
+    Raises:
+        bconv.BConvError: the state dict carries no PTL config (a checkpoint written before bconv
+            recorded it, or not a PTL model's); the checkpoint's stages are not stages of ``model``.
+        RuntimeError: torch's own error when the weights do not fit (another architecture); the network is
+            handed back unwrapped.
+
+    Example::
+
+        >>> torch.save(wrapped.state_dict(), "ptl.pt")
+        >>> model = bconv.load_ptl(torchvision.models.resnet50(), torch.load("ptl.pt", weights_only=True))
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"load_ptl needs a state dict (a mapping); got {type(state_dict).__name__}")
+    stored = state_dict.get(_KEY)
+    if stored is None or (isinstance(stored, torch.Tensor) and stored.numel() == 0):  # none, or a hand-built wrapper's
+        raise BConvError(_no_config_message(state_dict))
+    config = PTLConfig.from_extra_state(stored)
+    kwargs = config.wrap_kwargs(leaf_modules)
+    try:
+        wrapped = wrap_with_ptl(model, **kwargs)
+    except ValueError as e:
+        raise BConvError(
+            f"the checkpoint's wrapper does not fit this network: {e}. load_ptl needs the network the "
+            f"checkpoint was trained from (same architecture, freshly built); its stages were "
+            f"{list(config.stages)}"
+        ) from e
+    try:
+        wrapped.load_state_dict(state_dict)
+    except Exception:
+        unwrap_ptl(wrapped)  # hand the network back without bconv's hooks
+        raise
+    return wrapped
+
+
+def _no_config_message(state_dict: Mapping[str, Any]) -> str:
+    nested = [k[: -len(_KEY)] for k in state_dict if isinstance(k, str) and k.endswith("." + _KEY)]
+    if nested:
+        return (
+            f"this state dict holds a PTL model under the prefix {nested[0]!r} (DistributedDataParallel "
+            f"adds 'module.'); pass that model's own state dict: "
+            f"torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state_dict, {nested[0]!r}), "
+            f"then load_ptl"
+        )
+    return (
+        "this state dict carries no PTL config (no `_extra_state` key): it was written before bconv "
+        "recorded the wrap options, or it is not a PTLModel's. Wrap the network by hand with the options "
+        "it was trained with, then load it: `wrapped = bconv.wrap_with_ptl(network, stages=..., cell=...); "
+        "wrapped.load_state_dict(state_dict)`"
+    )
