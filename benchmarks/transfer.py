@@ -56,8 +56,8 @@ Every condition uses SGD (momentum 0.9, weight decay 5e-4), batch 32, a cosine s
 ``--epochs`` epochs, the same data order and augmentation per seed, and each learning rate of ``--lrs``.
 **Learning-rate tuning, the same for every condition:** each condition's lr is the one with the best mean
 final validation accuracy over the seeds (ties: lower mean validation loss); the test split is never used
-to choose. The test split is evaluated only afterwards, for the selected lr's runs, from the weights
-saved after every epoch. The reported numbers are the test accuracies of the selected lr, with the paired
+to choose. The validation split is evaluated after the last epoch (of every rollback period), the test split
+only afterwards, for the selected lr's runs, from the weights saved after every epoch. The reported numbers are the test accuracies of the selected lr, with the paired
 per-seed differences against plain and their 95% t-interval over the seeds, and retrieval on the target
 test set from ``bconv.distill.pooled_features`` (each test image queries all the others by cosine
 similarity; mAP and rank-1, the paper's ReID metrics).
@@ -509,17 +509,20 @@ def train_epochs(
     evaluate_on: dict[str, Split],
     bar=None,
     snapshots: list[dict[str, Tensor]] | None = None,
+    evaluate_last_only: bool = False,
 ) -> list[dict[str, float]]:
     """``epochs`` epochs of ``step(x, y)`` under a cosine schedule; returns the evaluations after each epoch.
 
     A PTL model's state is reset at the start of every epoch (``cfg.reset == "epoch"``; ``"never"``: only
     the fresh wrap starts from zeros) and detached after every step. With ``snapshots``, the weights after
-    every epoch are appended to it, to be evaluated on the test split once the lr is selected.
+    every epoch are appended to it, to be evaluated on the test split once the lr is selected. With
+    ``evaluate_last_only``, ``evaluate_on`` is evaluated after the last epoch only (the lr selection reads
+    nothing else), and the other epochs' points start empty.
     """
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     ptl = hasattr(model, "reset_state")
     curve = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         model.train()
         if ptl and cfg.reset == "epoch":
             model.reset_state()
@@ -531,12 +534,14 @@ def train_epochs(
         if snapshots is not None:
             snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         point: dict[str, float] = {}
-        for name, split in evaluate_on.items():
-            point[f"{name}_acc"], point[f"{name}_loss"] = evaluate(model, split)
+        if not evaluate_last_only or epoch == epochs - 1:
+            for name, split in evaluate_on.items():
+                point[f"{name}_acc"], point[f"{name}_loss"] = evaluate(model, split)
         curve.append(point)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(acc=f"{point[next(k for k in reversed(point) if k.endswith('_acc'))]:.1f}")
+            if point:
+                bar.set_postfix(acc=f"{point[next(k for k in reversed(point) if k.endswith('_acc'))]:.1f}")
     return curve
 
 
@@ -586,13 +591,13 @@ def finetune(
     """Fine-tune the seed's pre-trained backbone on the target task under ``condition``.
 
     Returns:
-        The trained model and its evaluations on the validation split after every epoch (the test split
-        is evaluated later, from ``snapshots``, and only for the selected lr).
+        The trained model and one point per epoch, the last (of every rollback period) with the validation
+        accuracy and loss (the test split is evaluated later, from ``snapshots``, and only for the selected lr).
     """
     model: nn.Module = target_backbone(data, pretrained, seed, cfg)
     gen = torch.Generator().manual_seed(seed)
     common = dict(train=data.target_train, gen=gen, cfg=cfg, augment=data.augment, bar=bar,
-                  evaluate_on={"val": data.target_val}, snapshots=snapshots)  # fmt: skip
+                  evaluate_on={"val": data.target_val}, snapshots=snapshots, evaluate_last_only=True)  # fmt: skip
     if condition in ("ptl_v1", "ptl_v2"):
         model = wrap_with_ptl(model, cell=condition[-2:], input_size=data.input_size, final_init=cfg.final_init,
                               state_mode=cfg.state_mode)  # fmt: skip
