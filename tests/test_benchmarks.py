@@ -276,6 +276,7 @@ def test_transfer_quick_on_fashion_mnist_idx_files(tmp_path):
     assert data["sizes"] == {"source_train": 100, "source_test": 40, "target_train": 50, "target_val": 50,
                              "target_test": 40}  # fmt: skip
     assert data["input_size"] == [1, 28, 28]
+    assert [p["seed"] for p in report["pretrain"]] == [0]  # fashion-mnist pre-trains once, for every seed
     results = report["results"]
     assert list(results) == conditions
     for c in ("plain", "ptl_v1"):
