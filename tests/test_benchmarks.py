@@ -73,7 +73,8 @@ def test_transfer_quick_on_digits_runs_every_condition(tmp_path):
     assert report["data"]["source_classes"] == ["0", "1", "2", "3", "4"]
     assert report["data"]["target_classes"] == ["5", "6", "7", "8", "9"]
     assert len(report["runs"]) == 5 * 2 * 3  # conditions x lrs x seeds
-    assert "gain_vs_plain_mean" in report["results"]["ptl_v1"]
+    gain = report["results"]["ptl_v1"]["test_acc_vs_plain"]  # paired by seed, with a 95% t-interval
+    assert gain["ci_low"] <= gain["mean"] <= gain["ci_high"] and gain["better"] + gain["worse"] <= 3
 
 
 def _write_image_folder(root: Path, classes: int = 4, per_class: int = 10) -> None:
