@@ -11,10 +11,12 @@ and its diagnosis on a network whose feature_info taps are each wrong in a known
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import os
 import pickle
+import struct
 import sys
 from pathlib import Path
 
@@ -71,7 +73,8 @@ def test_transfer_quick_on_digits_runs_every_condition(tmp_path):
     assert report["data"]["source_classes"] == ["0", "1", "2", "3", "4"]
     assert report["data"]["target_classes"] == ["5", "6", "7", "8", "9"]
     assert len(report["runs"]) == 5 * 2 * 3  # conditions x lrs x seeds
-    assert "gain_vs_plain_mean" in report["results"]["ptl_v1"]
+    gain = report["results"]["ptl_v1"]["test_acc_vs_plain"]  # paired by seed, with a 95% t-interval
+    assert gain["ci_low"] <= gain["mean"] <= gain["ci_high"] and gain["better"] + gain["worse"] <= 3
 
 
 def _write_image_folder(root: Path, classes: int = 4, per_class: int = 10) -> None:
@@ -163,6 +166,166 @@ def test_lr_is_selected_on_validation_never_on_test():
 def test_transfer_refuses_std_without_its_teacher():
     with pytest.raises(SystemExit):
         transfer.parse_args(["--conditions", "plain", "std"])
+
+
+# ------------------------------------------------------------------------------ transfer: Fashion-MNIST
+
+
+def _idx_bytes(array: np.ndarray, type_byte: int = 0x08) -> bytes:
+    """``array`` in the IDX format: two zero bytes, the type, the number of dimensions, big-endian sizes."""
+    dtype = {0x08: ">u1", 0x0B: ">i2", 0x0D: ">f4"}[type_byte]
+    header = bytes([0, 0, type_byte, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(dtype).tobytes()
+
+
+def _write_fake_fashion_mnist(root: Path, train_per_class: int = 20, test_per_class: int = 8) -> np.ndarray:
+    """The four Fashion-MNIST IDX files with random images: training files gzipped, test files plain (both
+    forms are read). Returns the training images."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    train_images = None
+    for prefix, per_class, gz in (("train", train_per_class, True), ("t10k", test_per_class, False)):
+        labels = np.tile(np.arange(10, dtype=np.uint8), per_class)
+        images = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+        for c in range(10):
+            images[labels == c, 2 * c : 2 * c + 6, 8:20] = 255  # something per class to learn
+        train_images = images if prefix == "train" else train_images
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            raw = _idx_bytes(array)
+            name = f"{prefix}-{kind}-ubyte"
+            (root / (name + ".gz" if gz else name)).write_bytes(gzip.compress(raw) if gz else raw)
+    return train_images
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_parses_the_header_and_big_endian_data(tmp_path, gz):
+    for type_byte, array in ((0x08, np.arange(24, dtype=np.uint8).reshape(2, 3, 4)),
+                             (0x0B, np.array([-2, 300, 7], dtype=np.int16)),
+                             (0x0D, np.array([[1.5, -2.25]], dtype=np.float32))):  # fmt: skip
+        raw = _idx_bytes(array, type_byte)
+        path = tmp_path / f"a{type_byte}"  # no .gz suffix either way: gzip is recognised by its magic bytes
+        path.write_bytes(gzip.compress(raw) if gz else raw)
+        read = transfer.read_idx(path)
+        assert read.shape == array.shape and read.dtype.isnative
+        np.testing.assert_array_equal(read, array)
+
+
+def test_read_idx_refuses_what_is_not_idx(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        transfer.read_idx(bad)
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(_idx_bytes(np.zeros((4, 28, 28), dtype=np.uint8))[:-1])
+    with pytest.raises(ValueError, match=r"do not hold the 3-d array of shape \(4, 28, 28\)"):
+        transfer.read_idx(truncated)
+
+
+def test_fashion_mnist_is_read_from_its_idx_files(tmp_path):
+    images = _write_fake_fashion_mnist(tmp_path)
+    x, y, names = transfer.load_fashion_mnist(tmp_path, train=True)
+    assert x.shape == (200, 1, 28, 28) and y.tolist() == list(range(10)) * 20
+    torch.testing.assert_close(x[3, 0], torch.from_numpy(images[3]).float() / 255)
+    assert names[5] == "Sandal" and names[9] == "Ankle boot"
+    x_test, y_test, _ = transfer.load_fashion_mnist(tmp_path, train=False)  # the plain (not gzipped) files
+    assert x_test.shape == (80, 1, 28, 28) and torch.bincount(y_test).tolist() == [8] * 10
+
+
+def test_fashion_mnist_missing_names_the_package(tmp_path):
+    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
+        transfer.load_fashion_mnist(tmp_path, train=True)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(np.zeros((1, 28, 28), dtype=np.uint8)))
+    with pytest.raises(SystemExit, match="train-labels-idx1-ubyte"):  # names the file that is missing
+        transfer.load_fashion_mnist(tmp_path, train=True)
+
+
+def test_fashion_mnist_defaults_to_the_debian_package():
+    assert transfer.parse_args(["--dataset", "fashion-mnist"]).data_dir is None  # make_data falls back to:
+    assert transfer.FASHION_MNIST_DIR == Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_labelled_budget_split_is_exact_disjoint_and_from_training_images_only(tmp_path):
+    _write_fake_fashion_mnist(tmp_path, train_per_class=20, test_per_class=8)
+    data = transfer.make_data("fashion-mnist", tmp_path, None, None, budget=3, val_per_class=5)
+    assert data.sizes() == {"source_train": 100, "source_test": 40, "target_train": 15, "target_val": 25,
+                            "target_test": 40}  # fmt: skip
+    assert torch.bincount(data.target_train.y).tolist() == [3] * 5
+    assert torch.bincount(data.target_val.y).tolist() == [5] * 5
+    # train and val are different training images (the random images are all distinct)
+    flat = lambda s: {tuple(v.tolist()) for v in s.x.flatten(1)}  # noqa: E731
+    assert not flat(data.target_train) & flat(data.target_val)
+    assert not (flat(data.target_train) | flat(data.target_val)) & flat(data.target_test)
+    with pytest.raises(SystemExit, match="needs 25"):
+        transfer.make_data("fashion-mnist", tmp_path, None, None, budget=20, val_per_class=5)
+
+
+def test_budget_needs_an_official_test_set():
+    with pytest.raises(SystemExit):
+        transfer.parse_args(["--budget", "10"])  # digits: one pool
+
+
+def test_transfer_quick_on_fashion_mnist_idx_files(tmp_path):
+    _write_fake_fashion_mnist(tmp_path / "fm")
+    out = tmp_path / "transfer"
+    conditions = ["plain", "ptl_v1"]
+    report = transfer.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm"), "--quick", "--ablation",
+                            "--conditions", *conditions, "--seeds", "0", "1", "--out", str(out)])  # fmt: skip
+    data = report["data"]
+    assert data["source_classes"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
+    assert data["target_classes"] == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    # --quick: a budget of 10 + 10 per class from the training images; the official test images
+    assert data["sizes"] == {"source_train": 100, "source_test": 40, "target_train": 50, "target_val": 50,
+                             "target_test": 40}  # fmt: skip
+    assert data["input_size"] == [1, 28, 28]
+    assert [p["seed"] for p in report["pretrain"]] == [0]  # fashion-mnist pre-trains once, for every seed
+    results = report["results"]
+    assert list(results) == conditions
+    for c in ("plain", "ptl_v1"):
+        for metric in ("map", "rank1"):
+            assert len(results[c][metric]) == 2 and all(0 <= v <= 100 for v in results[c][metric])
+    for c in ("ptl_v1",):
+        ci = results[c]["test_acc_vs_plain"]
+        diffs = [a - b for a, b in zip(results[c]["test_acc"], results["plain"]["test_acc"])]
+        assert ci["mean"] == pytest.approx(sum(diffs) / 2) and ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
+    assert set(report["ablation"]) == {"reset never", "state pooled", "init paper"}
+    for r in report["ablation"].values():
+        assert r["lr"] == results["ptl_v1"]["lr"] and r["seeds"] == [0, 1] and "test_acc_vs_ptl_v1" in r
+    # the test split was evaluated only for the selected lr's runs (and the ablation's)
+    for r in report["runs"]:
+        tested = r.get("variant") is not None or r["lr"] == report["selected_lr"][r["condition"]]
+        assert ("test_acc" in r) == tested and ("test_acc" in r["curve"][0]) == tested
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["results"] == results
+    md = out.with_suffix(".md").read_text()
+    assert "python benchmarks/transfer.py --dataset fashion-mnist" in md and "**Labelled budget.** 10 labelled" in md
+    assert "## Ablation" in md and "## Retrieval" in md
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_retrieval_metrics_match_a_hand_computed_ranking():
+    # directions on the unit circle at 0, 10, 100, 25 degrees (cosine similarity ranks by angle, no ties)
+    angles = torch.tensor([0.0, 10.0, 100.0, 25.0]) * torch.pi / 180
+    features = torch.stack([angles.cos(), angles.sin()], 1)
+    labels = torch.tensor([0, 1, 0, 1])
+    # query 0 ranks 1, 3, 2: its relevant item at rank 3, AP 1/3; query 1 ranks 0, 3, 2: rank 2, AP 1/2;
+    # query 2 ranks 3, 1, 0: rank 3, AP 1/3; query 3 ranks 1, 0, 2: rank 1, AP 1 (the only rank-1 hit)
+    got = transfer.retrieval_metrics(features, labels, chunk=3)  # a chunk that does not divide 4
+    assert got["map"] == pytest.approx(100 * (1 / 3 + 1 / 2 + 1 / 3 + 1) / 4, abs=1e-4)
+    assert got["rank1"] == pytest.approx(25.0)
+    with pytest.raises(ValueError, match="every label occurs once"):
+        transfer.retrieval_metrics(features, torch.arange(4))
+
+
+def test_paired_interval_matches_scipys_paired_t_test():
+    from scipy import stats
+
+    a, b = [88.1, 87.4, 89.0, 86.2, 88.8], [87.0, 87.9, 88.1, 86.0, 87.5]
+    got = transfer.paired(a, b)
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert (got["better"], got["worse"]) == (4, 1)
+    with pytest.raises(ValueError, match="same >= 2 seeds"):
+        transfer.paired(a, b[:4])
 
 
 # ----------------------------------------------------------------------------------------------- zoo
