@@ -5,7 +5,10 @@ Every error names the bad input and what would be valid, and points at
 so ``except bconv.BConvError`` catches anything bconv raises on purpose.
 """
 
-__all__ = ["BConvError", "TraceError", "NoSpatialStagesError", "InputSizeError", "ClassifierNotFoundError"]
+__all__ = [
+    "BConvError", "TraceError", "NoSpatialStagesError", "InputSizeError", "ClassifierNotFoundError",
+    "UnsupportedModelError",
+]  # fmt: skip
 
 
 class BConvError(Exception):
@@ -26,3 +29,7 @@ class InputSizeError(BConvError, ValueError):
 
 class ClassifierNotFoundError(BConvError, ValueError):
     """The model has no final classifier that reads a pooled feature vector."""
+
+
+class UnsupportedModelError(BConvError, ValueError):
+    """A kind of network bconv does not handle: a video (3-D) or 1-D network."""

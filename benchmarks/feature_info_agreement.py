@@ -40,7 +40,7 @@ from bconv import find_stages
 from bconv._zoo import build, timm_families, ZooModel
 from bconv.errors import NoSpatialStagesError
 from bconv.surgery._trace import propagate_shapes, trace
-from bconv.surgery.stages import _dominator_chain, _feature_info, _group_modules, _runs
+from bconv.surgery.stages import _feature_info, _group_modules, _main_chain, _runs
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -98,8 +98,8 @@ def diagnose(model: torch.nn.Module, input_size: tuple[int, ...], unmatched: lis
     """
     traced = trace(model)
     x = _input(input_size)
-    propagate_shapes(traced, model, x)
-    chain = _dominator_chain(traced.nodes, traced.carries_tensor)
+    propagate_shapes(traced, model, input_size)
+    chain = _main_chain(traced)
     runs = _runs(traced, chain)
     recorder = _Values(traced.graph_module, set(chain))
     with torch.no_grad():

@@ -1,81 +1,128 @@
-"""What does ``find_stages`` cost beside its inherent work: one fx trace plus one shape propagation?
+"""What does discovery cost next to one real forward of the model?
 
-Times, interleaved in one process (median over repeats):
+Stage discovery traces the model with torch.fx and propagates shapes on meta tensors at two input
+sizes, so no real convolution runs: its cost must not grow with the model's FLOPs or the input
+resolution. For each model, timed interleaved in one process (median over repeats, after a warm-up):
 
-* baseline: ``torch.fx.symbolic_trace(model)`` then ``ShapeProp(gm).propagate(x)``, the least any
-  fx-based stage finder must do;
-* ``find_stages(model, source="fx")`` (trace with module scopes, shape propagation, dominators,
-  module groups) and ``find_stages(model)`` (auto).
+* one real batch-1 eval forward under ``torch.no_grad()`` (the reference);
+* ``find_stages(model)`` (auto) and ``find_stages(model, source="fx")``;
+* ``wrap_with_ptl(model)`` (discovery, building and initialising the ladder, the wiring check),
+  followed by ``unwrap_ptl`` outside the timing.
 
-Writes ``benchmarks/results/find_stages_speed.md``. Reproduce::
+bconv caches a model's anatomy; the cache is cleared before every timed discovery, so each one
+measures the whole work. Writes ``benchmarks/results/find_stages_speed.{md,json}``. Reproduce::
 
-    python benchmarks/find_stages_speed.py                      # ResNet-50 at 3x224x224
-    python benchmarks/find_stages_speed.py --model torchvision:densenet121 --repeats 9
+    python benchmarks/find_stages_speed.py          # ResNet-50 at 224 and 600, RegNetY-32GF and EfficientNet-B7 at 600
+    python benchmarks/find_stages_speed.py --models torchvision:resnet50@224 --repeats 9
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.fx.passes.shape_prop import ShapeProp
 
-from bconv import find_stages
-from bconv._zoo import build, resolve, torchvision_input_size
+from bconv import find_stages, unwrap_ptl, wrap_with_ptl
+from bconv._zoo import build, resolve
+from bconv.surgery import anatomy as anatomy_module
 
 RESULTS = Path(__file__).parent / "results"
+DEFAULT = ["torchvision:resnet50@224", "torchvision:resnet50@600", "torchvision:regnet_y_32gf@600", "torchvision:efficientnet_b7@600"]
 
 
-def _baseline(model: torch.nn.Module, x: torch.Tensor) -> None:
-    gm = torch.fx.symbolic_trace(model)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(x)
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(spec_at: str, repeats: int) -> dict:
+    spec_text, _, px = spec_at.partition("@")
+    spec = resolve(spec_text)
+    model = build(spec).eval()
+    size = (3, int(px or 224), int(px or 224))
+    x = torch.randn(1, *size)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def discover(source: str):
+        def run() -> None:
+            anatomy_module._CACHE.clear()
+            find_stages(model, size, source=source)
+
+        return run
+
+    def wrap() -> float:
+        anatomy_module._CACHE.clear()
+        start = time.perf_counter()
+        wrapped = wrap_with_ptl(model, input_size=size)
+        elapsed = time.perf_counter() - start
+        unwrap_ptl(wrapped)
+        return elapsed
+
+    runs = {"forward": forward, "find_stages": discover("auto"), 'find_stages(source="fx")': discover("fx")}
+    for run in runs.values():  # warm-up: imports, allocator, first-call caches
+        run()
+    wrap()
+    times: dict[str, list[float]] = {name: [] for name in [*runs, "wrap_with_ptl"]}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(_timed(run))
+        times["wrap_with_ptl"].append(wrap())
+    shapes_from = anatomy_module.anatomy(model, size).shapes_from
+    base = statistics.median(times["forward"])
+    return {
+        "model": str(spec),
+        "input_size": list(size),
+        "shapes_from": shapes_from,
+        "median_s": {k: round(statistics.median(v), 4) for k, v in times.items()},
+        "ratio_to_forward": {k: round(statistics.median(v) / base, 3) for k, v in times.items()},
+        "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="torchvision:resnet50")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=RESULTS / "find_stages_speed.md")
+    parser.add_argument("--models", nargs="*", default=DEFAULT, help="zoo names with @pixels (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS / "find_stages_speed", help="output path without suffix")
     args = parser.parse_args()
 
-    spec = resolve(args.model)
-    model = build(spec).eval()
-    input_size = torchvision_input_size(spec.name) if spec.zoo == "torchvision" else tuple(model.pretrained_cfg["input_size"])
-    x = torch.randn(1, *input_size)
-    runs = {
-        "fx trace + shape propagation (baseline)": lambda: _baseline(model, x),
-        'find_stages(source="fx")': lambda: find_stages(model, input_size, source="fx"),
-        "find_stages() (auto)": lambda: find_stages(model, input_size),
-    }
-    for run in runs.values():  # warm-up: imports, allocator, first-call caches
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-
-    base = statistics.median(times["fx trace + shape propagation (baseline)"])
+    rows = []
+    for spec in args.models:
+        rows.append(measure(spec, args.repeats))
+        print(json.dumps(rows[-1]["ratio_to_forward"]), spec, flush=True)
+    command = "python benchmarks/find_stages_speed.py " + shlex.join(sys.argv[1:])
     lines = [
-        f"# find_stages cost on {spec} at {'x'.join(map(str, input_size))}",
+        "# Discovery cost next to one real forward",
         "",
-        f"Made by `python benchmarks/find_stages_speed.py --model {spec} --repeats {args.repeats}`;",
-        f"runs interleaved in one process, median of {args.repeats} after a warm-up; torch {torch.__version__},",
-        f"{torch.get_num_threads()} threads.",
+        f"Made by `{command.strip()}`; runs interleaved in one process, median of {args.repeats} after a warm-up;",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads. The anatomy cache is cleared before every",
+        "timed discovery. Ratios are to one real batch-1 eval forward of the same model at the same size.",
         "",
-        "| run | median s | min s | max s | / baseline |",
-        "|---|---|---|---|---|",
+        "| model | input | shapes from | forward s | find_stages s (ratio) | find_stages fx s (ratio) | wrap_with_ptl s (ratio) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        lines.append(f"| {name} | {med:.3f} | {min(ts):.3f} | {max(ts):.3f} | {med / base:.2f} |")
+    fx = 'find_stages(source="fx")'
+    for r in rows:
+        m, q = r["median_s"], r["ratio_to_forward"]
+        size = "x".join(map(str, r["input_size"][1:]))
+        lines.append(
+            f"| {r['model']} | {size} | {r['shapes_from']} | {m['forward']:.3f} | "
+            f"{m['find_stages']:.3f} ({q['find_stages']:.3f}) | {m[fx]:.3f} ({q[fx]:.3f}) | "
+            f"{m['wrap_with_ptl']:.3f} ({q['wrap_with_ptl']:.3f}) |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     print("\n".join(lines))
 
 

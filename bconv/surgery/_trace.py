@@ -181,14 +181,17 @@ def model_error_message(model: nn.Module, x: torch.Tensor, e: BaseException) -> 
     )
 
 
-def second_size(input_size: Sequence[int]) -> tuple[int, ...]:
-    """The second input size shapes are propagated at: twice the height and width.
+def second_size(input_size: Sequence[int], real: bool = False) -> tuple[int, ...]:
+    """The second input size shapes are propagated at.
 
-    Doubling keeps every divisibility the first size has (windows, patches, strides) and moves every
-    spatial dimension by at least one pixel up to a reduction of ``H``, while channels stay put.
+    On meta tensors, twice the height and width: doubling keeps every divisibility the first size has
+    (windows, patches, strides) and moves every spatial dimension by at least one pixel up to a
+    reduction of ``H``, while channels stay put. A real forward (``real=True``) costs with the size,
+    quadratically in a transformer's tokens, so it gets 64 more pixels a side instead: every map at a
+    reduction up to 64 still moves.
     """
     c, h, w = input_size
-    return (c, 2 * h, 2 * w)
+    return (c, h + 64, w + 64) if real else (c, 2 * h, 2 * w)
 
 
 def _reduction(size: int, out: int) -> int | None:
@@ -366,7 +369,7 @@ def run_at_two_sizes(
 
     ``holder`` is the module whose tensors ``run`` reads (a traced GraphModule of ``model``); default ``model``.
 
-    Returns ``(shapes_from, first, second)``: ``"meta"`` or ``"real"`` (a model that meta tensors cannot
+    Returns ``(shapes_from, first, second, second_size)``: ``"meta"`` or ``"real"`` (a model that meta tensors cannot
     run: data-dependent shapes, tensors it keeps outside its parameters and buffers), the two results,
     and ``None`` for the second when the model accepts its first input size only.
 
@@ -385,7 +388,7 @@ def run_at_two_sizes(
             second = on_meta(holder, run, meta_input(model, alt))
         except Exception:
             second = None
-        return "meta", first, second
+        return "meta", first, second, alt
     x = dummy_input(model, input_size)
     try:
         with torch.no_grad():
@@ -397,12 +400,13 @@ def run_at_two_sizes(
         except Exception as e:
             raise InputSizeError(model_error_message(model, x, e)) from e
         raise run_error
+    alt = second_size(input_size, real=True)
     try:
         with torch.no_grad():
             second = run(dummy_input(model, alt))
     except Exception:
         second = None
-    return "real", first, second
+    return "real", first, second, alt
 
 
 def propagate_shapes(traced: Traced, model: nn.Module, input_size: Sequence[int]) -> None:
@@ -423,7 +427,7 @@ def propagate_shapes(traced: Traced, model: nn.Module, input_size: Sequence[int]
         return found
 
     try:
-        traced.shapes_from, first, second = run_at_two_sizes(model, input_size, run, traced.graph_module)
+        traced.shapes_from, first, second, alt = run_at_two_sizes(model, input_size, run, traced.graph_module)
     except InputSizeError:
         raise
     except Exception as graph_error:
@@ -435,4 +439,4 @@ def propagate_shapes(traced: Traced, model: nn.Module, input_size: Sequence[int]
         ) from graph_error
     traced.shapes = first
     traced.alt_shapes = second or {}
-    traced.alt_input_size = second_size(input_size) if second is not None else None
+    traced.alt_input_size = alt if second is not None else None

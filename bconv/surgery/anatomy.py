@@ -20,7 +20,14 @@ from typing import Iterable, Sequence
 
 from torch import fx, nn
 
-from ..errors import BConvError, ClassifierNotFoundError, InputSizeError, NoSpatialStagesError, TraceError
+from ..errors import (
+    BConvError,
+    ClassifierNotFoundError,
+    InputSizeError,
+    NoSpatialStagesError,
+    TraceError,
+    UnsupportedModelError,
+)
 from ._hooks import bconv_hooks_suspended, original_network
 from ._trace import Traced, eval_mode, propagate_shapes, trace
 from .stages import (
@@ -37,10 +44,6 @@ from .stages import (
 )
 
 __all__ = ["Anatomy", "Head", "anatomy", "UnsupportedModelError"]
-
-
-class UnsupportedModelError(BConvError, ValueError):
-    """A kind of network bconv does not handle (a video or 1-D network), or a whole model to unpack first."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,9 @@ def anatomy(
     network, prefix = original_network(model)
     _check_kind(network)
     size = _check_input_size(network, input_size if input_size is not None else default_input_size(network))
-    key = (_fingerprint(network), size, source, tuple(leaf_modules))
+    info = _feature_info(network) if source != "fx" else ""
+    described = info if isinstance(info, str) else tuple(e["module"] for e in info)
+    key = (_fingerprint(network), described, size, source, tuple(leaf_modules))
     cached = _CACHE.setdefault(network, {})
     if key not in cached:
         # A PTL-wrapped network's hooks would run the ladder on the dummy input: switch them off.

@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import BConvError, NoSpatialStagesError
-from ._trace import Traced, geometry, run_at_two_sizes, second_size
+from ._trace import Traced, geometry, run_at_two_sizes
 
 __all__ = ["Stage", "find_stages", "default_input_size", "spatial_layout"]
 
@@ -570,8 +570,8 @@ def _feature_info_stages(model: nn.Module, entries: list[dict[str, Any]], input_
                 h.remove()
         return first, last, outputs
 
-    _, (first, last, outputs), second = run_at_two_sizes(model, input_size, run)
-    alt_size = second_size(input_size) if second is not None else None
+    _, (first, last, outputs), second, alt_size = run_at_two_sizes(model, input_size, run)
+    alt_size = alt_size if second is not None else None
 
     stages: list[Stage] = []
     boundaries: list[int] = []
