@@ -172,7 +172,7 @@ def _assert_same_training(plain: nn.Module, ckpt: nn.Module, input_size: tuple, 
     "name",
     [
         "test_resnet",  # checkpoint_seq(flatten=True) over layer1..layer4: the stage modules never run
-        "test_efficientnet",  # flatten=True over blocks
+        pytest.param("test_efficientnet", marks=pytest.mark.slow),  # flatten=True over blocks
         "test_convnext",  # blocks checkpointed inside each stage module
         pytest.param("resnet26d", marks=pytest.mark.slow),
     ],

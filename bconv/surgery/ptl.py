@@ -177,7 +177,7 @@ class PTLLadder(nn.Module):
                 return None
             self._reset_pass()
             result = self.final_fuse(fused)
-        if result.requires_grad:
+        if result.requires_grad and not torch.compiler.is_compiling():
             # A checkpoint whose region goes on past this stage recomputes this output in backward: it
             # replays the final fusion with this y, so the cells never run (nor touch their state) again.
             self._replay_y = y.detach()
@@ -219,8 +219,11 @@ class PTLLadder(nn.Module):
 
 
 def _in_backward() -> bool:
-    """True inside the autograd engine: a gradient checkpoint recomputing a forward."""
-    return torch._C._current_graph_task_id() != -1
+    """True inside the autograd engine: a gradient checkpoint recomputing a forward.
+
+    A compiled forward is traced, not recomputed by these hooks: dynamo takes the plain path.
+    """
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 _REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
@@ -246,8 +249,10 @@ def _own_saved_tensors() -> contextlib.AbstractContextManager:
     backward, which would run the cells (and read and write their state) a second time. The ladder is
     narrow (1/8 of the stages' widths), so keeping its activations costs little.
     """
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return contextlib.nullcontext()
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if hooks is None or not torch.is_grad_enabled() or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+    if hooks is None or not torch._C._autograd._saved_tensors_hooks_is_enabled():
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
