@@ -259,3 +259,18 @@ def test_reentrant_checkpointing_is_exact():
     ckpt = copy.deepcopy(plain)
     ckpt.model.ckpt = True
     _assert_same_training(plain, ckpt, (3, 32, 32))
+
+
+def test_other_saved_tensor_hooks_see_the_ladders_tensors():
+    # Only a checkpoint's hooks are kept away from the ladder: save_on_cpu or a user's own hooks see everything.
+    wrapped, _ = _wrapped_bypass_net()
+    ladder_params = {p.data_ptr() for p in wrapped.ptl.parameters()}
+    seen = []
+
+    def pack(t):
+        seen.append(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        wrapped.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert ladder_params <= set(seen), "every ladder weight saved for backward passed through the user's hook"

@@ -242,17 +242,27 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# The saved-tensor hooks of torch.utils.checkpoint (non-reentrant): its forward and its recompute.
+_CHECKPOINT_HOOKS = ("_checkpoint_hook.", "_recomputation_hook.")
+
+
 def _own_saved_tensors() -> contextlib.AbstractContextManager:
-    """Keep the ladder's saved activations out of any enclosing saved-tensor hooks.
+    """Keep the ladder's saved activations out of an enclosing gradient checkpoint.
 
     Inside ``torch.utils.checkpoint`` the checkpoint's hooks would drop them and recompute them in
     backward, which would run the cells (and read and write their state) a second time. The ladder is
-    narrow (1/8 of the stages' widths), so keeping its activations costs little.
+    narrow (1/8 of the stages' widths), so keeping its activations costs little. Other saved-tensor
+    hooks (``save_on_cpu``, a user's own) see the ladder's tensors as usual.
     """
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return contextlib.nullcontext()
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if hooks is None or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        return contextlib.nullcontext()
+    pack = hooks[0]
+    if getattr(pack, "__module__", None) != "torch.utils.checkpoint" or not getattr(pack, "__qualname__", "").startswith(
+        _CHECKPOINT_HOOKS
+    ):
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
