@@ -22,19 +22,18 @@ returns, so torchvision and timm versions of a network agree.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
-import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
-from .errors import ClassifierNotFoundError, TraceError
-from .surgery._hooks import bconv_hooks_suspended, original_network
-from .surgery._trace import Traced, dummy_input, eval_mode, propagate_shapes, trace
+from .errors import ClassifierNotFoundError
+from .surgery._hooks import original_network
+from .surgery._trace import dummy_input, eval_mode
+from .surgery.anatomy import anatomy
 from .surgery.stages import default_input_size
 
 __all__ = [
@@ -112,31 +111,20 @@ def _check_lam(lam: float) -> None:
 
 # --------------------------------------------------------------------------- finding the classifier
 
-# Ops between the classifier and the model's output that only reshape or drop out.
-_PASS_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
-_PASS_OPS = {"flatten", "view", "reshape", "squeeze", "contiguous", "dropout", "float", "to", "clone"}
-
-# model -> (structure fingerprint, classifier path); weak, so the cache never keeps a model alive.
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
-
-
-def _fingerprint(model: nn.Module) -> tuple:
-    """Module paths and types: replacing ``fc`` by another ``Linear`` keeps the classifier, a new head does not."""
-    return tuple((name, type(m)) for name, m in model.named_modules())
-
 
 def classifier_path(
     model: nn.Module, input_size: Sequence[int] | None = None, *, leaf_modules: Iterable[type] = ()
 ) -> str:
     """Module path of the model's final classifier: the module whose input :func:`pooled_features` returns.
 
-    The result is cached per model (weakly) and recomputed when the model's module
-    structure changes. For a PTL wrapper the path points into the original, e.g. ``model.fc``.
+    Read from the network's anatomy (:func:`bconv.surgery.anatomy.anatomy`: traced once, cached per model
+    and recomputed when its module structure changes), the same description PTL and rolling back read.
+    For a PTL wrapper the path points into the original, e.g. ``model.fc``.
 
     Args:
         model: a timm, torchvision or user classifier, or a PTL-wrapped one.
-        input_size: ``(C, H, W)`` of the dummy input that propagates shapes; defaults to the
-            model's own (timm's ``pretrained_cfg``) or ``(3, 224, 224)``.
+        input_size: ``(C, H, W)`` of the measurement; defaults to the model's own (timm's
+            ``pretrained_cfg``) or ``(3, 224, 224)``.
         leaf_modules: module classes that fx should call whole (see :func:`bconv.find_stages`).
 
     Returns:
@@ -153,95 +141,10 @@ def classifier_path(
         >>> classifier_path(torchvision.models.vgg11())
         'classifier.6'
     """
-    fingerprint = _fingerprint(model)
-    cached = _CACHE.get(model)
-    if cached is not None and cached[0] == fingerprint:
-        return cached[1]
-    network, prefix = original_network(model)
-    size = tuple(input_size) if input_size is not None else default_input_size(network)
-    with eval_mode(network), (bconv_hooks_suspended(network) if prefix else contextlib.nullcontext()):
-        try:
-            path = _find_classifier(network, size, leaf_modules)
-        except TraceError:
-            path = _timm_classifier(network)
-            if path is None:
-                raise
-    _CACHE[model] = (fingerprint, prefix + path)
-    return prefix + path
-
-
-def _timm_classifier(model: nn.Module) -> str | None:
-    """The path of timm's ``get_classifier()`` when fx cannot trace the model."""
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
-        return None
-    return next((name for name, m in model.named_modules() if m is head and name), None)
-
-
-def _find_classifier(model: nn.Module, input_size: tuple[int, ...], leaf_modules: Iterable[type]) -> str:
-    traced = trace(model, leaf_modules)
-    propagate_shapes(traced, model, dummy_input(model, input_size))
-    name = type(model).__name__
-    output = next(n for n in traced.nodes if n.op == "output")
-    logits = output.args[0]
-    if not isinstance(logits, fx.Node) or traced.shapes.get(logits) is None:
-        raise ClassifierNotFoundError(
-            f"{name} returns {type(logits).__name__}, not one tensor of logits: pooled_features needs a "
-            f"classifier's output (put the model in eval mode, or wrap it to return the logits)"
-        )
-    while _passes_through(logits, traced):
-        logits = logits.args[0]
-    # returned_by lists the modules that return a node innermost first: `classifier.6` before `classifier`.
-    candidates = [p for p in traced.returned_by.get(logits, []) if any(True for _ in traced.modules[p].parameters())]
-    if not candidates:
-        raise ClassifierNotFoundError(
-            f"{name} has no final classifier: its output is computed by `{_describe(logits)}`, not by a module "
-            f"with parameters. A model built without a classifier (timm's num_classes=0, an nn.Identity head) "
-            f"already returns its pooled features: use model(x)."
-        )
-    path = candidates[0]
-    calls = traced.calls[path]
-    if len(calls) != 1:
-        raise ClassifierNotFoundError(f"{name}'s classifier `{path}` is called {len(calls)} times in one forward pass")
-    source = _input_node(traced, calls[0])
-    shape = traced.shapes.get(source) if source is not None else None
-    if shape is None or not _is_vector(shape):
-        seen = f"a {list(shape[1:])} input" if shape else "no single tensor input"
-        raise ClassifierNotFoundError(
-            f"{name}'s final classifier `{path}` receives {seen}, not a pooled feature vector: the model "
-            f"classifies before pooling (as SqueezeNet does), so there is no feature vector that enters a classifier"
-        )
-    return path
-
-
-def _passes_through(node: fx.Node, traced: Traced) -> bool:
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    if node.op == "call_module":
-        return isinstance(traced.modules[str(node.target)], _PASS_MODULES)
-    if node.op == "call_method":
-        return node.target in _PASS_OPS
-    return node.op == "call_function" and getattr(node.target, "__name__", "") in _PASS_OPS
-
-
-def _describe(node: fx.Node) -> str:
-    if node.op in ("call_module", "call_method"):
-        return str(node.target)
-    return getattr(node.target, "__name__", node.name)
-
-
-def _input_node(traced: Traced, call: tuple[int, int]) -> fx.Node | None:
-    """The one tensor that a module call, spanning graph nodes ``call[0]..call[1]``, reads from outside itself."""
-    start, end = call
-    outside = {
-        arg
-        for node in traced.nodes
-        if start <= traced.index(node) <= end
-        for arg in node.all_input_nodes
-        if traced.index(arg) < start and arg in traced.carries_tensor
-    }
-    return outside.pop() if len(outside) == 1 else None
+    head = anatomy(model, input_size, leaf_modules=leaf_modules, need_stages=False).head
+    if head.classifier is None:
+        raise ClassifierNotFoundError(head.reason or f"{type(model).__name__} has no final classifier")
+    return head.classifier
 
 
 def _is_vector(shape: Sequence[int]) -> bool:
@@ -405,8 +308,13 @@ class STDTrainer:
 
     @staticmethod
     def _width(model: nn.Module, input_size: tuple[int, ...]) -> int:
-        with eval_mode(model), torch.no_grad():
-            return pooled_features(model, dummy_input(model, input_size)).shape[1]
+        """The pooled feature width, from the model's anatomy (no forward pass)."""
+        classifier_path(model, input_size)  # a model without a classifier gets its clear error here
+        width = anatomy(model, input_size, need_stages=False).head.features
+        if width is None:
+            with eval_mode(model), torch.no_grad():
+                return pooled_features(model, dummy_input(model, input_size)).shape[1]
+        return width
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The trainable parameters: the student's, then the projection's (never the teacher's)."""

@@ -21,9 +21,10 @@ from ._zoo import UnknownModelError, build, resolve, torchvision_input_size
 from .errors import BConvError
 from .surgery.plan import Plan, ptl_plan
 from .surgery.ptl import wrap_with_ptl
-from .surgery.stages import Stage, default_input_size, find_stages
+from .surgery.anatomy import Head, anatomy
+from .surgery.stages import Stage, default_input_size
 
-__all__ = ["main", "format_table", "format_plan"]
+__all__ = ["main", "format_table", "format_head", "format_plan"]
 
 
 def format_table(stages: Sequence[Stage]) -> str:
@@ -38,6 +39,17 @@ def format_table(stages: Sequence[Stage]) -> str:
     lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def format_head(head: Head) -> str:
+    """What follows the deepest stage: pooling, classifier and the pooled feature width."""
+    lines = [f"head    {', '.join(head.modules) or '(nothing after the last stage)'}"]
+    lines.append(f"  pooling     {head.pool or 'none (the network keeps its feature maps)'}")
+    if head.classifier:
+        lines.append(f"  classifier  {head.classifier} (reads a {head.features}-wide pooled feature vector)")
+    else:
+        lines.append("  classifier  none" + (f" (pooled width {head.features})" if head.features else ""))
+    return "\n".join(lines)
 
 
 def format_plan(plan: Plan) -> str:
@@ -91,10 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         input_size = default_input_size(model)
     try:
-        stages = find_stages(model, input_size, source=args.source)
+        body = anatomy(model, input_size, source=args.source)
     except (BConvError, ValueError) as e:
         print(f"bconv.inspect: {spec}: {e}", file=sys.stderr)
         return 1
+    stages = list(body.stages)
     source = stages[0].source
     plan = None
     if not args.no_plan:
@@ -113,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "shape": list(s.shape), "layout": s.layout, "modules": list(s.modules)}
                 for s in stages
             ],
+            "head": dataclasses.asdict(body.head),
+            "shapes_from": body.shapes_from,
+            "layout_measured": body.layout_measured,
             "ptl": None if plan is None else {
                 "cell": args.cell,
                 "stages": [dataclasses.asdict(r) for r in plan.rows],
@@ -122,10 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         }, indent=2))  # fmt: skip
         return 0
     print(f"{spec.name} from {spec.zoo} (random weights), input {'x'.join(map(str, input_size))}, "
-          f"{len(stages)} stages found with {source}")  # fmt: skip
+          f"{len(stages)} stages found with {source}, shapes from {body.shapes_from} tensors")  # fmt: skip
     print()
     print(format_table(stages))
     print()
+    print(format_head(body.head))
+    print()
+    if not body.layout_measured:
+        print("(the model accepts one input size only: layouts read from one shape, unambiguous ones only)")
+        print()
     if plan is not None:
         print(f"PTL preview, wrap_with_ptl(model, cell={args.cell!r}) with every stage paired:")
         print()

@@ -18,8 +18,6 @@ so ``layer1`` does not claim ``layer10``.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import numbers
 from functools import partial
 from typing import Any, Callable, Iterable, Sequence
@@ -27,8 +25,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .surgery._hooks import bconv_hooks_suspended, original_network
-from .surgery.stages import Source, Stage, find_stages
+from .surgery.anatomy import anatomy
+from .surgery.stages import Source, Stage
 
 __all__ = ["Rollback"]
 
@@ -264,10 +262,5 @@ class Rollback:
 def _discover(
     model: nn.Module, input_size: Sequence[int] | None, source: Source, leaf_modules: Iterable[type]
 ) -> tuple[Stage, ...]:
-    """The stages of ``model``, or of a PTL wrapper's original with paths prefixed ``model.``."""
-    network, prefix = original_network(model)
-    with bconv_hooks_suspended(network) if prefix else contextlib.nullcontext():
-        stages = find_stages(network, input_size, source, leaf_modules=leaf_modules)
-    return tuple(
-        dataclasses.replace(s, name=prefix + s.name, modules=tuple(prefix + m for m in s.modules)) for s in stages
-    )
+    """The stages of ``model`` from its anatomy, or of a PTL wrapper's original with paths prefixed ``model.``."""
+    return anatomy(model, input_size, source, leaf_modules=leaf_modules).stages

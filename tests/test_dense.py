@@ -12,9 +12,6 @@ from torchvision.models import detection, segmentation
 from bconv import wrap_with_ptl
 
 SIZE = (3, 64, 64)
-HEAD_AS_STAGE = pytest.mark.xfail(
-    strict=True, reason="stage discovery: segmentation head taken as a stage; fixed by the anatomy work"
-)
 
 
 def _assert_ladder_trained(wrapped: nn.Module, loss_fn, steps: int = 2) -> None:
@@ -48,9 +45,9 @@ def _segmentation_loss(model: nn.Module, batch: int = 2):
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("fcn_resnet50", marks=pytest.mark.slow),  # a dilated ResNet-50: about 30 s on 2 busy cores
-        pytest.param("deeplabv3_mobilenet_v3_large", marks=HEAD_AS_STAGE),
-        pytest.param("lraspp_mobilenet_v3_large", marks=HEAD_AS_STAGE),
+        "fcn_resnet50",
+        "deeplabv3_mobilenet_v3_large",  # its classifier is head, never a stage
+        "lraspp_mobilenet_v3_large",
     ],
 )
 def test_segmentation_wraps_with_backbone_stages_and_trains(name):
@@ -65,7 +62,7 @@ def test_segmentation_wraps_with_backbone_stages_and_trains(name):
     "name,stages",
     [
         ("deeplabv3_mobilenet_v3_large", ["backbone.2", "backbone.4", "backbone.7"]),
-        pytest.param("lraspp_mobilenet_v3_large", ["backbone.2", "backbone.4"], marks=pytest.mark.slow),
+        ("lraspp_mobilenet_v3_large", ["backbone.2", "backbone.4"]),
     ],
 )
 def test_segmentation_trains_with_backbone_stages_chosen_by_name(name, stages):

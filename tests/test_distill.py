@@ -15,6 +15,7 @@ from torch import nn
 import bconv
 from bconv.surgery._hooks import BConvHook
 import bconv.distill as distill
+import bconv.surgery.anatomy as anatomy_module
 import timm
 from bconv.distill import (
     ClassifierNotFoundError,
@@ -180,8 +181,8 @@ def test_model_returning_no_single_tensor_is_refused():
 def test_features_come_from_one_forward_pass_and_the_classifier_is_found_once(monkeypatch):
     model = TinyNet().eval()
     traces = []
-    real_trace = distill.trace
-    monkeypatch.setattr(distill, "trace", lambda *a, **k: traces.append(1) or real_trace(*a, **k))
+    real_trace = anatomy_module.trace
+    monkeypatch.setattr(anatomy_module, "trace", lambda *a, **k: traces.append(1) or real_trace(*a, **k))
     calls = []
     model.body[0].register_forward_hook(lambda *a: calls.append(1))
     x = torch.randn(2, 3, 16, 16)
@@ -214,7 +215,7 @@ def test_untraceable_timm_model_falls_back_to_get_classifier(monkeypatch):
     def fail(*args, **kwargs):
         raise TraceError("simulated")
 
-    monkeypatch.setattr(distill, "trace", fail)
+    monkeypatch.setattr(anatomy_module, "trace", fail)
     model = timm.create_model("test_resnet", pretrained=False).eval()
     assert classifier_path(model, (3, 64, 64)) == "fc"
     with pytest.raises(TraceError, match="simulated"):

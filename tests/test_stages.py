@@ -11,6 +11,7 @@ from torch import nn
 import timm
 from bconv import InputSizeError, NoSpatialStagesError, Stage, TraceError, find_stages
 from bconv._zoo import torchvision_input_size, torchvision_names
+from bconv.surgery._trace import second_size
 from bconv.surgery.stages import spatial_layout
 
 from conftest import timm_family_params, zoo_model
@@ -74,12 +75,19 @@ def check_stage_invariants(model: nn.Module, stages: list[Stage], input_size) ->
     assert all(r & (r - 1) == 0 for r in reductions), reductions
     x = torch.randn(1, *input_size)
     outputs = _stage_outputs(model.eval(), stages, x)
+    alt_size = second_size(input_size)
+    try:
+        alt_outputs = _stage_outputs(model, stages, torch.randn(1, *alt_size))
+    except Exception:  # a model that accepts one input size only: the strict one-shape reading
+        alt_size, alt_outputs = None, {s.name: [None] for s in stages}
     for s in stages:
         assert len(outputs[s.name]) == 1, f"{s.name} ran {len(outputs[s.name])} times"
         out = outputs[s.name][0]
         assert tuple(out.shape[1:]) == s.shape
-        layout, reduction, channels = spatial_layout(s.shape, input_size)
-        assert (layout, channels) == (s.layout, s.channels)
+        # Layout re-measured with real tensors at two sizes: the reported one is what the data says.
+        alt = tuple(alt_outputs[s.name][0].shape[1:]) if alt_size else None
+        layout, reduction, channels = spatial_layout(s.shape, input_size, alt, alt_size)
+        assert (layout, reduction, channels) == (s.layout, s.reduction, s.channels)
         assert _output_ignores_input_when_stage_is_replaced(model, s, input_size), f"a path bypasses {s.name}"
     # Module groups: disjoint, outermost, each a real submodule, the stage's own module inside its group.
     names = dict(model.named_modules())

@@ -14,6 +14,8 @@ plus whatever the caller adds. Nothing here copies those lists.
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -24,7 +26,10 @@ from torchvision.models.feature_extraction import LeafModuleAwareTracer, _set_de
 
 from ..errors import InputSizeError, TraceError
 
-__all__ = ["Traced", "trace", "propagate_shapes", "eval_mode", "dummy_input", "model_error_message"]
+__all__ = [
+    "Traced", "trace", "propagate_shapes", "eval_mode", "dummy_input", "model_error_message",
+    "second_size", "on_meta", "geometry",
+]  # fmt: skip
 
 
 def _timm_notrace() -> tuple[list[type], list[Callable]]:
@@ -87,9 +92,22 @@ class Traced:
     input_size: tuple[int, ...] = ()
     shapes: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
     carries_tensor: set[fx.Node] = field(default_factory=set)
+    # The same graph at a second input size, to tell spatial dimensions from channels (None: the model
+    # accepts one size only), and how shapes were obtained: "meta" tensors (no real compute) or "real".
+    alt_input_size: tuple[int, ...] | None = None
+    alt_shapes: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
+    shapes_from: str = "meta"
 
     def index(self, node: fx.Node) -> int:
         return node.meta["bconv_index"]
+
+    def geometry(self, node: fx.Node) -> tuple[str, int, int] | None:
+        """``(layout, reduction, channels)`` of a node's output feature map; None for anything else."""
+        shape = self.shapes.get(node)
+        if shape is None:
+            return None
+        alt = self.alt_shapes.get(node) if self.alt_input_size is not None else None
+        return geometry(shape[1:], self.input_size, alt[1:] if alt is not None else None, self.alt_input_size)
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> Traced:
@@ -163,19 +181,70 @@ def model_error_message(model: nn.Module, x: torch.Tensor, e: BaseException) -> 
     )
 
 
-class _ShapeRecorder(fx.Interpreter):
-    def __init__(self, traced: Traced):
-        super().__init__(traced.graph_module)
-        self.traced = traced
+def second_size(input_size: Sequence[int]) -> tuple[int, ...]:
+    """The second input size shapes are propagated at: twice the height and width.
 
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor):
-            self.traced.shapes[n] = tuple(out.shape)
-            self.traced.carries_tensor.add(n)
-        elif isinstance(out, (tuple, list, dict)) and _has_tensor(out):
-            self.traced.carries_tensor.add(n)
-        return out
+    Doubling keeps every divisibility the first size has (windows, patches, strides) and moves every
+    spatial dimension by at least one pixel up to a reduction of ``H``, while channels stay put.
+    """
+    c, h, w = input_size
+    return (c, 2 * h, 2 * w)
+
+
+def _reduction(size: int, out: int) -> int | None:
+    """``size / out`` as a power of two when it is close to one (valid, unpadded convs shave a few pixels)."""
+    if out < 1:
+        return None
+    exponent = math.log2(size / out)
+    k = round(exponent)
+    if k < 0 or abs(exponent - k) > 0.4:
+        return None
+    return 2**k
+
+
+def geometry(
+    shape: Sequence[int],
+    input_size: Sequence[int],
+    alt_shape: Sequence[int] | None = None,
+    alt_input_size: Sequence[int] | None = None,
+) -> tuple[str, int, int] | None:
+    """``(layout, reduction, channels)`` when ``shape`` (no batch) is a feature map of an input of ``input_size``.
+
+    Measured, not guessed: with the shape of the same tensor at a second input size, the spatial
+    dimensions are the two that followed the input's height and width, the channels the one that did
+    not (``[C, H, W]`` is NCHW, ``[H, W, C]`` NHWC, Swin-like). A map whose size did not follow the input
+    (a globally pooled ``[C, 1, 1]``) is not a feature map. The reduction is the input's height over the
+    map's, rounded to a power of two, and must agree on height and width at both sizes.
+
+    Without a second size (a model that accepts one input size only) the layout is read from the one
+    shape, strictly: its height and width must keep the input's aspect ratio, and a shape that reads
+    both ways (``[56, 56, 56]`` for a square input) is no feature map rather than a guess.
+    """
+    if len(shape) != 3:
+        return None
+    readings = {"NCHW": (shape[1], shape[2], shape[0]), "NHWC": (shape[0], shape[1], shape[2])}
+    if alt_shape is not None and alt_input_size is not None:
+        if len(alt_shape) != 3:
+            return None
+        changed = tuple(i for i in range(3) if shape[i] != alt_shape[i])
+        layout = {(1, 2): "NCHW", (0, 1): "NHWC"}.get(changed)
+        if layout is None:
+            return None
+        alt = {"NCHW": (alt_shape[1], alt_shape[2]), "NHWC": (alt_shape[0], alt_shape[1])}[layout]
+        h, w, c = readings[layout]
+        r = _reduction(input_size[1], h)
+        if r is None or r != _reduction(input_size[2], w):
+            return None
+        if r != _reduction(alt_input_size[1], alt[0]) or r != _reduction(alt_input_size[2], alt[1]):
+            return None
+        return layout, r, c
+    fits = []
+    for layout, (h, w, c) in readings.items():
+        r = _reduction(input_size[1], h)
+        # The aspect ratio must survive (within a pixel or two of unpadded convs): 56x48 is no map of 224x224.
+        if r is not None and r == _reduction(input_size[2], w) and abs(h * input_size[2] - w * input_size[1]) <= 2 * max(input_size[1:]):
+            fits.append((layout, r, c))
+    return fits[0] if len(fits) == 1 else None
 
 
 def _has_tensor(value: Any) -> bool:
@@ -186,26 +255,184 @@ def _has_tensor(value: Any) -> bool:
     return isinstance(value, (tuple, list, type({}.values()))) and any(_has_tensor(v) for v in value)
 
 
-def propagate_shapes(traced: Traced, model: nn.Module, x: torch.Tensor) -> None:
-    """Run the graph once on ``x`` (no grad) and record each tensor node's shape.
+# Modules whose output has their input's shape and dtype, whatever their weights: on meta tensors their
+# (Python-level, decomposed) kernels are most of a shape pass and tell nothing, so they are skipped.
+_SAME_SHAPE_MODULES = (
+    nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardswish,
+    nn.Hardsigmoid, nn.Tanh, nn.LeakyReLU, nn.Mish, nn.ELU, nn.PReLU, nn.Identity, nn.Dropout,
+    nn.Dropout2d, nn.AlphaDropout,
+)  # fmt: skip
+_SAME_SHAPE_FUNCTIONS = {
+    torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.relu6,
+    torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.hardswish,
+    torch.nn.functional.hardsigmoid, torch.nn.functional.sigmoid, torch.nn.functional.dropout,
+    torch.nn.functional.batch_norm,
+}  # fmt: skip
+
+
+def _run_sequential(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A plain ``nn.Sequential`` on a meta tensor, skipping the children that keep shapes."""
+    for child in module:
+        if isinstance(child, _SAME_SHAPE_MODULES):
+            continue
+        x = _run_sequential(child, x) if type(child).forward is nn.Sequential.forward else child(x)
+    return x
+
+
+_BROADCAST_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul}
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a traced graph and records every tensor node's shape; on meta tensors, skips what keeps shapes."""
+
+    def __init__(self, traced: Traced, shapes: dict[fx.Node, tuple[int, ...]]):
+        super().__init__(traced.graph_module)
+        self.traced = traced
+        self.shapes = shapes
+
+    def _same_shape(self, n: fx.Node) -> torch.Tensor | None:
+        if not n.args or not isinstance(n.args[0], fx.Node):
+            return None
+        x = self.env.get(n.args[0])
+        if not isinstance(x, torch.Tensor) or not x.is_meta:
+            return None
+        if n.op == "call_module":
+            module = self.fetch_attr(str(n.target))
+            if isinstance(module, _SAME_SHAPE_MODULES):
+                return x
+            if type(module).forward is nn.Sequential.forward and len(n.args) == 1 and not n.kwargs:
+                return _run_sequential(module, x)  # a leaf block (torchvision's Conv2dNormActivation)
+            return None
+        if n.op == "call_function" and n.target in _SAME_SHAPE_FUNCTIONS:
+            return x
+        if n.op == "call_function" and n.target in _BROADCAST_FUNCTIONS and len(n.args) == 2 and not n.kwargs:
+            y = self.env.get(n.args[1]) if isinstance(n.args[1], fx.Node) else n.args[1]
+            if isinstance(y, torch.Tensor) and y.is_meta:
+                shape = torch.broadcast_shapes(x.shape, y.shape)
+                return torch.empty(shape, dtype=torch.result_type(x, y), device="meta")
+            if isinstance(y, (int, float)):
+                return x
+        return None
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = self._same_shape(n)
+        if out is None:
+            out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n] = tuple(out.shape)
+            self.traced.carries_tensor.add(n)
+        elif isinstance(out, (tuple, list, dict)) and _has_tensor(out):
+            self.traced.carries_tensor.add(n)
+        return out
+
+
+class _Call(nn.Module):
+    """Runs ``fn`` with ``module`` as a child, so that ``torch.func.functional_call`` can swap its tensors."""
+
+    def __init__(self, module: nn.Module, fn: Callable[..., Any]):
+        super().__init__()
+        self.module = module
+        self.__dict__["fn"] = fn  # not a child: a module passed as fn must appear once, under `module`
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+def on_meta(module: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call ``fn(*args)`` while every parameter and buffer of ``module`` is a meta tensor of its shape and dtype.
+
+    Meta tensors carry shapes and no data, so no real convolution runs: the cost does not grow with the
+    model's FLOPs or the input resolution. The module's own tensors are swapped back afterwards
+    (``torch.func.functional_call``), untouched.
+    """
+    tensors = {
+        f"module.{name}": torch.empty_like(t, device="meta")
+        for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    }
+    with torch.no_grad():
+        return torch.func.functional_call(_Call(module, fn), tensors, args, strict=False)
+
+
+def meta_input(model: nn.Module, input_size: Sequence[int], batch: int = 1) -> torch.Tensor:
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    return torch.empty(batch, *input_size, device="meta", dtype=dtype)
+
+
+def run_at_two_sizes(
+    model: nn.Module, input_size: Sequence[int], run: Callable[[torch.Tensor], Any], holder: nn.Module | None = None
+) -> tuple[str, Any, Any]:
+    """``run(x)`` at ``input_size`` and at :func:`second_size`, on meta tensors where the model allows.
+
+    ``holder`` is the module whose tensors ``run`` reads (a traced GraphModule of ``model``); default ``model``.
+
+    Returns ``(shapes_from, first, second)``: ``"meta"`` or ``"real"`` (a model that meta tensors cannot
+    run: data-dependent shapes, tensors it keeps outside its parameters and buffers), the two results,
+    and ``None`` for the second when the model accepts its first input size only.
 
     Raises:
-        InputSizeError: when the model itself rejects ``x``, with the model's own message.
-        TraceError: when the model runs but its traced graph does not.
+        InputSizeError: the model itself rejects ``input_size``, with the model's own message.
     """
-    traced.input_size = tuple(x.shape[1:])
+    input_size = tuple(input_size)
+    alt = second_size(input_size)
+    holder = model if holder is None else holder
+    try:
+        first = on_meta(holder, run, meta_input(model, input_size))
+    except Exception:
+        pass
+    else:
+        try:
+            second = on_meta(holder, run, meta_input(model, alt))
+        except Exception:
+            second = None
+        return "meta", first, second
+    x = dummy_input(model, input_size)
     try:
         with torch.no_grad():
-            _ShapeRecorder(traced).run(x)
-    except Exception as graph_error:
+            first = run(x)
+    except Exception as run_error:
         try:
             with torch.no_grad():
                 model(x)
         except Exception as e:
             raise InputSizeError(model_error_message(model, x, e)) from e
+        raise run_error
+    try:
+        with torch.no_grad():
+            second = run(dummy_input(model, alt))
+    except Exception:
+        second = None
+    return "real", first, second
+
+
+def propagate_shapes(traced: Traced, model: nn.Module, input_size: Sequence[int]) -> None:
+    """Record each tensor node's shape at ``input_size`` and at a second size (:func:`second_size`).
+
+    Shapes come from meta tensors, so no real compute runs; a model that meta tensors cannot run gets a
+    real forward instead, and ``traced.shapes_from`` says which.
+
+    Raises:
+        InputSizeError: when the model itself rejects ``input_size``, with the model's own message.
+        TraceError: when the model runs but its traced graph does not.
+    """
+    traced.input_size = tuple(input_size)
+
+    def run(x: torch.Tensor) -> dict[fx.Node, tuple[int, ...]]:
+        found: dict[fx.Node, tuple[int, ...]] = {}
+        _ShapeRecorder(traced, found).run(x)
+        return found
+
+    try:
+        traced.shapes_from, first, second = run_at_two_sizes(model, input_size, run, traced.graph_module)
+    except InputSizeError:
+        raise
+    except Exception as graph_error:
         raise TraceError(
             f"The fx graph of {type(model).__name__} fails on an input the model itself accepts "
             f"({type(graph_error).__name__}: {_first_line(graph_error)}). Mark the module that "
             f"branches on tensor values as a leaf with find_stages(model, leaf_modules=[...]), "
             f"or use source='feature_info' for a timm model."
         ) from graph_error
+    traced.shapes = first
+    traced.alt_shapes = second or {}
+    traced.alt_input_size = second_size(input_size) if second is not None else None

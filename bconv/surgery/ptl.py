@@ -38,8 +38,9 @@ from torch import nn
 from ..cells import BConvCell, BConvCellV2, StatefulCell
 from ..errors import BConvError
 from ._hooks import BConvHook
-from ._trace import dummy_input, eval_mode
-from .stages import Stage, default_input_size, find_stages
+from ._trace import dummy_input, eval_mode, meta_input, on_meta
+from .anatomy import anatomy
+from .stages import Stage, default_input_size
 
 __all__ = ["PTLModel", "PTLLadder", "wrap_with_ptl", "unwrap_ptl", "CELLS"]
 
@@ -532,7 +533,8 @@ def wrap_with_ptl(
         raise ValueError("sync_state=True averages the pooled state across ranks: it needs state_mode='pooled'")
 
     input_size = tuple(input_size) if input_size is not None else default_input_size(model)
-    all_stages = find_stages(model, input_size, source, leaf_modules=leaf_modules)
+    body = anatomy(model, input_size, source, leaf_modules=leaf_modules)
+    all_stages = list(body.stages)
     chosen = _select(all_stages, stages, model)
     cell_kwargs = dict(state_mode=state_mode, detach=detach, on_size_change=on_size_change)
     if sync_state:
@@ -543,7 +545,7 @@ def wrap_with_ptl(
         ladder.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
 
     modules = dict(model.named_modules())
-    first = modules[_tap_module(model, all_stages[0].modules[0], end=0)]
+    first = modules[_tap_module(model, body.stem[0], end=0)]
     first.register_forward_pre_hook(_ImageTap(ladder))
     ladder.tap_names = tuple(_tap_module(model, s.name) for s in chosen)
     for i, tap in enumerate(ladder.tap_names):
@@ -558,12 +560,19 @@ def _check_wiring(wrapped: PTLModel, input_size: Sequence[int]) -> None:
     """One eval forward: the image reaches the first cell and the ladder reaches its last stage
     (the network's own end-of-pass check raises otherwise).
 
-    On failure the hooks are removed again, so the user's model is left as it was.
+    The forward runs on meta tensors (no real compute; see ``_trace.on_meta``), and for real only where
+    meta tensors cannot run the model. On failure the hooks are removed again, so the user's model is
+    left as it was.
     """
-    x = dummy_input(wrapped.model, input_size)
     try:
-        with eval_mode(wrapped), torch.no_grad():
-            wrapped(x)
+        with eval_mode(wrapped):
+            try:
+                on_meta(wrapped, wrapped, meta_input(wrapped.model, input_size))
+            except BConvError:
+                raise
+            except Exception:
+                with torch.no_grad():
+                    wrapped(dummy_input(wrapped.model, input_size))
     except BConvError:
         unwrap_ptl(wrapped)
         raise

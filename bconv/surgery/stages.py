@@ -26,9 +26,8 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 from torch import fx, nn
 
-from ..errors import BConvError, InputSizeError, NoSpatialStagesError
-from ._hooks import bconv_hooks_suspended
-from ._trace import Traced, dummy_input, eval_mode, model_error_message, propagate_shapes, trace
+from ..errors import BConvError, NoSpatialStagesError
+from ._trace import Traced, geometry, run_at_two_sizes, second_size
 
 __all__ = ["Stage", "find_stages", "default_input_size", "spatial_layout"]
 
@@ -107,26 +106,9 @@ def find_stages(
         >>> [(s.name, s.channels, s.reduction) for s in stages]
         [('relu', 64, 2), ('layer1', 64, 4), ('layer2', 128, 8), ('layer3', 256, 16), ('layer4', 512, 32)]
     """
-    if source not in _SOURCES:
-        raise ValueError(f"source={source!r} is not one of {', '.join(map(repr, _SOURCES))}")
-    input_size = _check_input_size(model, input_size)
-    # A PTL-wrapped network's hooks would run the ladder on the dummy input: switch them off.
-    with eval_mode(model), bconv_hooks_suspended(model):
-        if source == "fx":
-            return _fx_stages(model, input_size, leaf_modules)
-        usable = _feature_info(model)
-        if source == "feature_info":
-            if isinstance(usable, str):
-                raise ValueError(f"source='feature_info' is not usable for {type(model).__name__}: {usable}")
-            return _feature_info_stages(model, usable, input_size)
-        if not isinstance(usable, str):
-            try:
-                return _feature_info_stages(model, usable, input_size)
-            except InputSizeError:
-                raise
-            except BConvError:
-                pass  # feature_info does not describe spatial module outputs here: fx decides
-        return _fx_stages(model, input_size, leaf_modules)
+    from .anatomy import anatomy  # the one description of the network, which holds its stages
+
+    return list(anatomy(model, input_size, source, leaf_modules=leaf_modules).stages)
 
 
 def _check_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
@@ -145,46 +127,32 @@ def _check_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tup
 # --------------------------------------------------------------------------- geometry
 
 
-def _reduction(size: int, out: int) -> int | None:
-    """``size / out`` as a power of two when it is close to one (valid, unpadded convs shave a few pixels)."""
-    if out < 1:
-        return None
-    exponent = math.log2(size / out)
-    k = round(exponent)
-    if k < 0 or abs(exponent - k) > 0.4:
-        return None
-    return 2**k
-
-
-def spatial_layout(shape: Sequence[int], input_size: Sequence[int]) -> tuple[Layout, int, int] | None:
+def spatial_layout(
+    shape: Sequence[int],
+    input_size: Sequence[int],
+    alt_shape: Sequence[int] | None = None,
+    alt_input_size: Sequence[int] | None = None,
+) -> tuple[Layout, int, int] | None:
     """``(layout, reduction, channels)`` when ``shape`` (no batch) is a feature map of an input of ``input_size``.
 
-    NCHW is tried first; NHWC (``[H, W, C]``, Swin-like) only when NCHW does not fit.
+    Pass the same tensor's shape at a second input size to measure which dimensions are spatial (see
+    :func:`bconv.surgery._trace.geometry`); with one shape only, the reading must be unambiguous.
     """
-    if len(shape) != 3:
-        return None
-    _, height, width = input_size
-    a, b, c = shape
-    for layout, h, w, ch in (("NCHW", b, c, a), ("NHWC", a, b, c)):
-        r = _reduction(height, h)
-        if r is not None and r == _reduction(width, w):
-            return layout, r, ch  # type: ignore[return-value]
-    return None
+    return geometry(shape, input_size, alt_shape, alt_input_size)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- fx path
 
 
-def _dominator_chain(nodes: list[fx.Node], carries_tensor: set[fx.Node]) -> list[fx.Node]:
-    """Nodes that every path of tensors from the (first) input to the output passes through, in graph order.
+def _dominators(nodes: list[fx.Node], carries_tensor: set[fx.Node]) -> tuple[fx.Node | None, dict[fx.Node, fx.Node]]:
+    """``(input, idom)``: the immediate dominator of every node that depends on the (first) input.
 
     Cooper-Harvey-Kennedy's intersection on a DAG whose node list is already topologically sorted.
     Edges that carry no tensor (``x.shape``, sizes computed from it) are not paths of data.
     """
     placeholders = [n for n in nodes if n.op == "placeholder"]
-    output = next(n for n in nodes if n.op == "output")
     if not placeholders:
-        return []
+        return None, {}
     src = placeholders[0]
     order = {n: i for i, n in enumerate(nodes)}
     idom: dict[fx.Node, fx.Node] = {src: src}
@@ -205,14 +173,62 @@ def _dominator_chain(nodes: list[fx.Node], carries_tensor: set[fx.Node]) -> list
         for p in preds[1:]:
             d = intersect(d, p)
         idom[n] = d
-    if output not in idom:
+    return src, idom
+
+
+def _chain_to(node: fx.Node, src: fx.Node, idom: dict[fx.Node, fx.Node], inclusive: bool) -> list[fx.Node]:
+    if node not in idom:
         return []
     chain = []
-    n = idom[output]
+    n = node if inclusive else idom[node]
     while n is not src:
         chain.append(n)
         n = idom[n]
     return chain[::-1]
+
+
+def _dominator_chain(nodes: list[fx.Node], carries_tensor: set[fx.Node]) -> list[fx.Node]:
+    """Nodes that every path of tensors from the (first) input to the output passes through, in graph order."""
+    src, idom = _dominators(nodes, carries_tensor)
+    output = next(n for n in nodes if n.op == "output")
+    return _chain_to(output, src, idom, inclusive=False) if src is not None else []
+
+
+def _main_chain(traced: Traced) -> list[fx.Node]:
+    """The dominator chain of the model's main output, in graph order.
+
+    A model that returns one tensor has one chain: the nodes every path from the input to it passes
+    through. A model that returns several (a segmentation model's ``out`` and ``aux``, a feature
+    pyramid, a features-only backbone) is read along the output that goes deepest into the network
+    (the highest reduction before its head; the first such output on ties): an auxiliary output that
+    branches off early does not cut the backbone's later stages off the chain.
+    """
+    src, idom = _dominators(traced.nodes, traced.carries_tensor)
+    if src is None:
+        return []
+    output = next(n for n in traced.nodes if n.op == "output")
+    leaves = list(dict.fromkeys(n for n in _flatten_nodes(output.args[0] if output.args else None)))
+    if len(leaves) <= 1:
+        return _chain_to(output, src, idom, inclusive=False)
+    best: tuple[int, list[fx.Node]] | None = None
+    for leaf in leaves:
+        chain = _chain_to(leaf, src, idom, inclusive=True)
+        runs = _runs(traced, chain)
+        depth = max((r for r, _ in runs), default=0)
+        if best is None or depth > best[0]:
+            best = (depth, chain)
+    return best[1] if best else []
+
+
+def _flatten_nodes(value: Any) -> list[fx.Node]:
+    """The graph nodes in a (nested) output structure, in order."""
+    if isinstance(value, fx.Node):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _flatten_nodes(v)]
+    return []
 
 
 _ADAPTIVE_POOLS = (
@@ -220,9 +236,10 @@ _ADAPTIVE_POOLS = (
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )  # fmt: skip
 _REDUCTIONS = {"mean", "amax", "max", "sum", "logsumexp", "flatten", "adaptive_avg_pool2d", "adaptive_max_pool2d"}
-# Module names that timm and torchvision give to the classifier part of a network, and to a neck
-# (SAM's projection after its blocks): what follows the backbone's last stage.
-_HEAD_NAME = re.compile(r"(^|_)(head|neck)(_|$)|^classifier$")
+# Module names that timm, torchvision and the dense-prediction libraries give to what follows the
+# backbone's last stage: a classifier, a neck (SAM's projection after its blocks, a detection FPN), a
+# segmentation head or decoder (torchvision's `classifier`/`aux_classifier`, mmseg's `decode_head`).
+_HEAD_NAME = re.compile(r"(^|_)(head|neck)(_|$)|^(aux_)?classifier$|^(fpn|decoder|decode_head)$")
 
 
 def _is_global_pool(node: fx.Node, traced: Traced) -> bool:
@@ -261,8 +278,7 @@ def _head_start(traced: Traced) -> int:
 
 def _geometry(traced: Traced, node: fx.Node) -> tuple[Layout, int, int] | None:
     """:func:`spatial_layout` of a node's output, None for a node that is not a feature map."""
-    shape = traced.shapes.get(node)
-    return spatial_layout(shape[1:], traced.input_size) if shape is not None else None
+    return traced.geometry(node)  # type: ignore[return-value]
 
 
 def _downsamples(traced: Traced, start: int, end: int) -> bool:
@@ -376,8 +392,8 @@ def _node_cost(node: fx.Node, traced: Traced) -> float:
     if not out:
         return 0.0
     params = sum(p.numel() for p in traced.modules[str(node.target)].parameters())
-    geometry = spatial_layout(out, traced.input_size)
-    channels = geometry[2] if geometry else out[-1]
+    measured = _geometry(traced, node)
+    channels = measured[2] if measured else out[-1]
     return float(params) * math.prod(out) / max(channels, 1)
 
 
@@ -405,11 +421,9 @@ def _runs(traced: Traced, chain: list[fx.Node]) -> list[tuple[int, list[fx.Node]
     return runs
 
 
-def _fx_stages(model: nn.Module, input_size: tuple[int, ...], leaf_modules: Iterable[type]) -> list[Stage]:
-    traced = trace(model, leaf_modules)
-    x = dummy_input(model, input_size)
-    propagate_shapes(traced, model, x)
-    chain = _dominator_chain(traced.nodes, traced.carries_tensor)
+def _fx_stages(model: nn.Module, traced: Traced) -> tuple[list[Stage], list[fx.Node]]:
+    """The stages of a traced model whose shapes were propagated, and the main dominator chain they lie on."""
+    chain = _main_chain(traced)
     runs = _runs(traced, chain)
 
     ends: list[tuple[int, fx.Node, str]] = []
@@ -436,7 +450,7 @@ def _fx_stages(model: nn.Module, input_size: tuple[int, ...], leaf_modules: Iter
     for i, ((r, node, name), modules) in enumerate(zip(ends, groups)):
         layout, _, channels = _geometry(traced, node)  # type: ignore[misc]
         stages.append(Stage(i, name, channels, r, layout, traced.shapes[node][1:], tuple(modules), "fx"))
-    return stages
+    return stages, chain
 
 
 def _check_spatial(model: nn.Module, traced: Traced, chain: list[fx.Node], ends: list[tuple[int, fx.Node, str]]) -> None:
@@ -515,43 +529,49 @@ def _feature_info(model: nn.Module) -> list[dict[str, Any]] | str:
 
 
 def _feature_info_stages(model: nn.Module, entries: list[dict[str, Any]], input_size: tuple[int, ...]) -> list[Stage]:
-    """Stages from timm's feature_info, with shapes and module groups from one forward pass with hooks."""
+    """Stages from timm's feature_info, with shapes and module groups from a forward pass with hooks.
+
+    The pass runs on meta tensors at two input sizes (see :func:`bconv.surgery._trace.run_at_two_sizes`),
+    so layouts and reductions are measured as on the fx path, at no real compute.
+    """
     targets = {e["module"] for e in entries}
-    clock = [0]
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    outputs: dict[str, list[Any]] = {t: [] for t in targets}
 
-    def pre_hook(path: str):
-        def hook(module: nn.Module, args: Any) -> None:
-            first.setdefault(path, clock[0])
-            clock[0] += 1
+    def run(x: torch.Tensor) -> tuple[dict[str, int], dict[str, int], dict[str, list[Any]]]:
+        clock = [0]
+        first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        outputs: dict[str, list[Any]] = {t: [] for t in targets}
 
-        return hook
+        def pre_hook(path: str):
+            def hook(module: nn.Module, args: Any) -> None:
+                first.setdefault(path, clock[0])
+                clock[0] += 1
 
-    def post_hook(path: str):
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
-            last[path] = clock[0]
-            clock[0] += 1
-            if path in outputs:
-                outputs[path].append(tuple(out.shape) if isinstance(out, torch.Tensor) else None)
+            return hook
 
-        return hook
+        def post_hook(path: str):
+            def hook(module: nn.Module, args: Any, out: Any) -> None:
+                last[path] = clock[0]
+                clock[0] += 1
+                if path in outputs:
+                    outputs[path].append(tuple(out.shape) if isinstance(out, torch.Tensor) else None)
 
-    handles = []
-    for path, module in model.named_modules():
-        if path:
-            handles.append(module.register_forward_pre_hook(pre_hook(path)))
-            handles.append(module.register_forward_hook(post_hook(path)))
-    x = dummy_input(model, input_size)
-    try:
-        with torch.no_grad():
+            return hook
+
+        handles = []
+        for path, module in model.named_modules():
+            if path:
+                handles.append(module.register_forward_pre_hook(pre_hook(path)))
+                handles.append(module.register_forward_hook(post_hook(path)))
+        try:
             model(x)
-    except Exception as e:
-        raise InputSizeError(model_error_message(model, x, e)) from e
-    finally:
-        for h in handles:
-            h.remove()
+        finally:
+            for h in handles:
+                h.remove()
+        return first, last, outputs
+
+    _, (first, last, outputs), second = run_at_two_sizes(model, input_size, run)
+    alt_size = second_size(input_size) if second is not None else None
 
     stages: list[Stage] = []
     boundaries: list[int] = []
@@ -560,12 +580,13 @@ def _feature_info_stages(model: nn.Module, entries: list[dict[str, Any]], input_
         calls = outputs[path]
         if len(calls) != 1 or calls[0] is None:
             raise BConvError(f"feature_info module {path!r} is called {len(calls)} times or returns no tensor")
-        geometry = spatial_layout(calls[0][1:], input_size)
-        if geometry is None:
+        alt = second[2][path][0] if second is not None and len(second[2][path]) == 1 else None
+        measured = spatial_layout(calls[0][1:], input_size, alt[1:] if alt else None, alt_size)
+        if measured is None:
             raise NoSpatialStagesError(f"feature_info module {path!r} outputs {list(calls[0][1:])}, not a feature map")
         # The measured stride rounded to a power of two, as fx reports it: feature_info sometimes
         # gives a patch size (ConvMixer's and Sequencer's 7) or a stride its entry does not have.
-        layout, r, channels = geometry
+        layout, r, channels = measured
         if stages and r <= stages[-1].reduction:
             stages.pop()  # several entries at one resolution: the last one before the drop is the stage
             boundaries.pop()
