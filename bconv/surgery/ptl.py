@@ -11,15 +11,28 @@ The ladder reads the backbone through forward hooks and feeds back only at the l
 stage, so the rest of the network (pooling, head) is the user's own and the wrapped model
 returns what the original returned. FinalFuse starts as ``[identity | 0]``: a freshly
 wrapped model computes exactly what the original computed.
+
+The ladder checks itself at every forward: once the image has reached it, every paired stage
+must run, in order, or the forward raises (never a backbone-only output). Each stage's output
+is read at the innermost module that returns it (the last block of a Sequential stage), so a
+network that calls the blocks directly, as timm's gradient checkpointing does, still feeds the
+ladder. Under ``torch.utils.checkpoint`` (non-reentrant) the ladder's own activations are kept,
+not recomputed: the cells run once per forward, and the recompute in backward replays only the
+final fusion, with the cell output of the first pass.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import math
+import sys
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import state as _state
@@ -80,7 +93,11 @@ class PTLLadder(nn.Module):
             with torch.no_grad():
                 self.final_fuse.weight.zero_()
                 self.final_fuse.weight[:, :last, 0, 0].copy_(torch.eye(last))
+        # Where each stage's output is read (set by wrap_with_ptl; named in errors).
+        self.tap_names = self.stage_names
         self._reset_pass()
+        self._replay_y: torch.Tensor | None = None
+        self._unreached = 0
 
     # Per-forward scratch: the image, the running z, which stage comes next. Plain attributes, cleared
     # at the last stage so no activation outlives its forward.
@@ -90,40 +107,167 @@ class PTLLadder(nn.Module):
         self._next = 0
 
     def begin(self, image: torch.Tensor) -> None:
-        self._reset_pass()
+        if _in_backward():
+            return  # a checkpoint recomputing the stem in backward: the forward already ran
+        if self._image is not None:
+            # A forward that bypassed both PTLModel and the network's __call__ (wrapped.model.forward_features)
+            # left a pass open: the check at the end of the pass could not run, so it runs here, once.
+            pending = self._next
+            self._reset_pass()
+            raise self._not_run(pending, "in the previous forward of the model (found when the next one began)")
+        self._refuse_reentrant_checkpoint("the network's first module")
         self._image = image
+
+    def _refuse_reentrant_checkpoint(self, what: str) -> None:
+        # A reentrant checkpoint runs its region under no_grad and only its outputs join the graph: the
+        # ladder's side branch would silently get no gradient. Only a training forward without grad looks.
+        if self.training and not torch.is_grad_enabled() and _inside_reentrant_checkpoint():
+            self._reset_pass()
+            raise BConvError(
+                f"{what} runs inside torch.utils.checkpoint with use_reentrant=True (gradient checkpointing), "
+                f"which computes it without autograd: the PTL ladder's gradients would be lost. Use "
+                f"use_reentrant=False (timm: timm.layers.set_reentrant_ckpt(False)), which bconv supports exactly."
+            )
+
+    def end(self) -> None:
+        """Close a forward of the network: raise if the image reached the ladder but a paired stage did not run."""
+        if self._image is not None and not _in_backward():
+            pending = self._next
+            self._reset_pass()
+            raise self._not_run(pending, "in this forward")
+
+    def _not_run(self, i: int, when: str) -> BConvError:
+        name, tap = self.stage_names[i], self.tap_names[i]
+        where = f"`{name}`" if tap == name else f"`{name}` (read at its last block `{tap}`)"
+        return BConvError(
+            f"paired stage {where} did not run {when}, although the image reached the PTL ladder; the "
+            f"output would be the backbone's alone, without the ladder. Likely causes: the network calls the "
+            f"stage's children instead of the stage module (the module `{tap}` is bypassed), or gradient "
+            f"checkpointing that runs the stage's blocks in a way bconv cannot follow (timm's "
+            f"set_grad_checkpointing and torch.utils.checkpoint(use_reentrant=False) around blocks are "
+            f"supported). Pair stages whose modules the forward calls (python -m bconv.inspect shows them), "
+            f"or call the model as a whole: wrapped(x)."
+        )
 
     def stage(self, i: int, out: torch.Tensor) -> torch.Tensor | None:
         """Run the ladder at stage ``i`` with its output ``out``; the replaced output at the last stage."""
+        if _in_backward():
+            return self._recompute(i, out)
         if self._image is None:
             return None  # the stage module was called on its own, outside a forward of the model
         if i != self._next:
-            name, again = self.stage_names[i], i < self._next
+            name, expected = self.stage_names[i], self._next
             self._reset_pass()
+            if i < expected:
+                raise BConvError(
+                    f"stage `{name}` ran again in one forward: PTL needs each paired stage to run once per "
+                    f"forward, in order. Choose other stages (python -m bconv.inspect shows them)."
+                )
+            raise self._not_run(expected, f"before stage `{name}` in this forward")
+        self._refuse_reentrant_checkpoint(f"stage `{self.stage_names[i]}`")
+        nhwc = self.layouts[i] == "NHWC"
+        x = out.permute(0, 3, 1, 2) if nhwc else out
+        with _own_saved_tensors():
+            y = self.cells[i](self._image if i == 0 else self._z)
+            if y.shape[-2:] != x.shape[-2:]:
+                # Stages made with unpadded convs (Inception) are a few pixels off the cells' ceil(H / 2).
+                y = F.adaptive_avg_pool2d(y, x.shape[-2:])
+            y = y.to(x.dtype)
+            fused = torch.cat([x, y], dim=1)
+            if i < len(self.fuses):
+                self._z = self.fuses[i](fused)
+                self._next += 1
+                return None
+            self._reset_pass()
+            result = self.final_fuse(fused)
+        if result.requires_grad and not torch.compiler.is_compiling():
+            # A checkpoint whose region goes on past this stage recomputes this output in backward: it
+            # replays the final fusion with this y, so the cells never run (nor touch their state) again.
+            self._replay_y = y.detach()
+            self._unreached += 1
+            result.register_hook(self._reached)
+        return result.permute(0, 2, 3, 1) if nhwc else result
+
+    def _reached(self, grad: torch.Tensor) -> None:
+        self._unreached = 0
+
+    def _recompute(self, i: int, out: torch.Tensor) -> torch.Tensor | None:
+        """A checkpoint recomputing stage ``i`` in backward: the same output, without running the cells."""
+        if i < len(self.stage_names) - 1:
+            return None  # the ladder's activations were kept in the forward: nothing to recompute
+        y, last = self._replay_y, self.stage_names[i]
+        if y is None or self._unreached > 1:
             raise BConvError(
-                f"stage `{name}` ran {'again' if again else 'before the stages preceding it'} "
-                f"in one forward: PTL needs each paired stage to run once per forward, in order. "
-                f"Choose other stages (python -m bconv.inspect shows them)."
+                f"a gradient checkpoint that ends after the last paired stage `{last}` is recomputed in backward, "
+                f"but {'no' if y is None else 'more than one'} training forward of the PTL model is waiting for "
+                f"its backward, so bconv cannot tell which ladder output to replay. Call backward after each "
+                f"training forward, or end the checkpointed region at `{last}`."
             )
         nhwc = self.layouts[i] == "NHWC"
         x = out.permute(0, 3, 1, 2) if nhwc else out
-        y = self.cells[i](self._image if i == 0 else self._z)
-        if y.shape[-2:] != x.shape[-2:]:
-            # Stages made with unpadded convs (Inception) are a few pixels off the cells' ceil(H / 2).
-            y = F.adaptive_avg_pool2d(y, x.shape[-2:])
-        fused = torch.cat([x, y.to(x.dtype)], dim=1)
-        if i < len(self.fuses):
-            self._z = self.fuses[i](fused)
-            self._next += 1
-            return None
-        self._reset_pass()
-        result = self.final_fuse(fused)
+        if y.shape[0] != x.shape[0] or y.shape[-2:] != x.shape[-2:]:
+            raise BConvError(
+                f"the checkpoint recomputing stage `{last}` has a batch of shape {tuple(x.shape)}, but the last "
+                f"forward's ladder output has shape {tuple(y.shape)}: call backward after each training forward."
+            )
+        with _own_saved_tensors():
+            result = self.final_fuse(torch.cat([x, y.to(x.dtype)], dim=1))
         return result.permute(0, 2, 3, 1) if nhwc else result
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(_image=None, _z=None, _next=0)  # never pickle a forward's activations
+        # never pickle a forward's activations
+        state.update(_image=None, _z=None, _next=0, _replay_y=None, _unreached=0)
         return state
+
+
+def _in_backward() -> bool:
+    """True inside the autograd engine: a gradient checkpoint recomputing a forward.
+
+    A compiled forward is traced, not recomputed by these hooks: dynamo takes the plain path.
+    """
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+_REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+
+
+def _inside_reentrant_checkpoint() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _REENTRANT_FORWARD:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+# The saved-tensor hooks of torch.utils.checkpoint (non-reentrant): its forward and its recompute.
+_CHECKPOINT_HOOKS = ("_checkpoint_hook.", "_recomputation_hook.")
+
+
+def _own_saved_tensors() -> contextlib.AbstractContextManager:
+    """Keep the ladder's saved activations out of an enclosing gradient checkpoint.
+
+    Inside ``torch.utils.checkpoint`` the checkpoint's hooks would drop them and recompute them in
+    backward, which would run the cells (and read and write their state) a second time. The ladder is
+    narrow (1/8 of the stages' widths), so keeping its activations costs little. Other saved-tensor
+    hooks (``save_on_cpu``, a user's own) see the ladder's tensors as usual.
+    """
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return contextlib.nullcontext()
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        return contextlib.nullcontext()
+    pack = hooks[0]
+    if getattr(pack, "__module__", None) != "torch.utils.checkpoint" or not getattr(pack, "__qualname__", "").startswith(
+        _CHECKPOINT_HOOKS
+    ):
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
 def _cell_chain(cell: type[StatefulCell], c_in: int, c_out: int, stride: int, kwargs: dict) -> nn.Sequential:
@@ -155,6 +299,40 @@ class _StageTap(BConvHook):
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         return self.ladder.stage(self.index, output)
+
+
+class _EndTap(BConvHook):
+    """Forward hook on the network itself (always called): a pass that left a paired stage out raises."""
+
+    def __init__(self, ladder: PTLLadder):
+        self.ladder = ladder
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if output is None and sys.exc_info()[1] is not None:
+            self.ladder._reset_pass()  # the forward raised: its error is the one to see, the next pass starts clean
+        else:
+            self.ladder.end()
+
+
+def _tap_module(model: nn.Module, name: str, end: int = -1) -> str:
+    """The innermost module that ends (``end=-1``: returns the output of) or begins (``end=0``: receives the
+    input of) module ``name``: descend the last (first) child of plain Sequentials.
+
+    timm's gradient checkpointing (``checkpoint_seq(..., flatten=True)``) and users' loops over a stage's
+    blocks call the blocks, not the stage: a hook on the last block still sees the stage's output. A block
+    that is also reachable elsewhere in the network (a shared module) is not descended into.
+    """
+    modules = dict(model.named_modules())
+    counts: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    module = modules[name]
+    while type(module).forward is nn.Sequential.forward and len(module) > 0:
+        child = module[end]
+        if counts[id(child)] > 1:
+            break
+        module = child
+    return next(n for n, m in modules.items() if m is module)
 
 
 class PTLModel(nn.Module):
@@ -207,7 +385,11 @@ class PTLModel(nn.Module):
                 "so the cells' state they write is lost. Use DistributedDataParallel (one process per "
                 "device), which keeps the module and its state: see the README's DDP section."
             )
-        return self.model(*args, **kwargs)
+        try:
+            return self.model(*args, **kwargs)  # the network's own hook checks that every paired stage ran
+        except BaseException:
+            self.ptl._reset_pass()  # an interrupted forward (KeyboardInterrupt too) must not fail the next one
+            raise
 
     def reset_state(self) -> None:
         """Forget the history of every cell: the next forward starts from zero state (call it every epoch)."""
@@ -229,10 +411,30 @@ class PTLModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            model = self.__dict__.get("_modules", {}).get("model")
+            modules = self.__dict__.get("_modules", {})
+            model = modules.get("model")
             if model is None:
                 raise
-            return getattr(model, name)
+            value = getattr(model, name)
+            if inspect.ismethod(value) and isinstance(modules.get("ptl"), PTLLadder):
+                return _checked(value, modules["ptl"])  # forward_features(x) & co. skip the network's __call__
+            return value
+
+
+def _checked(method: Any, ladder: PTLLadder) -> Any:
+    """``method`` of the original network, with the ladder's end-of-pass check after it."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = method(*args, **kwargs)
+        except BaseException:
+            ladder._reset_pass()
+            raise
+        ladder.end()
+        return result
+
+    return call
 
 
 def _select(all_stages: list[Stage], stages: Iterable[int | str] | None, model: nn.Module) -> list[Stage]:
@@ -376,10 +578,12 @@ def wrap_with_ptl(
         ladder.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
 
     modules = dict(model.named_modules())
-    first = modules[body.stem[0]]
+    first = modules[_tap_module(model, body.stem[0], end=0)]
     first.register_forward_pre_hook(_ImageTap(ladder))
-    for i, s in enumerate(chosen):
-        modules[s.name].register_forward_hook(_StageTap(ladder, i))
+    ladder.tap_names = tuple(_tap_module(model, s.name) for s in chosen)
+    for i, tap in enumerate(ladder.tap_names):
+        modules[tap].register_forward_hook(_StageTap(ladder, i))
+    model.register_forward_hook(_EndTap(ladder), always_call=True)
     config = PTLConfig(
         stages=tuple(s.name for s in chosen), cell=cell, input_size=tuple(int(n) for n in input_size),
         cell_width=float(cell_width), fuse_width=float(fuse_width), state_mode=state_mode, sync_state=sync_state,
@@ -392,7 +596,8 @@ def wrap_with_ptl(
 
 
 def _check_wiring(wrapped: PTLModel, input_size: Sequence[int]) -> None:
-    """One eval forward: the image reaches the first cell and the ladder reaches its last stage.
+    """One eval forward: the image reaches the first cell and the ladder reaches its last stage
+    (the network's own end-of-pass check raises otherwise).
 
     The forward runs on meta tensors (no real compute; see ``_trace.on_meta``), and for real only where
     meta tensors cannot run the model. On failure the hooks are removed again, so the user's model is
@@ -413,10 +618,6 @@ def _check_wiring(wrapped: PTLModel, input_size: Sequence[int]) -> None:
     except Exception as e:
         unwrap_ptl(wrapped)
         raise BConvError(f"the PTL ladder does not fit this model: {type(e).__name__}: {e}") from e
-    if wrapped.ptl._image is not None:
-        wrapped.ptl._reset_pass()
-        unwrap_ptl(wrapped)
-        raise BConvError("the last paired stage did not run in a forward of the model; choose other stages")
 
 
 def unwrap_ptl(model: PTLModel) -> nn.Module:
