@@ -327,7 +327,7 @@ def format_report(report: PruneReport, stages: Sequence[Any] | None = None) -> s
     """
     lines = []
     if stages:
-        header = ("stage", "layers pruned", "channels before", "channels after", "removed")
+        header = ("stage", "layers narrowed", "their channels before", "after", "removed")
         rows = [header]
         for s in stages:
             inside = [w for w in report.layers if any(w.name == m or w.name.startswith(m + ".") for m in s.modules)]

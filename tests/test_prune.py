@@ -214,6 +214,16 @@ def test_report_formats_stage_widths():
     assert "layer3" in text and "parameters" in text and "FLOPs" in text
 
 
+def test_inspect_previews_pruning(capsys):
+    from bconv.inspect import main
+
+    assert main(["resnet18", "--input-size", "3", "32", "32", "--prune", "0.5", "--prefer", "faster"]) == 0
+    out = capsys.readouterr().out
+    assert "layer4" in out and "FLOPs" in out and "reached -5" in out and "(1, 3, 0)" in out
+    assert main(["resnet18", "--input-size", "3", "32", "32", "--prune", "2"]) == 1
+    assert "strictly between 0 and 1" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "vgg16_bn", "densenet121", "mobilenet_v3_large", "regnet_y_400mf",
                                   "resnext50_32x4d", "efficientnet_b0", "convnext_tiny", "shufflenet_v2_x1_0"])
