@@ -202,11 +202,12 @@ def cop_prune(
     try:
         with eval_mode(model), torch.no_grad():
             x = dummy_input(model, input_size)
-            before = _measure(model, x)
-            reference_shapes = _output_shapes(model(x))
+            positions: dict[nn.Module, int] = {}
+            before, out = _measure(model, x, positions)
+            reference_shapes = _output_shapes(out)
         graph = _build_graph(model, x)
         protected = _protected_layers(model, input_size, graph, protect)
-        planner = _Planner(model, graph, x, protected, allowed, weights, top_k, similarity, normalize,
+        planner = _Planner(model, graph, positions, protected, allowed, weights, top_k, similarity, normalize,
                            min_channels, max_fraction, round_to)  # fmt: skip
         target = ratio
         history: list[list[Any]] = []
@@ -225,7 +226,7 @@ def cop_prune(
                 )
             history += planner.apply()
             with eval_mode(model), torch.no_grad():
-                measured = _measure(model, x)
+                measured = _check_forward(model, x, reference_shapes)
             achieved = 1 - measured[metric] / before[metric]
             if achieved >= ratio - TOLERANCE / 4 or not reached:
                 break
@@ -238,8 +239,6 @@ def cop_prune(
                 f"round_to={round_to}). Pass ratio<={achieved:.3f}, or loosen the floors."
                 + _skipped_hint(planner.skipped)
             )
-        with eval_mode(model), torch.no_grad():
-            _check_forward(model, x, reference_shapes)
     except BaseException:
         _restore(model, backup)
         raise
@@ -463,8 +462,9 @@ def _output_shapes(out: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in tp.utils.flatten_as_list(out) if isinstance(t, Tensor)]
 
 
-def _check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) -> None:
-    """The pruned model must still run and return outputs of the same shapes; name the failing module."""
+def _check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) -> dict[str, int]:
+    """Measure the pruned model; it must still run and return outputs of the same shapes (else name the
+    failing module)."""
     stack: list[str] = []
     names = {m: n for n, m in model.named_modules()}
 
@@ -477,7 +477,7 @@ def _check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) -
     handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
     handles += [m.register_forward_hook(leave) for m in model.modules()]
     try:
-        out = model(x)
+        measured, out = _measure(model, x)
     except Exception as e:
         where = stack[-1] if stack else type(model).__name__
         raise PruneError(
@@ -492,6 +492,7 @@ def _check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) -
     if _output_shapes(out) != shapes:
         raise PruneError(f"after pruning, {type(model).__name__}'s outputs have shapes {_output_shapes(out)} "
                          f"instead of {shapes}; the model is unchanged")  # fmt: skip
+    return measured
 
 
 def _restore(model: nn.Module, backup: nn.Module) -> None:
@@ -520,34 +521,27 @@ def _is_layer(module: Any) -> bool:
     return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
 
 
-def _measure(model: nn.Module, x: Tensor) -> dict[str, int]:
+def _measure(model: nn.Module, x: Tensor, positions: dict[nn.Module, int] | None = None) -> tuple[dict[str, int], Any]:
+    """Params, FLOPs and channels, and the output, from one forward; ``positions`` receives each convolution's
+    and linear layer's output positions per sample (its FLOPs are 2 x weight x positions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        model(x)
+    def hook(m: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, Tensor) and positions is not None:
+            positions[m] = positions.get(m, 0) + out.numel() // max(out.shape[0], 1) // _out_channels(m)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _is_layer(m)] if positions is not None else []
+    try:
+        with FlopCounterMode(display=False) as counter:
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "flops": int(counter.get_total_flops()),
         "channels": sum(_out_channels(m) for m in model.modules() if _is_layer(m)),
-    }
-
-
-def _positions(model: nn.Module, x: Tensor) -> dict[nn.Module, int]:
-    """Output positions per sample of every convolution and linear layer (FLOPs = 2 x weight x positions)."""
-    seen: dict[nn.Module, int] = {}
-
-    def hook(m: nn.Module, args: Any, out: Any) -> None:
-        if isinstance(out, Tensor):
-            seen[m] = seen.get(m, 0) + out.numel() // max(out.shape[0], 1) // _out_channels(m)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if _is_layer(m)]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    }, out
 
 
 # --------------------------------------------------------------------------- redundancy
@@ -623,14 +617,17 @@ class _Redundancy:
         self.r[rows] = top.mean(axis=1)
         self.kth[rows] = top.min(axis=1)
 
-    def cut(self, j: int, alive: np.ndarray) -> None:
+    def cut(self, j: int, alive: np.ndarray, total: np.ndarray) -> None:
+        """Remove channel j; ``total`` (the sum of r over the group's consumers) follows the changed rows."""
         col = self.m[:, j]
         # Only rows that held j among their top-k change; zeroing an entry that is 0 changes nothing.
         rows = np.flatnonzero((col > 0) & (col >= self.kth) & alive)
         self.m[j, :] = 0
         self.m[:, j] = 0
         if len(rows):
+            old = self.r[rows]
             self._rows(rows)
+            total[rows] += self.r[rows] - old
 
 
 @dataclass
@@ -649,6 +646,7 @@ class _Group:
     def __post_init__(self) -> None:
         self.alive_ch = np.ones(self.n, dtype=bool)
         self.applied = np.zeros(self.n, dtype=bool)
+        self.total = np.sum([c.r for c in self.consumers], axis=0) if self.consumers else np.zeros(self.n)
 
     @property
     def units(self) -> int:
@@ -662,30 +660,31 @@ class _Group:
         return [unit + g * self.units for g in range(self.ch_groups)]
 
     def unit_redundancy(self) -> np.ndarray:
-        r = np.mean([c.r for c in self.consumers], axis=0) if self.consumers else np.zeros(self.n)
-        r = r.reshape(self.ch_groups, self.units).mean(axis=0)
-        alive = self.alive_ch.reshape(self.ch_groups, self.units).all(axis=0)
-        return np.where(alive, r, -np.inf)
+        """Redundancy of each unit, averaged over the consumers (coupled layers) and the unit's channels."""
+        r = self.total / max(1, len(self.consumers))
+        if self.ch_groups > 1:
+            r = r.reshape(self.ch_groups, self.units).mean(axis=0)
+            return np.where(self.alive_ch.reshape(self.ch_groups, self.units).all(axis=0), r, -np.inf)
+        return np.where(self.alive_ch, r, -np.inf)
 
     def cut_unit(self, unit: int) -> None:
         for ch in self.channels_of(unit):
             self.alive_ch[ch] = False
             for c in self.consumers:
-                c.cut(ch, self.alive_ch)
+                c.cut(ch, self.alive_ch, self.total)
         self.cuts += self.ch_groups
 
 
 class _Planner:
     """The greedy COP selection on Torch-Pruning's groups, with a linear cost model of the network."""
 
-    def __init__(self, model, graph, x, protected, allowed, weights, top_k, similarity, normalize,
+    def __init__(self, model, graph, positions, protected, allowed, weights, top_k, similarity, normalize,
                  min_channels, max_fraction, round_to):  # fmt: skip
         self.model, self.graph = model, graph
         self.alpha, self.beta, self.gamma = weights
         self.skipped: list[tuple[str, str]] = []
         self.applied_cuts = 0
         names = graph._module2name
-        positions = _positions(model, x)
         layers = [m for m in graph.module2node if _is_layer(m) and m in names]
         unseen = [n for n, m in model.named_modules() if m in positions and m not in graph.module2node]
         if unseen:
@@ -788,31 +787,39 @@ class _Planner:
         self.bias = np.array([m.bias is not None for m in layers], dtype=np.float64)
         self.pos = np.array([positions.get(m, 0) for m in layers], dtype=np.float64)
         self.cuts = np.zeros(len(groups))
+        self.inn, self.out = self.in0.copy(), self.out0.copy()
         self.p0, self.f0 = self._layer_costs()
+        self.p, self.f = self.p0, self.f0
+        self.open = np.array([g.alive_units - self._step(g) >= g.floor for g in groups])
         self.redundancy = [g.unit_redundancy() for g in groups]
         self.best = np.array([r.max() for r in self.redundancy])
 
-    def _layer_costs(self) -> tuple[np.ndarray, np.ndarray]:
-        inn = self.in0 - self.a_in @ self.cuts
-        out = self.out0 - self.a_out @ self.cuts
+    def _layer_costs(self, inn: np.ndarray | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        inn = self.inn if inn is None else inn
+        out = self.out if out is None else out
         per_filter = np.where(self.dw, 1.0, inn / self.conv_groups) * self.taps
         weight = out * per_filter
         return weight + self.bias * out, 2 * weight * self.pos
 
+    def _cut_channels(self, gi: int, count: float) -> None:
+        """Widths and costs after ``count`` more channels of group gi are cut (negative: undo)."""
+        self.cuts[gi] += count
+        self.inn = self.inn - self.a_in[:, gi] * count
+        self.out = self.out - self.a_out[:, gi] * count
+        self.p, self.f = self._layer_costs()
+
     def estimated(self, before: dict[str, int]) -> dict[str, float]:
-        p, f = self._layer_costs()
-        out = self.out0 - self.a_out @ self.cuts
         return {
-            "params": before["params"] - (self.p0.sum() - p.sum()) - float(self.extra @ self.cuts),
-            "flops": before["flops"] - (self.f0.sum() - f.sum()),
-            "channels": before["channels"] - (self.out0.sum() - out.sum()),
+            "params": before["params"] - (self.p0.sum() - self.p.sum()) - float(self.extra @ self.cuts),
+            "flops": before["flops"] - (self.f0.sum() - self.f.sum()),
+            "channels": before["channels"] - (self.out0.sum() - self.out.sum()),
         }
 
     def estimated_reduction(self, metric: str, before: dict[str, int]) -> float:
         return 1 - self.estimated(before)[metric] / before[metric]
 
     def _cost_terms(self) -> np.ndarray:
-        p, f = self._layer_costs()
+        p, f = self.p, self.f
         lp = np.log2(np.maximum(self.touch @ p, 2.0))
         lf = np.log2(np.maximum(self.touch @ f, 2.0))
         return self.beta * (1 - lf / lf.max()) + self.gamma * (1 - lp / lp.max())
@@ -820,11 +827,10 @@ class _Planner:
     def run(self, metric: str, target: float, before: dict[str, int]) -> bool:
         """Cut greedily until the estimated reduction of ``metric`` reaches ``target``; False if floors stop it."""
         while self.estimated_reduction(metric, before) < target:
-            open_ = np.array([g.alive_units - g.step >= g.floor for g in self.groups])
-            if not open_.any():
+            if not self.open.any():
                 return False
             imp = self.alpha * (1 - self.best) + self._cost_terms()
-            imp[~open_] = np.inf
+            imp[~self.open] = np.inf
             gi = self._choose(imp, metric, target, before)
             g = self.groups[gi]
             count = self._step(g)
@@ -833,7 +839,8 @@ class _Planner:
                 g.cut_unit(unit)
                 self.redundancy[gi] = g.unit_redundancy()
             self.best[gi] = self.redundancy[gi].max()
-            self.cuts[gi] = g.cuts
+            self._cut_channels(gi, g.cuts - self.cuts[gi])
+            self.open[gi] = g.alive_units - self._step(g) >= g.floor
         return True
 
     @staticmethod
@@ -851,9 +858,9 @@ class _Planner:
             if not np.isfinite(imp[gi]):
                 break
             step = self._step(self.groups[gi]) * self.groups[gi].ch_groups
-            self.cuts[gi] += step
+            self._cut_channels(gi, step)
             fits = self.estimated_reduction(metric, before) <= target + TOLERANCE / 2
-            self.cuts[gi] -= step
+            self._cut_channels(gi, -step)
             if fits:
                 return int(gi)
         return int(order[0])
