@@ -155,6 +155,7 @@ def cop_prune(
     round_to: int = 1,
     stages: Sequence[str | int] | None = None,
     protect: Sequence[str] = (),
+    calibration: Iterable[Tensor] | None = None,
 ) -> PruneResult:
     """Prune ``model``'s channels with COP until ``ratio`` of ``metric`` is removed.
 
@@ -178,6 +179,9 @@ def cop_prune(
         stages: only prune channels produced inside these stages, named (or indexed) as
             ``python -m bconv.inspect MODEL`` prints them. Default: every stage.
         protect: extra module paths whose channels must not change.
+        calibration: optional input batches (an extension of COP, which is data-free): redundancy is
+            then the correlation of the channels' activations (each layer's output, over samples and
+            positions) instead of their consumer kernels. A few batches suffice.
 
     Returns:
         A :class:`PruneResult`: ``.model`` (the same object), ``.report`` and ``.history``.
@@ -208,7 +212,7 @@ def cop_prune(
         graph = _build_graph(model, x)
         protected = _protected_layers(model, input_size, graph, protect)
         planner = _Planner(model, graph, positions, protected, allowed, weights, top_k, similarity, normalize,
-                           min_channels, max_fraction, round_to)  # fmt: skip
+                           min_channels, max_fraction, round_to, calibration)  # fmt: skip
         target = ratio
         history: list[list[Any]] = []
         achieved = 0.0
@@ -580,6 +584,38 @@ def _similarity(w: Tensor, kind: str, normalize: str) -> Tensor:
     return m / scale_m if scale_m > 0 else m
 
 
+_CALIBRATION_SAMPLES = 8192  # activation vectors kept per layer (positions x samples, drawn evenly)
+
+
+def _activations(model: nn.Module, roots: list[nn.Module], batches: Iterable[Tensor]) -> dict[nn.Module, Tensor]:
+    """Each root layer's output channels as columns: [samples x positions (capped), channels]."""
+    seen: dict[nn.Module, list[Tensor]] = {m: [] for m in roots}
+
+    def hook(m: nn.Module, args: Any, out: Any) -> None:
+        if not isinstance(out, Tensor):
+            return
+        a = out.detach().float()
+        a = a.movedim(1, -1) if isinstance(m, nn.modules.conv._ConvNd) else a
+        a = a.reshape(-1, a.shape[-1])
+        step = max(1, a.shape[0] // (_CALIBRATION_SAMPLES // 4))
+        seen[m].append(a[::step])
+
+    handles = [m.register_forward_hook(hook) for m in roots]
+    try:
+        with eval_mode(model), torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for m, parts in seen.items():
+        if parts:
+            a = torch.cat(parts)
+            out[m] = a[:: max(1, a.shape[0] // _CALIBRATION_SAMPLES)]
+    return out
+
+
 def _consumer_kernel(module: nn.Module, idxs: list[int], root_idxs: list[int], n: int) -> Tensor | None:
     """The part of ``module``'s kernel that reads the group's n channels, as [taps, filters, n]; None if
     the layer cannot give per-channel vectors (grouped or depthwise convolutions, partial coverage)."""
@@ -679,7 +715,7 @@ class _Planner:
     """The greedy COP selection on Torch-Pruning's groups, with a linear cost model of the network."""
 
     def __init__(self, model, graph, positions, protected, allowed, weights, top_k, similarity, normalize,
-                 min_channels, max_fraction, round_to):  # fmt: skip
+                 min_channels, max_fraction, round_to, calibration=None):  # fmt: skip
         self.model, self.graph = model, graph
         self.alpha, self.beta, self.gamma = weights
         self.skipped: list[tuple[str, str]] = []
@@ -705,6 +741,9 @@ class _Planner:
         seen_roots: set[nn.Module] = set()
         with _index_mapping_frozen(graph):
             all_groups = list(graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
+        activations = None
+        if calibration is not None:
+            activations = _activations(model, [g[0].dep.target.module for g in all_groups], calibration)
         for group in all_groups:
             root = group[0].dep.target.module
             if root in seen_roots:
@@ -736,7 +775,10 @@ class _Planner:
                 self.skipped.append((root_name, "are at their floor already"))
                 continue
             consumers = []
-            for m, it in ins:
+            if activations is not None and root in activations:
+                a = activations[root][:, torch.tensor(list(group[0].idxs))]
+                consumers.append(_Redundancy(_similarity(a.unsqueeze(0), similarity, normalize), top_k))
+            for m, it in ([] if consumers else ins):
                 if _is_layer(m):
                     w = _consumer_kernel(m, list(it.idxs), list(it.root_idxs), n)
                     if w is not None:

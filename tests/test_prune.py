@@ -52,6 +52,16 @@ def test_dead_channel_is_cut_first_not_kept():
     assert one_cut(model) == [3]
 
 
+def test_calibration_cuts_a_channel_whose_activation_duplicates_another():
+    model = Chain()
+    with torch.no_grad():  # channel 6 computes exactly what channel 1 computes
+        model.conv1.weight[6] = model.conv1.weight[1]
+        model.conv1.bias[6] = model.conv1.bias[1]
+    batches = [torch.randn(4, *SMALL) for _ in range(2)]
+    result = cop_prune(model, SMALL, ratio=0.035, metric="channels", calibration=batches)
+    assert result.history[0][2][0] in (1, 6)
+
+
 def test_resnet_residual_widths_stay_consistent_and_classifier_untouched():
     model = torchvision.models.resnet18(num_classes=10)
     fc = model.fc.weight.detach().clone()
