@@ -236,7 +236,13 @@ def cop_prune(
                 break
             # The estimate counts convolutions and linear layers only: ask it for the remaining gap.
             target += ratio - achieved
-        if abs(achieved - ratio) > TOLERANCE:
+        if achieved > ratio + TOLERANCE:
+            raise PruneTargetError(
+                f"ratio={ratio} of {metric} cannot be met within {TOLERANCE:.0%}: the smallest step that reaches it "
+                f"removes {achieved:.3f} (one channel of this model is a large share of its {metric}). "
+                f"Pass ratio={achieved:.3f}, or another metric."
+            )
+        if achieved < ratio - TOLERANCE:
             raise PruneTargetError(
                 f"ratio={ratio} of {metric} is not reachable: pruning stopped at {achieved:.3f} with every "
                 f"prunable layer at its floor (min_channels={min_channels}, max_fraction={max_fraction}, "
@@ -454,11 +460,22 @@ def _protected_layers(
         protected[classifier_path(model, input_size)] = "the classifier"
     except (ClassifierNotFoundError, TraceError):
         pass  # a model with no classifier (segmentation, features): its outputs are protected below
-    output = tp.ops.OPTYPE.OUTPUT
-    for module, node in graph.module2node.items():
-        if isinstance(module, nn.Module) and module in graph._module2name:
-            if any(out.type == output for out in node.outputs):
-                protected.setdefault(graph._module2name[module], "produces a model output")
+    # Walk back from every model output through parameter-free ops (add, interpolate, reshape, ...): the
+    # first module with parameters on each path produces output channels.
+    names = graph._module2name
+    stack = [node for node in graph.module2node.values() if node.type == tp.ops.OPTYPE.OUTPUT]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        for source in node.inputs:
+            if source in seen:
+                continue
+            seen.add(source)
+            module = source.module
+            if isinstance(module, nn.Module) and module in names and any(True for _ in module.parameters(recurse=False)):
+                protected.setdefault(names[module], "produces a model output")
+            else:
+                stack.append(source)
     return protected
 
 
@@ -868,7 +885,7 @@ class _Planner:
 
     def run(self, metric: str, target: float, before: dict[str, int]) -> bool:
         """Cut greedily until the estimated reduction of ``metric`` reaches ``target``; False if floors stop it."""
-        while self.estimated_reduction(metric, before) < target:
+        while self.estimated_reduction(metric, before) < target - TOLERANCE / 4:  # within half a percent
             if not self.open.any():
                 return False
             imp = self.alpha * (1 - self.best) + self._cost_terms()
