@@ -72,12 +72,15 @@ def _logits(out):
     return out
 
 
-def measure(spec: ZooModel, family: str, limit: int) -> dict:
+def measure(spec: ZooModel, family: str, limit: int, max_params: float | None = None) -> dict:
     row = {"zoo": spec.zoo, "family": family, "model": spec.name}
     try:
         model = build(spec).eval()
     except Exception as e:
         return {**row, "status": "error", "reason": "build: " + _first_line(e)}
+    if max_params is not None and sum(p.numel() for p in model.parameters()) > max_params * 1e6:
+        return {**row, "status": "skipped", "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                "reason": f"over --max-params {max_params:g}M (time on 2 shared cores)"}
     own = torchvision_input_size(spec.name, model) if spec.zoo == "torchvision" else default_input_size(model)
     size = SMALL
     try:
@@ -129,10 +132,11 @@ def write(command: str) -> dict:
     rows = list(latest.values())
     count = lambda **kw: sum(all(r.get(k) == v for k, v in kw.items()) for r in rows)  # noqa: E731
     pruned = [r for r in rows if r["status"] == "pruned"]
+    skipped = [r for r in rows if r["status"] in ("skipped", "excluded")]
     ok = [r for r in pruned if r.get("forward") == "same shape" and abs(r["flops_removed"] - 0.5) <= 0.02]
     summary = {
         "models": len(rows), "pruned": len(pruned), "pruned_ok": len(ok),
-        "refused": count(status="refused"), "errors": count(status="error"),
+        "refused": count(status="refused"), "errors": count(status="error"), "skipped": len(skipped),
         "torchvision": f"{count(zoo='torchvision', status='pruned')}/{count(zoo='torchvision')} pruned",
         "timm": f"{count(zoo='timm', status='pruned')}/{count(zoo='timm')} families pruned",
         "median_seconds": sorted(r["seconds"] for r in pruned)[len(pruned) // 2] if pruned else None,
@@ -146,7 +150,7 @@ def write(command: str) -> dict:
         f"model unchanged; error = anything else or the time limit.", "",
         f"- {summary['models']} models: **{summary['pruned']} pruned** ({summary['pruned_ok']} with FLOPs within "
         f"2% of -50% and an unchanged output shape on a fresh batch), {summary['refused']} refused, "
-        f"{summary['errors']} errors", f"- torchvision: {summary['torchvision']}; timm: {summary['timm']}",
+        f"{summary['errors']} errors, {summary['skipped']} skipped (too large for the time available)", f"- torchvision: {summary['torchvision']}; timm: {summary['timm']}",
         f"- median time to prune: {summary['median_seconds']} s", "",
         "| zoo | family | model | input | status | FLOPs removed | params removed | forward | time (s) | reason |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -165,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", help="zoo specs (default: every torchvision classifier + one per timm family)")
     p.add_argument("--resume", action="store_true", help="skip models already in prune_zoo.jsonl")
+    p.add_argument("--zoo", choices=("torchvision", "timm"), help="only this zoo")
+    p.add_argument("--max-params", type=float, help="skip (row 'skipped') models with more parameters, in millions")
     p.add_argument("--write", action="store_true", help="write prune_zoo.md/.json from the collected rows")
     p.add_argument("--only-write", action="store_true", help="only write the .md/.json, measure nothing")
     p.add_argument("--limit", type=int, default=240, help="seconds per model (default 240)")
@@ -178,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and ROWS.exists():
             done = {(r["zoo"], r["model"]) for r in map(json.loads, ROWS.read_text().splitlines()) if r}
         for spec, family in models(args.models):
-            if (spec.zoo, spec.name) in done:
+            if (spec.zoo, spec.name) in done or (args.zoo and spec.zoo != args.zoo):
                 continue
             if str(spec) in EXCLUDED:
                 row = {"zoo": spec.zoo, "family": family, "model": spec.name, "status": "excluded", "reason": EXCLUDED[str(spec)]}
             else:
-                row = measure(spec, family, args.limit)
+                row = measure(spec, family, args.limit, args.max_params)
             print(json.dumps(row), flush=True)
             with ROWS.open("a") as f:
                 f.write(json.dumps(row) + "\n")

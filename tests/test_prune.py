@@ -258,7 +258,11 @@ def test_inspect_previews_pruning(capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "vgg16_bn", "densenet121", "mobilenet_v3_large", "regnet_y_400mf",
-                                  "resnext50_32x4d", "efficientnet_b0", "convnext_tiny", "shufflenet_v2_x1_0"])
+                                  "resnext50_32x4d", "efficientnet_b0", "convnext_tiny",
+                                  pytest.param("shufflenet_v2_x1_0", marks=pytest.mark.xfail(
+                                      strict=True, raises=PruneError,
+                                      reason="Torch-Pruning 1.6 cannot build the graph of a channel shuffle "
+                                             "(ZeroDivisionError in its index mapping): refused with bconv's error"))])
 def test_torchvision_models_prune_to_half_flops(name):
     model = torchvision.models.get_model(name, weights=None)
     x = torch.randn(1, 3, 64, 64)
