@@ -104,7 +104,7 @@ def speed(repeats: int) -> dict:
             achieved[name].append(1 - flops(model, x) / base)
             print(f"  speed rep {rep}: {name} {times[name][-1]:.1f} s, -{100 * achieved[name][-1]:.1f}% FLOPs", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"times_s": times, "median_s": med, "ratio": med["cop"] / med["tp-magnitude"], "achieved": achieved,
+    return {"load_average_after": list(__import__("os").getloadavg()),"times_s": times, "median_s": med, "ratio": med["cop"] / med["tp-magnitude"], "achieved": achieved,
             "tp_channel_ratio": ratio}
 
 
@@ -273,7 +273,11 @@ def write(result: dict, command: str) -> None:
             label = "bconv cop_prune" if k == "cop" else "Torch-Pruning MetaPruner + MagnitudeImportance(p=1), one-shot at the channel ratio that removes 50% of FLOPs"
             lines.append(f"| {label} | {s['median_s'][k]:.1f} | {', '.join(f'{t:.1f}' for t in s['times_s'][k])} | "
                          f"{', '.join(f'{100 * a:.1f}%' for a in s['achieved'][k])} |")  # fmt: skip
-        lines += ["", f"cop_prune / Torch-Pruning magnitude: **{s['ratio']:.2f}x** the time.", ""]
+        lines += ["", f"cop_prune / Torch-Pruning magnitude: **{s['ratio']:.2f}x** the time."]
+        if "load_average_after" in s:
+            lines += ["", f"Load average (1, 5, 15 min) when the run ended: {', '.join(f'{v:.1f}' for v in s['load_average_after'])} "
+                      f"on 2 cores (a shared machine): absolute times are inflated accordingly; the ratio is the figure."]
+        lines += [""]
     if "accuracy" in old:
         a = old["accuracy"]
         lines += [
