@@ -270,3 +270,22 @@ def test_torchvision_models_prune_to_half_flops(name):
     result = cop_prune(model, (3, 64, 64), ratio=0.5)
     assert abs(result.report.achieved - 0.5) <= 0.02
     assert model(x).shape == shape
+
+
+def test_zoo_benchmark_classifies_pruned_and_refused_models():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from bconv._zoo import resolve
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        prune_zoo = importlib.import_module("prune_zoo")
+    finally:
+        sys.path.pop(0)
+    pruned = prune_zoo.measure(resolve("torchvision:squeezenet1_1"), "torchvision", 120)
+    assert pruned["status"] == "pruned" and pruned["forward"] == "same shape"
+    assert abs(pruned["flops_removed"] - 0.5) <= 0.02
+    refused = prune_zoo.measure(resolve("torchvision:shufflenet_v2_x0_5"), "torchvision", 120)
+    assert refused["status"] == "refused" and refused["unchanged"] and "PruneError" in refused["reason"]
