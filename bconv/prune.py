@@ -460,6 +460,14 @@ def _protected_layers(
         protected[classifier_path(model, input_size)] = "the classifier"
     except (ClassifierNotFoundError, TraceError):
         pass  # a model with no classifier (segmentation, features): its outputs are protected below
+    # Attention keeps its widths: Torch-Pruning does not update head counts and head dims (timm's
+    # Attention reshapes with self.num_heads), so pruning its projections breaks the forward.
+    for name, module in model.named_modules():
+        heads = getattr(module, "num_heads", None)
+        if isinstance(heads, int) and heads > 0:
+            for sub, layer in module.named_modules():
+                if _is_layer(layer) or isinstance(layer, nn.MultiheadAttention):
+                    protected.setdefault(f"{name}.{sub}" if sub else name, f"attention with {heads} heads")
     # Walk back from every model output through parameter-free ops (add, interpolate, reshape, ...): the
     # first module with parameters on each path produces output channels.
     names = graph._module2name
@@ -642,8 +650,8 @@ def _consumer_kernel(module: nn.Module, idxs: list[int], root_idxs: list[int], n
     if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
         w = w.transpose(0, 1)
     w = w.reshape(w.shape[0], w.shape[1], -1)  # [filters, in, taps]
-    if len(set(root_idxs)) != n or len(idxs) % n:
-        return None
+    if len(set(root_idxs)) != n or len(idxs) % n or max(idxs) >= w.shape[1]:
+        return None  # Torch-Pruning maps the channels through a reshape this kernel does not read one to one
     order = sorted(range(len(idxs)), key=lambda i: (root_idxs[i], i))
     cols = torch.tensor([idxs[i] for i in order])
     per = len(idxs) // n  # >1 for a Linear reading a flattened map: each channel spans `per` inputs
@@ -826,6 +834,13 @@ class _Planner:
             for m, it in ins:
                 if _is_layer(m) and not _depthwise(m):
                     row_in[index[m]] += len(it.idxs) / n
+            most = n - floor * ch_groups
+            widths_in = np.array([_in_channels(m) for m in layers])
+            widths_out = np.array([_out_channels(m) for m in layers])
+            if (row_in * most > widths_in).any() or (row_out * most > widths_out).any():
+                # Torch-Pruning maps these channels through a reshape onto more inputs than a layer has.
+                self.skipped.append((root_name, "are mapped by Torch-Pruning onto more channels than a layer has"))
+                continue
             groups.append(g)
             a_in.append(row_in)
             a_out.append(row_out)
@@ -935,8 +950,15 @@ class _Planner:
             positions = np.cumsum(present) - 1
             idxs = [int(i) for i in positions[todo]]
             pruner = self.graph.get_pruner_of_module(g.root)
-            group = self.graph.get_pruning_group(g.root, pruner.prune_out_channels, idxs)
-            group.prune()
+            try:
+                group = self.graph.get_pruning_group(g.root, pruner.prune_out_channels, idxs)
+                group.prune()
+            except Exception as e:  # Torch-Pruning's own failure on an op it mis-handles
+                raise PruneError(
+                    f"Torch-Pruning failed to remove channels of `{g.root_name}` and the layers coupled to it: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Pass protect=['{g.root_name}'] "
+                    f"or stages=[...] without it; the model is unchanged."
+                ) from e
             history.append([g.root_name, True, idxs])
             g.applied |= todo
             self.applied_cuts += len(idxs)
