@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -197,7 +196,7 @@ def accuracy_part(seeds: int, targets: list[float], epochs: int, finetune: int) 
                      "acc_pruned": base_acc, "acc": base_acc})  # fmt: skip
         print(f"seed {seed}: unpruned {100 * base_acc:.2f}%", flush=True)
         for target in targets:
-            channel_ratio = tp_ratio_for(lambda: copy.deepcopy(base), x1, target, lambda m: [m.fc])
+            channel_ratio = tp_ratio_for(lambda base=base: copy.deepcopy(base), x1, target, lambda m: [m.fc])
             for method in METHODS:
                 model = copy.deepcopy(base)
                 prune_with(method, model, target, seed, channel_ratio)
