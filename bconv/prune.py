@@ -211,8 +211,17 @@ def cop_prune(
             reference_shapes = _output_shapes(out)
         graph = _build_graph(model, x)
         protected = _protected_layers(model, input_size, graph, protect)
-        planner = _Planner(model, graph, positions, protected, allowed, weights, top_k, similarity, normalize,
-                           min_channels, max_fraction, round_to, calibration)  # fmt: skip
+        try:
+            planner = _Planner(model, graph, positions, protected, allowed, weights, top_k, similarity, normalize,
+                               min_channels, max_fraction, round_to, calibration)  # fmt: skip
+        except BConvError:
+            raise
+        except Exception as e:  # Torch-Pruning's groups of an op it mis-handles (seen: ZeroDivisionError, IndexError)
+            raise PruneError(
+                f"Torch-Pruning's dependency groups of {type(model).__name__} could not be read: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}. Pass stages=[...] to prune only some stages; the model "
+                f"is unchanged."
+            ) from e
         target = ratio
         history: list[list[Any]] = []
         achieved = 0.0
@@ -810,7 +819,7 @@ class _Planner:
                         consumers.append(_Redundancy(_similarity(w, similarity, normalize), top_k))
             if not consumers:  # nothing reads these channels through a dense kernel: correlate the filters
                 for m, it in outs:
-                    if _is_layer(m) and not _depthwise(m):
+                    if _is_layer(m) and not _depthwise(m) and max(it.idxs) < _out_channels(m):
                         w = m.weight.detach()
                         w = w.transpose(0, 1) if getattr(m, "transposed", False) else w
                         w = w.reshape(w.shape[0], -1)[torch.tensor(list(it.idxs))]

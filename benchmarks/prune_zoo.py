@@ -126,7 +126,7 @@ def measure(spec: ZooModel, family: str, limit: int, max_params: float | None = 
     return row
 
 
-def write(command: str) -> dict:
+def write(command: str, note: str = "") -> dict:
     rows = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
     latest = {(r["zoo"], r["model"]): r for r in rows}
     rows = list(latest.values())
@@ -151,7 +151,7 @@ def write(command: str) -> dict:
         f"- {summary['models']} models: **{summary['pruned']} pruned** ({summary['pruned_ok']} with FLOPs within "
         f"2% of -50% and an unchanged output shape on a fresh batch), {summary['refused']} refused, "
         f"{summary['errors']} errors, {summary['skipped']} skipped (too large for the time available)", f"- torchvision: {summary['torchvision']}; timm: {summary['timm']}",
-        f"- median time to prune: {summary['median_seconds']} s", "",
+        f"- median time to prune: {summary['median_seconds']} s", *([f"- {note}"] if note else []), "",
         "| zoo | family | model | input | status | FLOPs removed | params removed | forward | time (s) | reason |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-params", type=float, help="skip (row 'skipped') models with more parameters, in millions")
     p.add_argument("--write", action="store_true", help="write prune_zoo.md/.json from the collected rows")
     p.add_argument("--only-write", action="store_true", help="only write the .md/.json, measure nothing")
+    p.add_argument("--note", default="", help="a line for the .md (how the rows were collected)")
     p.add_argument("--limit", type=int, default=240, help="seconds per model (default 240)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             with ROWS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
     if args.write or args.only_write:
-        print(json.dumps(write(command), indent=1))
+        print(json.dumps(write(command, args.note), indent=1))
     return 0
 
 
