@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     p.add_argument("--cell", choices=("v1", "v2"), default="v1", help="BConv-Cell of the PTL preview (default: v1)")
     p.add_argument("--no-plan", action="store_true", help="only the stages, no PTL preview")
+    p.add_argument("--prune", type=float, metavar="RATIO", help="preview COP pruning of this fraction of --metric (instead of PTL)")
+    p.add_argument("--metric", choices=("flops", "params", "channels"), default="flops", help="what --prune removes (default: flops)")
+    p.add_argument("--prefer", choices=("balanced", "smaller", "faster"), default="balanced", help="COP preset for --prune (default: balanced)")
     return p
 
 
@@ -109,6 +112,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     stages = list(body.stages)
     source = stages[0].source
+    if args.prune is not None:
+        from .prune import cop_prune, format_report
+
+        try:
+            report = cop_prune(model, input_size, ratio=args.prune, metric=args.metric, prefer=args.prefer).report
+        except (BConvError, ValueError) as e:
+            print(f"bconv.inspect: {spec}: {e}", file=sys.stderr)
+            return 1
+        print(f"{spec.name} from {spec.zoo} (random weights), input {'x'.join(map(str, input_size))}: "
+              f"cop_prune(ratio={args.prune}, metric={args.metric!r}, prefer={args.prefer!r})")  # fmt: skip
+        print()
+        print(format_report(report, stages))
+        return 0
     plan = None
     if not args.no_plan:
         try:

@@ -1,0 +1,203 @@
+"""Zoo coverage of COP pruning: every torchvision classifier and one model per timm family at -50% FLOPs.
+
+For each model, built with random weights, at a small input (64x64, or the model's own size where it
+rejects 64x64), ``cop_prune(model, ratio=0.5, metric="flops")`` is timed, and the result classified:
+
+* **pruned**: the call returned; the FLOPs and params removed are measured on the pruned model, and an
+  independent eval forward on a fresh batch of 2 checks that it runs and that the output shape is unchanged;
+* **refused**: bconv raised its own error (``PruneError``, ``PruneTargetError``, ``ValueError``) with a
+  reason, and the model was left unchanged (checked: its parameter count is the original's);
+* **error**: anything else (a bug to fix), or the per-model time limit.
+
+Rows are appended to ``benchmarks/results/prune_zoo.jsonl`` as they finish (a long run can be resumed
+with ``--resume``); ``--write`` turns them into ``prune_zoo.md`` and ``prune_zoo.json``. Reproduce::
+
+    python benchmarks/prune_zoo.py --threads 1                # everything, resumable
+    python benchmarks/prune_zoo.py --models torchvision:resnet18 timm:convnext_atto --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bconv._zoo import ZooModel, build, resolve, timm_families, torchvision_input_size, torchvision_names
+from bconv.errors import BConvError
+from bconv.prune import cop_prune
+from bconv.surgery.stages import default_input_size
+
+RESULTS = Path(__file__).parent / "results"
+ROWS = RESULTS / "prune_zoo.jsonl"
+SMALL = (3, 64, 64)
+# Not built: each needs more compute than the rest of the torchvision zoo together (see benchmarks/zoo.py).
+EXCLUDED = {"torchvision:vit_h_14": "torchvision's largest ViT", "torchvision:regnet_y_128gf": "torchvision's largest RegNet"}
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def models(selection: list[str] | None) -> list[tuple[ZooModel, str]]:
+    if selection:
+        return [(m, m.zoo) for m in map(resolve, selection)]
+    rows = [(ZooModel("torchvision", n), "torchvision") for n in torchvision_names()]
+    rows += [(ZooModel("timm", n), f) for f, n in sorted(timm_families().items())]
+    return rows
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
+
+
+def _logits(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out
+
+
+def measure(spec: ZooModel, family: str, limit: int, max_params: float | None = None) -> dict:
+    row = {"zoo": spec.zoo, "family": family, "model": spec.name}
+    try:
+        model = build(spec).eval()
+    except Exception as e:
+        return {**row, "status": "error", "reason": "build: " + _first_line(e)}
+    if max_params is not None and sum(p.numel() for p in model.parameters()) > max_params * 1e6:
+        return {**row, "status": "skipped", "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                "reason": f"over --max-params {max_params:g}M (time on 2 shared cores)"}
+    own = torchvision_input_size(spec.name, model) if spec.zoo == "torchvision" else default_input_size(model)
+    size = SMALL
+    try:
+        with torch.no_grad():
+            shape = tuple(_logits(model(torch.randn(2, *SMALL))).shape)
+    except Exception:
+        size = tuple(own)
+        try:
+            with torch.no_grad():
+                shape = tuple(_logits(model(torch.randn(2, *size))).shape)
+        except Exception as e:
+            return {**row, "status": "error", "reason": "forward before pruning: " + _first_line(e)}
+    row["input"] = "x".join(map(str, size))
+    params_before = sum(p.numel() for p in model.parameters())
+    row["params_m"] = round(params_before / 1e6, 2)
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(limit)
+    start = time.perf_counter()
+    try:
+        report = cop_prune(model, size, ratio=0.5, metric="flops").report
+        row["seconds"] = round(time.perf_counter() - start, 2)
+    except _Timeout:
+        return {**row, "status": "error", "reason": f"over the {limit} s limit", "seconds": limit}
+    except (BConvError, ValueError) as e:
+        signal.alarm(0)
+        unchanged = sum(p.numel() for p in model.parameters()) == params_before
+        return {**row, "status": "refused", "reason": _first_line(e), "unchanged": unchanged,
+                "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+    except Exception as e:
+        signal.alarm(0)
+        return {**row, "status": "error", "reason": _first_line(e), "seconds": round(time.perf_counter() - start, 2)}
+    finally:
+        signal.alarm(0)
+    row.update(status="pruned", flops_removed=round(1 - report.flops_after / report.flops_before, 4),
+               params_removed=round(1 - report.params_after / report.params_before, 4),
+               layers_narrowed=len(report.layers))  # fmt: skip
+    try:
+        with torch.no_grad():
+            after = tuple(_logits(model.eval()(torch.randn(2, *size))).shape)
+        row["forward"] = "same shape" if after == shape else f"shape {after} != {shape}"
+    except Exception as e:
+        row["forward"] = "fails: " + _first_line(e)
+    return row
+
+
+def write(command: str, note: str = "") -> dict:
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
+    latest = {(r["zoo"], r["model"]): r for r in rows}
+    rows = list(latest.values())
+    count = lambda **kw: sum(all(r.get(k) == v for k, v in kw.items()) for r in rows)  # noqa: E731
+    pruned = [r for r in rows if r["status"] == "pruned"]
+    skipped = [r for r in rows if r["status"] in ("skipped", "excluded")]
+    ok = [r for r in pruned if r.get("forward") == "same shape" and abs(r["flops_removed"] - 0.5) <= 0.02]
+    summary = {
+        "models": len(rows), "pruned": len(pruned), "pruned_ok": len(ok),
+        "refused": count(status="refused"), "errors": count(status="error"), "skipped": len(skipped),
+        "torchvision": f"{count(zoo='torchvision', status='pruned')}/{count(zoo='torchvision')} pruned",
+        "timm": f"{count(zoo='timm', status='pruned')}/{count(zoo='timm')} families pruned",
+        "median_seconds": sorted(r["seconds"] for r in pruned)[len(pruned) // 2] if pruned else None,
+        "command": command,
+    }  # fmt: skip
+    (RESULTS / "prune_zoo.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    lines = [
+        "# COP pruning over the zoos: -50% FLOPs", "",
+        f"Command: `{command}`; rows collected by `python benchmarks/prune_zoo.py` (random weights, input 64x64 "
+        f"unless the model needs its own size). Pruned = returned and measured; refused = bconv's own error, "
+        f"model unchanged; error = anything else or the time limit.", "",
+        f"- {summary['models']} models: **{summary['pruned']} pruned** ({summary['pruned_ok']} with FLOPs within "
+        f"2% of -50% and an unchanged output shape on a fresh batch), {summary['refused']} refused, "
+        f"{summary['errors']} errors, {summary['skipped']} skipped (too large for the time available)", f"- torchvision: {summary['torchvision']}; timm: {summary['timm']}",
+        f"- median time to prune: {summary['median_seconds']} s", *([f"- {note}"] if note else []), "",
+        "| zoo | family | model | input | status | FLOPs removed | params removed | forward | time (s) | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["zoo"] != "torchvision", r["status"] != "pruned", r["family"], r["model"])):
+        f = f"{100 * r['flops_removed']:.1f}%" if "flops_removed" in r else ""
+        p = f"{100 * r['params_removed']:.1f}%" if "params_removed" in r else ""
+        reason = r.get("reason", "").replace("|", "\\|")[:220]
+        lines.append(f"| {r['zoo']} | {r['family']} | {r['model']} | {r.get('input', '')} | {r['status']} | {f} | {p} | "
+                     f"{r.get('forward', '')} | {r.get('seconds', '')} | {reason} |")  # fmt: skip
+    (RESULTS / "prune_zoo.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", help="zoo specs (default: every torchvision classifier + one per timm family)")
+    p.add_argument("--resume", action="store_true", help="skip models already in prune_zoo.jsonl")
+    p.add_argument("--zoo", choices=("torchvision", "timm"), help="only this zoo")
+    p.add_argument("--max-params", type=float, help="skip (row 'skipped') models with more parameters, in millions")
+    p.add_argument("--write", action="store_true", help="write prune_zoo.md/.json from the collected rows")
+    p.add_argument("--only-write", action="store_true", help="only write the .md/.json, measure nothing")
+    p.add_argument("--note", default="", help="a line for the .md (how the rows were collected)")
+    p.add_argument("--limit", type=int, default=240, help="seconds per model (default 240)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/prune_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    RESULTS.mkdir(exist_ok=True)
+    if not args.only_write:
+        done = set()
+        if args.resume and ROWS.exists():
+            done = {(r["zoo"], r["model"]) for r in map(json.loads, ROWS.read_text().splitlines()) if r}
+        for spec, family in models(args.models):
+            if (spec.zoo, spec.name) in done or (args.zoo and spec.zoo != args.zoo):
+                continue
+            if str(spec) in EXCLUDED:
+                row = {"zoo": spec.zoo, "family": family, "model": spec.name, "status": "excluded", "reason": EXCLUDED[str(spec)]}
+            else:
+                row = measure(spec, family, args.limit, args.max_params)
+            print(json.dumps(row), flush=True)
+            with ROWS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    if args.write or args.only_write:
+        print(json.dumps(write(command, args.note), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

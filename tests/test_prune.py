@@ -1,0 +1,291 @@
+"""COP pruning (bconv.prune): which channels go, coupled widths, floors, targets, save/load, errors."""
+
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import bconv
+from bconv.prune import PruneError, PruneTargetError, cop_prune, format_report, load_pruned, save_pruned
+from conftest import zoo_model
+
+SMALL = (3, 32, 32)
+
+
+class Chain(nn.Module):
+    """conv1 (8 channels) -> conv2 -> pool -> fc: only conv1's channels are candidates (conv2 feeds the classifier)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv2(torch.relu(self.conv1(x))).mean((2, 3)))
+
+
+def one_cut(model: nn.Module) -> list[int]:
+    # 8 + 16 + 4 output channels: removing 1 of the 28 is 3.6%, so ratio 0.035 of "channels" is one cut.
+    result = cop_prune(model, SMALL, ratio=0.035, metric="channels")
+    assert result.report.channels_before - result.report.channels_after == 1
+    ((name, is_out, idxs),) = result.history
+    assert name == "conv1" and is_out
+    return idxs
+
+
+@pytest.mark.parametrize("source, copy", [(2, 5), (6, 1)])
+def test_channel_whose_consumer_column_duplicates_another_is_cut_first(source, copy):
+    model = Chain()
+    with torch.no_grad():
+        model.conv2.weight[:, copy] = 2 * model.conv2.weight[:, source] + 0.1  # perfectly correlated
+    assert one_cut(model)[0] in (source, copy)
+
+
+def test_dead_channel_is_cut_first_not_kept():
+    # The released code gives a constant consumer column correlation 0, i.e. maximal importance.
+    model = Chain()
+    with torch.no_grad():
+        model.conv2.weight[:, 3] = 0.0
+    assert one_cut(model) == [3]
+
+
+def test_calibration_cuts_a_channel_whose_activation_duplicates_another():
+    model = Chain()
+    with torch.no_grad():  # channel 6 computes exactly what channel 1 computes
+        model.conv1.weight[6] = model.conv1.weight[1]
+        model.conv1.bias[6] = model.conv1.bias[1]
+    batches = [torch.randn(4, *SMALL) for _ in range(2)]
+    result = cop_prune(model, SMALL, ratio=0.035, metric="channels", calibration=batches)
+    assert result.history[0][2][0] in (1, 6)
+
+
+def test_resnet_residual_widths_stay_consistent_and_classifier_untouched():
+    model = torchvision.models.resnet18(num_classes=10)
+    fc = model.fc.weight.detach().clone()
+    result = cop_prune(model, SMALL, ratio=0.5, metric="flops")
+    for block in [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]:
+        identity = block.downsample[0].out_channels if block.downsample is not None else block.conv1.in_channels
+        assert block.conv2.out_channels == block.bn2.num_features == identity
+        assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels
+    assert torch.equal(model.fc.weight, fc)
+    assert model(torch.randn(2, *SMALL)).shape == (2, 10)
+    assert any(w.after < w.before for w in result.report.layers)
+    assert "fc" not in {w.name for w in result.report.layers}
+
+
+class TinySegmenter(nn.Module):
+    """No classifier: the last conv's channels reach the output through an upsampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        return {"out": nn.functional.interpolate(self.head(self.body(x)), size=x.shape[-2:], mode="bilinear")}
+
+
+def test_layer_producing_a_model_output_keeps_its_channels():
+    model = TinySegmenter()
+    report = cop_prune(model, SMALL, ratio=0.06, metric="channels").report  # 2 of 35 channels
+    assert model.head.out_channels == 3 and model.head.in_channels == 16
+    assert any(w.name == "body.0" and w.after < 16 for w in report.layers)
+    assert model(torch.randn(1, *SMALL))["out"].shape == (1, 3, 32, 32)
+
+
+def test_densenet_concatenation_widths_stay_consistent():
+    # DenseNet-121's layout at a third of its depth: every layer reads the concatenation of all before it.
+    model = torchvision.models.DenseNet(growth_rate=16, block_config=(3, 4, 3), num_init_features=32, num_classes=10)
+    cop_prune(model, SMALL, ratio=0.4, metric="flops")
+    for name, m in model.named_modules():
+        if isinstance(m, torchvision.models.densenet._DenseLayer):
+            assert m.norm1.num_features == m.conv1.in_channels, name
+            assert m.norm2.num_features == m.conv1.out_channels == m.conv2.in_channels, name
+    assert model(torch.randn(2, *SMALL)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("spec", ["torchvision:mobilenet_v2", "timm:efficientnet_b0", "timm:convnext_atto"])
+def test_depthwise_and_convnext_still_run_after_pruning(spec):
+    model = zoo_model(spec)
+    x = torch.randn(2, 3, 64, 64)
+    shape = model.eval()(x).shape
+    result = cop_prune(model, (3, 64, 64), ratio=0.3, metric="flops")
+    assert abs(result.report.achieved - 0.3) <= 0.02
+    assert model(x).shape == shape
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            assert m.groups == m.in_channels == m.out_channels  # depthwise stayed depthwise
+
+
+def cifar_vgg16_bn() -> nn.Module:
+    """VGG16-BN as COP prunes it on CIFAR: torchvision's features, a 512-wide classifier."""
+    vgg = torchvision.models.vgg
+    features = vgg.make_layers(vgg.cfgs["D"], batch_norm=True)
+    return nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+@pytest.mark.parametrize("build", [cifar_vgg16_bn, lambda: torchvision.models.resnet18(num_classes=10)], ids=["vgg16_bn", "resnet18"])
+def test_ablation_direction_smaller_removes_params_faster_removes_flops(build):
+    # COP's ablation (DESIGN §7): gamma favours parameters, beta favours FLOPs, at the same channel count.
+    reports = {}
+    for prefer in ("smaller", "faster"):
+        torch.manual_seed(0)
+        reports[prefer] = cop_prune(build(), SMALL, ratio=0.3, metric="channels", prefer=prefer).report
+    smaller, faster = reports["smaller"], reports["faster"]
+    assert abs(smaller.channels_after - faster.channels_after) <= 0.02 * smaller.channels_before
+    assert smaller.params_after < faster.params_after
+    assert faster.flops_after < smaller.flops_after
+
+
+@pytest.mark.parametrize("metric", ["flops", "params", "channels"])
+def test_target_met_within_two_percent(metric):
+    result = cop_prune(torchvision.models.resnet18(num_classes=10), SMALL, ratio=0.4, metric=metric)
+    report = result.report
+    before, after = {"flops": (report.flops_before, report.flops_after),
+                     "params": (report.params_before, report.params_after),
+                     "channels": (report.channels_before, report.channels_after)}[metric]  # fmt: skip
+    assert abs(1 - after / before - 0.4) <= 0.02
+    assert report.achieved == pytest.approx(1 - after / before)
+
+
+def test_unreachable_target_is_refused_with_reachable_ratio_and_model_unchanged():
+    model = torchvision.models.resnet18(num_classes=10)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruneTargetError, match=r"about 0\.\d+ can be removed"):
+        cop_prune(model, SMALL, ratio=0.9, metric="params", max_fraction=0.5)
+    after = model.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert model.layer1[0].conv1.out_channels == 64
+
+
+def test_floors_hold():
+    model = torchvision.models.resnet18(num_classes=10)
+    report = cop_prune(model, SMALL, ratio=0.5, metric="flops", min_channels=24, max_fraction=0.6, round_to=8).report
+    assert report.layers
+    for w in report.layers:
+        assert w.after >= max(24, math.ceil(0.4 * w.before)), w
+        assert w.after % 8 == 0, w
+
+
+def test_stages_limit_pruning_to_the_named_stage():
+    model = torchvision.models.resnet18(num_classes=10)
+    report = cop_prune(model, SMALL, ratio=0.1, metric="flops", stages=["layer3"]).report
+    assert report.layers and all(w.name.startswith("layer3.") for w in report.layers)
+
+
+def test_save_load_round_trip_reproduces_outputs_exactly(tmp_path):
+    model = torchvision.models.resnet18(num_classes=10)
+    result = cop_prune(model, SMALL, ratio=0.5)
+    with torch.no_grad():  # as if fine-tuned: the saved weights are not the pruned original's
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_pruned(result, tmp_path / "pruned.pt")
+    assert torch.load(tmp_path / "pruned.pt", weights_only=True)["history"]
+    loaded = load_pruned(torchvision.models.resnet18(num_classes=10), tmp_path / "pruned.pt")
+    x = torch.randn(3, *SMALL)
+    assert torch.equal(model.eval()(x), loaded.eval()(x))
+
+
+def test_load_pruned_refuses_another_architecture(tmp_path):
+    result = cop_prune(Chain(), SMALL, ratio=0.1, metric="channels")
+    save_pruned(result, tmp_path / "p.pt")
+    with pytest.raises(ValueError, match="holds a pruned Chain"):
+        load_pruned(torchvision.models.resnet18(), tmp_path / "p.pt")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"ratio": 0.0}, "strictly between 0 and 1"),
+    ({"ratio": 1.5}, "strictly between 0 and 1"),
+    ({"metric": "latency"}, "'flops', 'params', 'channels'"),
+    ({"prefer": "fast"}, "'balanced', 'smaller', 'faster'"),
+    ({"similarity": "spearman"}, "'pearson', 'cosine', 'inner'"),
+    ({"max_fraction": 0.0}, r"\(0, 1\]"),
+    ({"round_to": 0}, ">= 1"),
+    ({"stages": ["layer9"]}, r"unknown stage 'layer9'.*layer3.*bconv\.inspect"),
+])  # fmt: skip
+def test_bad_arguments_get_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cop_prune(torchvision.models.resnet18(num_classes=10), SMALL, **kwargs)
+
+
+class Detached(nn.Module):
+    """conv1's output reaches the rest through .detach(): autograd, hence Torch-Pruning, cannot follow it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.conv1(x).detach()).mean((2, 3)))
+
+
+def test_untraceable_model_gets_an_error_naming_the_layer():
+    model = Detached()
+    with pytest.raises(PruneError, match="does not reach `conv1`"):
+        cop_prune(model, SMALL, ratio=0.2)
+    assert model.conv1.out_channels == 8
+
+
+def test_ptl_wrapped_model_is_refused_with_the_std_recipe():
+    wrapped = bconv.wrap_with_ptl(torchvision.models.resnet18(num_classes=10), input_size=SMALL)
+    with pytest.raises(ValueError, match="STDTrainer"):
+        cop_prune(wrapped, SMALL, ratio=0.3)
+
+
+def test_report_formats_stage_widths():
+    model = torchvision.models.resnet18(num_classes=10)
+    stages = bconv.find_stages(model, SMALL)
+    text = format_report(cop_prune(model, SMALL, ratio=0.5).report, stages)
+    assert "layer3" in text and "parameters" in text and "FLOPs" in text
+
+
+def test_inspect_previews_pruning(capsys):
+    from bconv.inspect import main
+
+    assert main(["resnet18", "--input-size", "3", "32", "32", "--prune", "0.5", "--prefer", "faster"]) == 0
+    out = capsys.readouterr().out
+    assert "layer4" in out and "FLOPs" in out and "(1, 3, 0)" in out
+    reached = float(out.split("reached -")[1].split("%")[0])
+    assert abs(reached - 50) <= 2
+    assert main(["resnet18", "--input-size", "3", "32", "32", "--prune", "2"]) == 1
+    assert "strictly between 0 and 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "vgg16_bn", "densenet121", "mobilenet_v3_large", "regnet_y_400mf",
+                                  "resnext50_32x4d", "efficientnet_b0", "convnext_tiny",
+                                  pytest.param("shufflenet_v2_x1_0", marks=pytest.mark.xfail(
+                                      strict=True, raises=PruneError,
+                                      reason="Torch-Pruning 1.6 cannot build the graph of a channel shuffle "
+                                             "(ZeroDivisionError in its index mapping): refused with bconv's error"))])
+def test_torchvision_models_prune_to_half_flops(name):
+    model = torchvision.models.get_model(name, weights=None)
+    x = torch.randn(1, 3, 64, 64)
+    shape = model.eval()(x).shape
+    result = cop_prune(model, (3, 64, 64), ratio=0.5)
+    assert abs(result.report.achieved - 0.5) <= 0.02
+    assert model(x).shape == shape
+
+
+def test_zoo_benchmark_classifies_pruned_and_refused_models():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from bconv._zoo import resolve
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        prune_zoo = importlib.import_module("prune_zoo")
+    finally:
+        sys.path.pop(0)
+    pruned = prune_zoo.measure(resolve("torchvision:squeezenet1_1"), "torchvision", 120)
+    assert pruned["status"] == "pruned" and pruned["forward"] == "same shape"
+    assert abs(pruned["flops_removed"] - 0.5) <= 0.02
+    refused = prune_zoo.measure(resolve("torchvision:shufflenet_v2_x0_5"), "torchvision", 120)
+    assert refused["status"] == "refused" and refused["unchanged"] and "PruneError" in refused["reason"]
