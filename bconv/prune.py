@@ -35,7 +35,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .errors import BConvError, ClassifierNotFoundError, TraceError
+from .errors import BConvError, TraceError
 from .surgery._hooks import original_network
 from .surgery._trace import dummy_input, eval_mode
 
@@ -462,13 +462,17 @@ def _protected_layers(
     The classifier keeps its input and output width (so the pooled feature width, which STD
     distils, is kept too), and every layer whose output channels reach a model output keeps them.
     """
-    from .distill import classifier_path
+    from .surgery.anatomy import anatomy
 
     protected = {name: "protected by the caller" for name in extra}
     try:
-        protected[classifier_path(model, input_size)] = "the classifier"
-    except (ClassifierNotFoundError, TraceError):
-        pass  # a model with no classifier (segmentation, features): its outputs are protected below
+        # The network's anatomy, the one description PTL, STD and rollback read, says where its head is.
+        classifier = anatomy(model, input_size, need_stages=False).head.classifier
+    except TraceError:
+        classifier = None
+    if classifier is not None:
+        protected[classifier] = "the classifier"
+    # A model with no classifier (segmentation, features only) has its outputs protected below.
     # Attention keeps its widths: Torch-Pruning does not update head counts and head dims (timm's
     # Attention reshapes with self.num_heads), so pruning its projections breaks the forward.
     for name, module in model.named_modules():
