@@ -127,18 +127,9 @@ def _check_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tup
 # --------------------------------------------------------------------------- geometry
 
 
-def spatial_layout(
-    shape: Sequence[int],
-    input_size: Sequence[int],
-    alt_shape: Sequence[int] | None = None,
-    alt_input_size: Sequence[int] | None = None,
-) -> tuple[Layout, int, int] | None:
-    """``(layout, reduction, channels)`` when ``shape`` (no batch) is a feature map of an input of ``input_size``.
-
-    Pass the same tensor's shape at a second input size to measure which dimensions are spatial (see
-    :func:`bconv.surgery._trace.geometry`); with one shape only, the reading must be unambiguous.
-    """
-    return geometry(shape, input_size, alt_shape, alt_input_size)  # type: ignore[return-value]
+# ``(layout, reduction, channels)`` of a feature map, measured from its shapes at two input sizes (or read
+# from one, strictly): the one geometry rule, kept under its public name here.
+spatial_layout = geometry
 
 
 # --------------------------------------------------------------------------- fx path
