@@ -130,13 +130,15 @@ class _OneSizeOnly(nn.Module):
 
 
 def test_model_that_accepts_one_size_reads_unambiguous_layouts():
-    a = anatomy(_OneSizeOnly(), (3, 64, 48), source="fx")
+    with pytest.warns(UserWarning, match="accepts only its input size"):
+        a = anatomy(_OneSizeOnly(), (3, 64, 48), source="fx")
     assert not a.layout_measured
     assert [(s.name, s.layout, s.channels, s.reduction) for s in a.stages] == [
         ("body.stem", "NCHW", 8, 2), ("body.stage1", "NCHW", 16, 4), ("body.stage2", "NCHW", 32, 8),
     ]  # fmt: skip
     # At 64x64, stage1's [16, 16, 16] reads both ways: it is left out rather than guessed.
-    square = anatomy(_OneSizeOnly(), (3, 64, 64), source="fx")
+    with pytest.warns(UserWarning, match="ambiguous"):
+        square = anatomy(_OneSizeOnly(), (3, 64, 64), source="fx")
     assert "body.stage1" not in [s.name for s in square.stages]
 
 

@@ -14,6 +14,7 @@ module structure changes (a new classifier, a replaced block).
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
@@ -168,14 +169,21 @@ def anatomy(
     if key not in cached:
         # A PTL-wrapped network's hooks would run the ladder on the dummy input: switch them off.
         with eval_mode(network), bconv_hooks_suspended(network):
-            cached[key] = _measure(network, size, source, tuple(leaf_modules))
+            cached[key] = _measure(network, size, source, tuple(leaf_modules), info)
     found = cached[key]
     if need_stages and found.stages_error is not None:
         raise found.stages_error
     return found.with_prefix(prefix)
 
 
-def _measure(model: nn.Module, input_size: tuple[int, ...], source: str, leaf_modules: tuple[type, ...]) -> Anatomy:
+def _measure(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    source: str,
+    leaf_modules: tuple[type, ...],
+    entries: list[dict] | str,
+) -> Anatomy:
+    """Trace once, propagate shapes once (at two sizes), and read the stages and the head from that."""
     traced: Traced | None = None
     trace_error: TraceError | None = None
     try:
@@ -191,10 +199,9 @@ def _measure(model: nn.Module, input_size: tuple[int, ...], source: str, leaf_mo
 
     stages: list[Stage] | None = None
     chain: list[fx.Node] = []
-    entries = _feature_info(model) if source != "fx" else "not asked for"
     if source == "feature_info" and isinstance(entries, str):
         raise ValueError(f"source='feature_info' is not usable for {type(model).__name__}: {entries}")
-    if not isinstance(entries, str):
+    if source != "fx" and not isinstance(entries, str):
         try:
             stages = _feature_info_stages(model, entries, input_size)
         except InputSizeError:
@@ -208,7 +215,7 @@ def _measure(model: nn.Module, input_size: tuple[int, ...], source: str, leaf_mo
         chain = _main_chain(traced)
         if stages is None:
             try:
-                stages, chain = _fx_stages(model, traced)
+                stages = _fx_stages(model, traced, chain)
             except NoSpatialStagesError as e:
                 stages, stages_error = [], e
     elif stages is None:
@@ -219,6 +226,14 @@ def _measure(model: nn.Module, input_size: tuple[int, ...], source: str, leaf_mo
         raise trace_error
 
     assert stages is not None
+    if traced is not None and traced.alt_input_size is None and stages:
+        warnings.warn(
+            f"{type(model).__name__} accepts only its input size {tuple(input_size)}: layouts were read from one "
+            f"shape per tensor, and maps whose layout that leaves ambiguous ([56, 56, 56] from a square input) are "
+            f"not stages. A non-square input_size, if the model takes one, lets bconv measure every layout.",
+            UserWarning,
+            stacklevel=3,
+        )
     head = _head(model, traced, chain, stages)
     return Anatomy(
         stages=tuple(stages),

@@ -178,13 +178,6 @@ def _chain_to(node: fx.Node, src: fx.Node, idom: dict[fx.Node, fx.Node], inclusi
     return chain[::-1]
 
 
-def _dominator_chain(nodes: list[fx.Node], carries_tensor: set[fx.Node]) -> list[fx.Node]:
-    """Nodes that every path of tensors from the (first) input to the output passes through, in graph order."""
-    src, idom = _dominators(nodes, carries_tensor)
-    output = next(n for n in nodes if n.op == "output")
-    return _chain_to(output, src, idom, inclusive=False) if src is not None else []
-
-
 def _main_chain(traced: Traced) -> list[fx.Node]:
     """The dominator chain of the model's main output, in graph order.
 
@@ -412,9 +405,8 @@ def _runs(traced: Traced, chain: list[fx.Node]) -> list[tuple[int, list[fx.Node]
     return runs
 
 
-def _fx_stages(model: nn.Module, traced: Traced) -> tuple[list[Stage], list[fx.Node]]:
-    """The stages of a traced model whose shapes were propagated, and the main dominator chain they lie on."""
-    chain = _main_chain(traced)
+def _fx_stages(model: nn.Module, traced: Traced, chain: list[fx.Node]) -> list[Stage]:
+    """The stages of a traced model whose shapes were propagated, on its main dominator chain (:func:`_main_chain`)."""
     runs = _runs(traced, chain)
 
     ends: list[tuple[int, fx.Node, str]] = []
@@ -441,7 +433,7 @@ def _fx_stages(model: nn.Module, traced: Traced) -> tuple[list[Stage], list[fx.N
     for i, ((r, node, name), modules) in enumerate(zip(ends, groups)):
         layout, _, channels = _geometry(traced, node)  # type: ignore[misc]
         stages.append(Stage(i, name, channels, r, layout, traced.shapes[node][1:], tuple(modules), "fx"))
-    return stages, chain
+    return stages
 
 
 def _check_spatial(model: nn.Module, traced: Traced, chain: list[fx.Node], ends: list[tuple[int, fx.Node, str]]) -> None:
