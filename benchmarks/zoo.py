@@ -19,19 +19,22 @@ weights; timm: ``pretrained_cfg["input_size"]``), the script measures:
 Every exception is caught per model and reported with its one-line reason; the script never stops
 on a model. Models in ``EXCLUDED`` are listed with the reason and not built.
 
-Writes ``benchmarks/results/zoo.md`` (summary, failures, table) and ``zoo.json``.
+Each model is measured in a child process of its own (``benchmarks/_isolated.py``): a model that runs out of
+memory or time becomes a failed row, not the end of the run. Rows are appended to ``zoo.jsonl`` as they
+finish; ``--resume`` continues a stopped run. Writes ``benchmarks/results/zoo.md`` (summary, failures, table)
+and ``zoo.json``.
 
 Reproduce::
 
     pip install -e ".[bench]"
     python benchmarks/zoo.py                                   # everything (see zoo.md for the wall time)
+    python benchmarks/zoo.py --resume                          # continue a stopped run
     python benchmarks/zoo.py --models torchvision:resnet18 timm:test_convnext --out /tmp/zoo
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import shlex
@@ -47,6 +50,7 @@ from bconv._zoo import ZooModel, build, resolve, timm_families, torchvision_inpu
 from bconv.errors import NoSpatialStagesError
 from bconv.surgery._hooks import bconv_hooks_suspended
 from bconv.surgery.stages import default_input_size, find_stages
+from _isolated import RowLog, isolated
 from feature_info_agreement import agreement
 
 RESULTS = Path(__file__).parent / "results"
@@ -107,6 +111,7 @@ def input_size_of(spec: ZooModel, model: torch.nn.Module) -> tuple[int, ...]:
 
 def measure(spec: ZooModel, family: str) -> dict:
     """Every check of the module docstring on one model; failures become a step name and a reason."""
+    torch.manual_seed(0)
     row: dict = {"zoo": spec.zoo, "family": family, "model": spec.name}
     if str(spec) in EXCLUDED:
         return {**row, "status": "excluded", "reason": EXCLUDED[str(spec)]}
@@ -220,7 +225,6 @@ def summarise(rows: list[dict], wall_s: float) -> dict:
         "feature_info_agree": sum(r["agree"] for r in compared),
         "wall_s": round(wall_s, 1),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }
 
@@ -234,8 +238,10 @@ def write(rows: list[dict], summary: dict, command: str, out: Path) -> None:
     lines = [
         "# Zoo coverage of `wrap_with_ptl`",
         "",
-        f"Made by `{command}` in {s['wall_s'] / 60:.1f} minutes (torch {s['torch']}, CPU threads: {s['threads']},",
-        f"{s['platform']}). Random weights, each model at its own default input size, batch {BATCH}.",
+        f"Made by `{command}` in {s['wall_s'] / 60:.1f} minutes"
+        + (f" (after {s['resumed_rows']} rows of an earlier run, resumed)" if s["resumed_rows"] else "")
+        + f" (torch {s['torch']}, CPU threads: {s['threads']},",
+        f"{s['platform']}). Each model runs in a child process of its own. Random weights, each model at its own default input size, batch {BATCH}.",
         "See the docstring of `benchmarks/zoo.py` for what each check means.",
         "",
         "## Summary",
@@ -288,24 +294,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine more threads contend for the cores)")
     parser.add_argument("--out", type=Path, default=RESULTS / "zoo", help="output path without suffix")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in OUT.jsonl and measure only the models not there")
+    parser.add_argument("--limit", type=float, default=1800, help="seconds per model before it counts as failed")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     from tqdm import tqdm
 
     command = shlex.join(["python", "benchmarks/zoo.py", *(sys.argv[1:] if argv is None else argv)])
+    log = RowLog(args.out.with_suffix(".jsonl"))
+    log.start(args.resume)
+    done = log.done()
     start = time.perf_counter()
-    rows = []
-    bar = tqdm(models(args.models), unit="model")
+    bar = tqdm([m for m in models(args.models) if (m[0].zoo, m[0].name) not in done], unit="model")
     for spec, family in bar:
         bar.set_postfix_str(str(spec))
-        torch.manual_seed(0)
-        try:
-            rows.append(measure(spec, family))
-        except Exception as e:  # the benchmark reports, it does not stop
-            rows.append({"zoo": spec.zoo, "family": family, "model": spec.name, "status": "fail",
-                         "step": "benchmark", "reason": _first_line(e)})  # fmt: skip
-        gc.collect()
+        row = isolated(measure, spec, family, timeout=args.limit, threads=args.threads)
+        if "model" not in row:  # the child died or ran out of time: the row says why
+            row = {"zoo": spec.zoo, "family": family, "model": spec.name, "step": "benchmark", **row,
+                   "status": "fail"}  # fmt: skip
+        log.append(row)
+    rows = log.rows()
     summary = summarise(rows, time.perf_counter() - start)
+    summary.update(threads=args.threads, resumed_rows=len(done))
     write(rows, summary, command, args.out)
     print(json.dumps(summary, indent=1))
     return summary

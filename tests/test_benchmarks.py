@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import pickle
+import signal
 import struct
 import sys
 from pathlib import Path
@@ -354,6 +355,30 @@ def test_zoo_reports_a_failure_with_its_reason(monkeypatch):
     row = zoo.measure(zoo.resolve("timm:test_convnext"), "convnext")
     assert row["status"] == "fail" and row["step"] == "wrap"
     assert row["reason"] == "RuntimeError: the ladder does not fit"
+
+
+def test_zoo_survives_a_killed_model_and_resumes(tmp_path, monkeypatch):
+    """Each model runs in a child: one killed (as by the OOM killer) is a failed row, not the end of the run."""
+    measure = zoo.measure
+
+    def killed_on_resnet18(spec, family):
+        if spec.name == "resnet18":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return measure(spec, family)
+
+    monkeypatch.setattr(zoo, "measure", killed_on_resnet18)
+    out = tmp_path / "zoo"
+    specs = ["--models", "torchvision:resnet18", "timm:test_convnext", "--out", str(out)]
+    zoo.main(specs)
+    rows = {r["model"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert rows["resnet18"]["status"] == "fail" and "SIGKILL" in rows["resnet18"]["reason"]
+    assert rows["test_convnext"]["status"] == "ok"
+    logged = out.with_suffix(".jsonl").read_text()
+
+    monkeypatch.setattr(zoo, "measure", lambda spec, family: {"zoo": spec.zoo, "model": spec.name, "status": "ok"})
+    summary = zoo.main([*specs, "--resume"])
+    assert summary["resumed_rows"] == 2 and out.with_suffix(".jsonl").read_text() == logged  # nothing re-measured
+    assert "resumed" in out.with_suffix(".md").read_text()
 
 
 # ------------------------------------------------------------------------------ feature_info agreement

@@ -1,0 +1,90 @@
+"""Run one zoo model's measurement in a child process, so that no model can take the run down.
+
+A zoo benchmark builds ~180 networks one after the other. In one process its heap grows with every
+model, and the kernel's OOM killer stopped ``benchmarks/zoo.py`` at model 172 of 178 with nothing
+written. Here each measurement runs in a forked child (the parent has imported torch and timm but
+run no op, so the fork is cheap and safe); its row comes back through a pipe. A child killed by the
+kernel or past the time limit becomes a row that says so, and rows are appended to a ``.jsonl`` file
+as they finish, so that a stopped run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import signal
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _child(conn, fn: Callable[..., dict], args: tuple, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        row = fn(*args)
+    except BaseException as e:  # the parent reports it as the model's row
+        lines = str(e).strip().splitlines()
+        row = {"status": "error", "reason": f"{type(e).__name__}: {lines[0] if lines else ''}"[:300],
+               "traceback": traceback.format_exc()[-2000:]}  # fmt: skip
+    conn.send(row)
+    conn.close()
+
+
+def isolated(fn: Callable[..., dict], *args: Any, timeout: float | None = None, threads: int = 1) -> dict:
+    """``fn(*args)`` in a forked child; a crash, a kill or ``timeout`` seconds give an error row instead."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(send, fn, args, threads), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if receive.poll(timeout):
+            return receive.recv()
+        child.kill()
+        return {"status": "error", "reason": f"over the {timeout:g} s limit", "seconds": timeout}
+    except EOFError:  # the child died without sending a row
+        child.join()
+        code = child.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            why = " (the kernel's OOM killer, if memory ran out)" if -code == signal.SIGKILL else ""
+            return {"status": "error", "reason": f"the process was killed by {name}{why}"}
+        return {"status": "error", "reason": f"the process exited with code {code} without a result"}
+    finally:
+        child.join(5)
+        receive.close()
+
+
+class RowLog:
+    """Rows appended to a ``.jsonl`` file as they finish; ``done`` are the keys already measured."""
+
+    def __init__(self, path: Path, key: Callable[[dict], Any] = lambda r: (r["zoo"], r["model"])):
+        self.path, self.key = path, key
+
+    def rows(self) -> list[dict]:
+        """Every row, the latest one of each key, in first-measured order."""
+        if not self.path.exists():
+            return []
+        latest: dict = {}
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                latest[self.key(row)] = row
+        return list(latest.values())
+
+    def done(self) -> set:
+        return {self.key(r) for r in self.rows()}
+
+    def append(self, row: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def start(self, resume: bool) -> None:
+        """A fresh log unless resuming."""
+        if not resume and self.path.exists():
+            self.path.unlink()
+
+
