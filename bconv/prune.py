@@ -35,6 +35,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from ._flops import TotalFlopCounter
 from .errors import BConvError, TraceError
 from .surgery._hooks import original_network
 from .surgery._trace import dummy_input, eval_mode
@@ -228,8 +229,8 @@ def cop_prune(
         measured = before
         for _ in range(6):
             reached = planner.run(metric, target, before)
-            if not reached and planner.applied_cuts == 0:
-                reachable = planner.estimated_reduction(metric, before)
+            reachable = planner.estimated_reduction(metric, before)
+            if not reached and planner.applied_cuts == 0 and reachable < ratio - TOLERANCE:
                 raise PruneTargetError(
                     f"ratio={ratio} of {metric} is not reachable: with every prunable layer at its floor "
                     f"(min_channels={min_channels}, max_fraction={max_fraction}, round_to={round_to}"
@@ -476,27 +477,28 @@ def _protected_layers(
     # Attention keeps its widths: Torch-Pruning does not update head counts and head dims (timm's
     # Attention reshapes with self.num_heads), so pruning its projections breaks the forward.
     for name, module in model.named_modules():
-        heads = getattr(module, "num_heads", None)
-        if isinstance(heads, int) and heads > 0:
+        heads = getattr(module, "num_heads", getattr(module, "heads", None))  # timm: num_heads; Hiera: heads
+        if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
             for sub, layer in module.named_modules():
                 if _is_layer(layer) or isinstance(layer, nn.MultiheadAttention):
                     protected.setdefault(f"{name}.{sub}" if sub else name, f"attention with {heads} heads")
     # Walk back from every model output through parameter-free ops (add, interpolate, reshape, ...): the
     # first module with parameters on each path produces output channels.
+    # Torch-Pruning adds an output node only where an op, not a module, ends the forward: the sinks of its
+    # graph (nodes nothing reads) are where the outputs come from.
     names = graph._module2name
-    stack = [node for node in graph.module2node.values() if node.type == tp.ops.OPTYPE.OUTPUT]
+    stack = [node for node in graph.module2node.values() if node.type == tp.ops.OPTYPE.OUTPUT or not node.outputs]
     seen = set()
     while stack:
         node = stack.pop()
-        for source in node.inputs:
-            if source in seen:
-                continue
-            seen.add(source)
-            module = source.module
-            if isinstance(module, nn.Module) and module in names and any(True for _ in module.parameters(recurse=False)):
-                protected.setdefault(names[module], "produces a model output")
-            else:
-                stack.append(source)
+        if node in seen:
+            continue
+        seen.add(node)
+        module = node.module
+        if isinstance(module, nn.Module) and module in names and any(True for _ in module.parameters(recurse=False)):
+            protected.setdefault(names[module], "produces a model output")
+        else:
+            stack.extend(node.inputs)
     return protected
 
 
@@ -566,15 +568,13 @@ def _is_layer(module: Any) -> bool:
 def _measure(model: nn.Module, x: Tensor, positions: dict[nn.Module, int] | None = None) -> tuple[dict[str, int], Any]:
     """Params, FLOPs and channels, and the output, from one forward; ``positions`` receives each convolution's
     and linear layer's output positions per sample (its FLOPs are 2 x weight x positions)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     def hook(m: nn.Module, args: Any, out: Any) -> None:
         if isinstance(out, Tensor) and positions is not None:
             positions[m] = positions.get(m, 0) + out.numel() // max(out.shape[0], 1) // _out_channels(m)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if _is_layer(m)] if positions is not None else []
     try:
-        with FlopCounterMode(display=False) as counter:
+        with TotalFlopCounter() as counter:
             out = model(x)
     finally:
         for h in handles:
@@ -779,8 +779,12 @@ class _Planner:
         extra: list[float] = []
         protected_modules = {model.get_submodule(p) for p in protected if _has(model, p)}
         seen_roots: set[nn.Module] = set()
-        with _index_mapping_frozen(graph):
-            all_groups = list(graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
+        all_groups = []
+        for root, group, failure in _all_groups(model, graph):
+            if group is None:
+                self.skipped.append((names.get(root, "?"), f"cannot be grouped by Torch-Pruning ({failure})"))
+            else:
+                all_groups.append(group)
         activations = None
         if calibration is not None:
             activations = _activations(model, [g[0].dep.target.module for g in all_groups], calibration)
@@ -825,12 +829,14 @@ class _Planner:
                         consumers.append(_Redundancy(_similarity(w, similarity, normalize), top_k))
             if not consumers:  # nothing reads these channels through a dense kernel: correlate the filters
                 for m, it in outs:
-                    if _is_layer(m) and not _depthwise(m) and max(it.idxs) < _out_channels(m):
+                    if _is_layer(m) and not _depthwise(m) and len(it.idxs) == n and max(it.idxs) < _out_channels(m):
                         w = m.weight.detach()
                         w = w.transpose(0, 1) if getattr(m, "transposed", False) else w
                         w = w.reshape(w.shape[0], -1)[torch.tensor(list(it.idxs))]
                         consumers.append(_Redundancy(_similarity(w.t().unsqueeze(0), similarity, normalize), top_k))
                         break
+            # A consumer read through a mapping Torch-Pruning widened (split, reshape) gives no per-channel matrix.
+            consumers = [c for c in consumers if c.m.shape[0] == n]
             g = _Group(root, root_name, n, ch_groups, q, floor, consumers)
             row_in, row_out = np.zeros(len(layers)), np.zeros(len(layers))
             per_channel = 0.0
@@ -978,6 +984,67 @@ class _Planner:
             g.applied |= todo
             self.applied_cuts += len(idxs)
         return history
+
+
+class _RunawayMapping(Exception):
+    """Torch-Pruning's index mapping grew past any width in the model."""
+
+
+def _all_groups(model: nn.Module, graph: tp.DependencyGraph) -> Iterable[tuple[nn.Module, Any, str]]:
+    """Torch-Pruning's ``get_all_groups`` (every convolution and linear layer as a root, each layer in one
+    group), one group at a time: ``(root, group, "")``, or ``(root, None, why)`` for a group it cannot build.
+
+    Torch-Pruning raises from deep inside for one group of an op it mis-handles (seen: ZeroDivisionError
+    on GCViT, Hiera and NesT, a numpy broadcast on MambaOut), and its reshape mappings multiply through
+    chained window reshapes (Swin: tens of GB for one group); its own loop stops at the first failure.
+    Here that one group is skipped and the others stay prunable.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    # No channel index of a real group exceeds the model's widest parameter dimension (a Linear reading a
+    # flattened map included), so a mapping past it has lost track of the channels.
+    bound = max((max(p.shape) for p in model.parameters() if p.dim()), default=1)
+    flatten = index_mapping._FlattenIndexMapping.__call__
+
+    def bounded(self, idxs):
+        if not self.reverse and len(idxs) * self._stride > bound:
+            raise _RunawayMapping(f"a reshape maps {len(idxs)} channels onto {len(idxs) * self._stride} indices")
+        return flatten(self, idxs)
+
+    # A real group holds each node's in- and out-channel operation at most a few times (a concatenation
+    # reads one input twice); past that, Torch-Pruning is cycling through index sets that keep changing
+    # (HaloNet's blocked attention: minutes, then memory).
+    most_items = 4 * len(graph.module2node) + 16
+    add_dep = tp.dependency.Group.add_dep
+
+    def bounded_add(self, dep, idxs):
+        if len(self._group) >= most_items:
+            raise _RunawayMapping(f"a group grew past {most_items} operations")
+        return add_dep(self, dep, idxs)
+
+    visited: set[nn.Module] = set()
+    index_mapping._FlattenIndexMapping.__call__ = bounded
+    tp.dependency.Group.add_dep = bounded_add
+    try:
+        with _index_mapping_frozen(graph):
+            for m in list(graph.module2node):
+                if not _is_layer(m) or m in visited or m in graph.IGNORED_LAYERS_IN_TRACING:
+                    continue
+                pruner = graph.get_pruner_of_module(m)
+                if pruner is None or pruner.get_out_channels(m) is None:
+                    continue
+                try:
+                    group = graph.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+                except Exception as e:  # noqa: BLE001 - whatever Torch-Pruning hits on this one group
+                    visited.add(m)
+                    why = str(e).splitlines()[0] if str(e) else ""
+                    yield m, None, (why if isinstance(e, _RunawayMapping) else f"{type(e).__name__}: {why}")[:200]
+                    continue
+                visited |= {dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)}
+                yield m, group, ""
+    finally:
+        index_mapping._FlattenIndexMapping.__call__ = flatten
+        tp.dependency.Group.add_dep = add_dep
 
 
 @contextlib.contextmanager

@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from bconv import PTLModel, unwrap_ptl, wrap_with_ptl
+from bconv._flops import TotalFlopCounter
 from bconv._zoo import build, resolve, torchvision_input_size
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,7 +50,7 @@ def _params(model: torch.nn.Module) -> int:
 
 def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), TotalFlopCounter() as counter:
         model(x[:1])
     return int(counter.get_total_flops())
 

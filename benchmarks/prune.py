@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from bconv._flops import TotalFlopCounter
 from bconv.prune import cop_prune
 
 RESULTS = Path(__file__).parent / "results"
@@ -46,7 +46,7 @@ REFERENCE = [
 
 def flops(model: nn.Module, x: torch.Tensor) -> int:
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), TotalFlopCounter() as counter:
         model(x[:1])
     return int(counter.get_total_flops())
 

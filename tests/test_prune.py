@@ -231,6 +231,68 @@ def test_untraceable_model_gets_an_error_naming_the_layer():
     assert model.conv1.out_channels == 8
 
 
+class Branchy(nn.Module):
+    """fx cannot trace it (Python control flow on a tensor value), so its anatomy has no head to read."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        if x.mean() > -1:  # always true; fx cannot know
+            x = torch.relu(self.conv2(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_layer_producing_the_output_is_kept_when_fx_cannot_find_the_head():
+    model = Branchy()
+    result = cop_prune(model, SMALL, ratio=0.3, metric="channels")
+    assert (model.head.in_features, model.head.out_features) == (16, 5)
+    assert model(torch.randn(2, *SMALL)).shape == (2, 5)
+    assert result.report.channels_after < result.report.channels_before
+
+
+def test_flops_are_counted_on_modules_that_receive_a_parameter_view():
+    # torch's FlopCounterMode's module tracker raises "Expected gradient function to be set" on PiT.
+    from bconv._flops import TotalFlopCounter
+    from torch.utils.flop_counter import FlopCounterMode
+
+    resnet = torchvision.models.resnet18().eval()
+    x = torch.randn(1, *SMALL)
+    with torch.no_grad(), FlopCounterMode(display=False) as reference, TotalFlopCounter() as total:
+        resnet(x)
+    assert total.get_total_flops() == reference.get_total_flops() > 0
+    pit = zoo_model("timm:pit_ti_224").eval()
+    with torch.no_grad(), TotalFlopCounter() as counter:
+        pit(torch.randn(1, 3, 224, 224))
+    assert counter.get_total_flops() > 0
+
+
+def test_groups_torch_pruning_cannot_build_are_skipped_and_the_rest_pruned():
+    # EfficientFormerV2's attention reshapes make Torch-Pruning map 1,024 channels onto 131,072 indices;
+    # each such group is skipped with its reason and the other channels stay prunable.
+    model = zoo_model("timm:efficientformerv2_s0").eval()
+    x = torch.randn(1, 3, 224, 224)
+    result = cop_prune(model, (3, 224, 224), ratio=0.3, metric="flops")
+    assert any("cannot be grouped by Torch-Pruning" in why for _, why in result.report.skipped)
+    assert abs(result.report.achieved - 0.3) <= 0.02
+    assert model(x).shape == (1, 1000)
+
+
+def test_swin_is_refused_in_seconds_with_the_model_unchanged():
+    # Swin's window reshapes made Torch-Pruning's index mappings grow until 24 GB ran out; its attention
+    # reads qkv.weight functionally, so a residual-stream cut cannot reach it: refused, not wrong.
+    model = torchvision.models.swin_t(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = model(x)
+    with pytest.raises(PruneError, match="features.1.0.attn"):
+        cop_prune(model, (3, 64, 64), ratio=0.2, metric="flops")
+    assert torch.equal(model(x), before)
+
+
 def test_ptl_wrapped_model_is_refused_with_the_std_recipe():
     wrapped = bconv.wrap_with_ptl(torchvision.models.resnet18(num_classes=10), input_size=SMALL)
     with pytest.raises(ValueError, match="STDTrainer"):

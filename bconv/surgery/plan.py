@@ -1,6 +1,6 @@
 """What PTL adds to a network: per paired stage, the cells and fusion, their shapes, parameters and FLOPs.
 
-FLOPs come from torch's own counter (``torch.utils.flop_counter.FlopCounterMode``), which counts
+FLOPs come from torch's own counter (``torch.utils.flop_counter.FlopCounterMode``, total only), which counts
 convolutions and matrix products (the gates' element-wise work is not counted, as in most FLOP
 tables). Each ladder module is counted on the input it received in one eval forward at ``input_size``.
 """
@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from .._flops import TotalFlopCounter
 from ._trace import dummy_input, eval_mode
 from .ptl import PTLModel
 
@@ -50,7 +50,7 @@ def _params(*modules: nn.Module) -> int:
 
 
 def _flops(module: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with TotalFlopCounter() as counter:
         module(*inputs)
     return int(counter.get_total_flops())
 
@@ -69,7 +69,7 @@ def ptl_plan(wrapped: PTLModel, input_size: Sequence[int]) -> Plan:
     x = dummy_input(wrapped.model, input_size)
     try:
         with eval_mode(wrapped), torch.no_grad():
-            with FlopCounterMode(display=False) as counter:
+            with TotalFlopCounter() as counter:
                 wrapped(x)
             total = int(counter.get_total_flops())
             flops = {id(m): _flops(m, seen[id(m)]) for m in parts}
