@@ -7,20 +7,23 @@ rejects 64x64), ``cop_prune(model, ratio=0.5, metric="flops")`` is timed, and th
   independent eval forward on a fresh batch of 2 checks that it runs and that the output shape is unchanged;
 * **refused**: bconv raised its own error (``PruneError``, ``PruneTargetError``, ``ValueError``) with a
   reason, and the model was left unchanged (checked: its parameter count is the original's);
-* **error**: anything else (a bug to fix), or the per-model time limit.
+* **error**: anything else (a bug to fix), the per-model time limit, or the process killed.
 
-Rows are appended to ``benchmarks/results/prune_zoo.jsonl`` as they finish (a long run can be resumed
-with ``--resume``); ``--write`` turns them into ``prune_zoo.md`` and ``prune_zoo.json``. Reproduce::
+Each model is measured in a child process of its own (``benchmarks/_isolated.py``), so one model out of
+memory or time is a row, not the end of the run. Rows are appended to ``benchmarks/results/prune_zoo.jsonl``
+as they finish (a stopped run continues with ``--resume``); ``prune_zoo.md`` and ``prune_zoo.json`` are
+written from them at the end (or alone with ``--only-write``). Reproduce::
 
-    python benchmarks/prune_zoo.py --threads 1                # everything, resumable
-    python benchmarks/prune_zoo.py --models torchvision:resnet18 timm:convnext_atto --write
+    python benchmarks/prune_zoo.py                            # everything
+    python benchmarks/prune_zoo.py --resume                   # continue a stopped run
+    python benchmarks/prune_zoo.py --models torchvision:resnet18 timm:convnext_atto
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
+import platform
 import sys
 import time
 from pathlib import Path
@@ -31,20 +34,13 @@ from bconv._zoo import ZooModel, build, resolve, timm_families, torchvision_inpu
 from bconv.errors import BConvError
 from bconv.prune import cop_prune
 from bconv.surgery.stages import default_input_size
+from _isolated import RowLog, isolated
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = RESULTS / "prune_zoo.jsonl"
 SMALL = (3, 64, 64)
 # Not built: each needs more compute than the rest of the torchvision zoo together (see benchmarks/zoo.py).
 EXCLUDED = {"torchvision:vit_h_14": "torchvision's largest ViT", "torchvision:regnet_y_128gf": "torchvision's largest RegNet"}
-
-
-class _Timeout(Exception):
-    pass
-
-
-def _alarm(signum, frame):
-    raise _Timeout()
 
 
 def models(selection: list[str] | None) -> list[tuple[ZooModel, str]]:
@@ -72,7 +68,7 @@ def _logits(out):
     return out
 
 
-def measure(spec: ZooModel, family: str, limit: int, max_params: float | None = None) -> dict:
+def measure(spec: ZooModel, family: str, max_params: float | None = None) -> dict:
     row = {"zoo": spec.zoo, "family": family, "model": spec.name}
     try:
         model = build(spec).eval()
@@ -80,7 +76,7 @@ def measure(spec: ZooModel, family: str, limit: int, max_params: float | None = 
         return {**row, "status": "error", "reason": "build: " + _first_line(e)}
     if max_params is not None and sum(p.numel() for p in model.parameters()) > max_params * 1e6:
         return {**row, "status": "skipped", "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-                "reason": f"over --max-params {max_params:g}M (time on 2 shared cores)"}
+                "reason": f"over --max-params {max_params:g}M"}
     own = torchvision_input_size(spec.name, model) if spec.zoo == "torchvision" else default_input_size(model)
     size = SMALL
     try:
@@ -96,24 +92,16 @@ def measure(spec: ZooModel, family: str, limit: int, max_params: float | None = 
     row["input"] = "x".join(map(str, size))
     params_before = sum(p.numel() for p in model.parameters())
     row["params_m"] = round(params_before / 1e6, 2)
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(limit)
     start = time.perf_counter()
     try:
         report = cop_prune(model, size, ratio=0.5, metric="flops").report
         row["seconds"] = round(time.perf_counter() - start, 2)
-    except _Timeout:
-        return {**row, "status": "error", "reason": f"over the {limit} s limit", "seconds": limit}
     except (BConvError, ValueError) as e:
-        signal.alarm(0)
         unchanged = sum(p.numel() for p in model.parameters()) == params_before
         return {**row, "status": "refused", "reason": _first_line(e), "unchanged": unchanged,
                 "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
     except Exception as e:
-        signal.alarm(0)
         return {**row, "status": "error", "reason": _first_line(e), "seconds": round(time.perf_counter() - start, 2)}
-    finally:
-        signal.alarm(0)
     row.update(status="pruned", flops_removed=round(1 - report.flops_after / report.flops_before, 4),
                params_removed=round(1 - report.params_after / report.params_before, 4),
                layers_narrowed=len(report.layers))  # fmt: skip
@@ -126,10 +114,8 @@ def measure(spec: ZooModel, family: str, limit: int, max_params: float | None = 
     return row
 
 
-def write(command: str, note: str = "") -> dict:
-    rows = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
-    latest = {(r["zoo"], r["model"]): r for r in rows}
-    rows = list(latest.values())
+def write(command: str, note: str = "", wall_s: float | None = None) -> dict:
+    rows = RowLog(ROWS).rows()
     count = lambda **kw: sum(all(r.get(k) == v for k, v in kw.items()) for r in rows)  # noqa: E731
     pruned = [r for r in rows if r["status"] == "pruned"]
     skipped = [r for r in rows if r["status"] in ("skipped", "excluded")]
@@ -140,17 +126,20 @@ def write(command: str, note: str = "") -> dict:
         "torchvision": f"{count(zoo='torchvision', status='pruned')}/{count(zoo='torchvision')} pruned",
         "timm": f"{count(zoo='timm', status='pruned')}/{count(zoo='timm')} families pruned",
         "median_seconds": sorted(r["seconds"] for r in pruned)[len(pruned) // 2] if pruned else None,
-        "command": command,
+        "command": command, "wall_s": wall_s, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
     }  # fmt: skip
     (RESULTS / "prune_zoo.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     lines = [
         "# COP pruning over the zoos: -50% FLOPs", "",
         f"Command: `{command}`; rows collected by `python benchmarks/prune_zoo.py` (random weights, input 64x64 "
         f"unless the model needs its own size). Pruned = returned and measured; refused = bconv's own error, "
-        f"model unchanged; error = anything else or the time limit.", "",
+        f"model unchanged; error = anything else, the time limit or the process killed. Each model in a child "
+        f"process of its own; torch {summary['torch']}, {summary['threads']} thread(s), {summary['platform']}"
+        + (f"; {wall_s / 60:.1f} minutes in all." if wall_s else "."), "",
         f"- {summary['models']} models: **{summary['pruned']} pruned** ({summary['pruned_ok']} with FLOPs within "
         f"2% of -50% and an unchanged output shape on a fresh batch), {summary['refused']} refused, "
-        f"{summary['errors']} errors, {summary['skipped']} skipped (too large for the time available)", f"- torchvision: {summary['torchvision']}; timm: {summary['timm']}",
+        f"{summary['errors']} errors, {summary['skipped']} excluded or skipped", f"- torchvision: {summary['torchvision']}; timm: {summary['timm']}",
         f"- median time to prune: {summary['median_seconds']} s", *([f"- {note}"] if note else []), "",
         "| zoo | family | model | input | status | FLOPs removed | params removed | forward | time (s) | reason |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -168,34 +157,34 @@ def write(command: str, note: str = "") -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", help="zoo specs (default: every torchvision classifier + one per timm family)")
-    p.add_argument("--resume", action="store_true", help="skip models already in prune_zoo.jsonl")
+    p.add_argument("--resume", action="store_true", help="keep the rows in prune_zoo.jsonl, measure only the others")
     p.add_argument("--zoo", choices=("torchvision", "timm"), help="only this zoo")
     p.add_argument("--max-params", type=float, help="skip (row 'skipped') models with more parameters, in millions")
-    p.add_argument("--write", action="store_true", help="write prune_zoo.md/.json from the collected rows")
-    p.add_argument("--only-write", action="store_true", help="only write the .md/.json, measure nothing")
+    p.add_argument("--only-write", action="store_true", help="only write the .md/.json from the rows, measure nothing")
     p.add_argument("--note", default="", help="a line for the .md (how the rows were collected)")
-    p.add_argument("--limit", type=int, default=240, help="seconds per model (default 240)")
+    p.add_argument("--limit", type=int, default=600, help="seconds per model (default 600)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = "python benchmarks/prune_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    RESULTS.mkdir(exist_ok=True)
+    log = RowLog(ROWS)
+    start = time.perf_counter()
     if not args.only_write:
-        done = set()
-        if args.resume and ROWS.exists():
-            done = {(r["zoo"], r["model"]) for r in map(json.loads, ROWS.read_text().splitlines()) if r}
+        log.start(args.resume or bool(args.models))  # a few models re-measured replace their rows only
+        done = log.done()
         for spec, family in models(args.models):
             if (spec.zoo, spec.name) in done or (args.zoo and spec.zoo != args.zoo):
                 continue
+            row = {"zoo": spec.zoo, "family": family, "model": spec.name}
             if str(spec) in EXCLUDED:
-                row = {"zoo": spec.zoo, "family": family, "model": spec.name, "status": "excluded", "reason": EXCLUDED[str(spec)]}
+                row.update(status="excluded", reason=EXCLUDED[str(spec)])
             else:
-                row = measure(spec, family, args.limit, args.max_params)
+                result = isolated(measure, spec, family, args.max_params, timeout=args.limit, threads=args.threads)
+                row.update(result if "model" in result else {**result, "status": "error"})
             print(json.dumps(row), flush=True)
-            with ROWS.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-    if args.write or args.only_write:
-        print(json.dumps(write(command, args.note), indent=1))
+            log.append(row)
+    wall = None if args.only_write or args.resume or args.models else time.perf_counter() - start
+    print(json.dumps(write(command, args.note, wall), indent=1))
     return 0
 
 

@@ -346,8 +346,8 @@ def test_zoo_benchmark_classifies_pruned_and_refused_models():
         prune_zoo = importlib.import_module("prune_zoo")
     finally:
         sys.path.pop(0)
-    pruned = prune_zoo.measure(resolve("torchvision:squeezenet1_1"), "torchvision", 120)
+    pruned = prune_zoo.measure(resolve("torchvision:squeezenet1_1"), "torchvision")
     assert pruned["status"] == "pruned" and pruned["forward"] == "same shape"
     assert abs(pruned["flops_removed"] - 0.5) <= 0.02
-    refused = prune_zoo.measure(resolve("torchvision:shufflenet_v2_x0_5"), "torchvision", 120)
+    refused = prune_zoo.measure(resolve("torchvision:shufflenet_v2_x0_5"), "torchvision")
     assert refused["status"] == "refused" and refused["unchanged"] and "PruneError" in refused["reason"]
