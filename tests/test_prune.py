@@ -299,6 +299,26 @@ def test_ptl_wrapped_model_is_refused_with_the_std_recipe():
         cop_prune(wrapped, SMALL, ratio=0.3)
 
 
+def test_ptl_teacher_distilled_student_pruned_then_distilled_again():
+    # The documented recipe: PTL teacher -> STD into a plain student -> cop_prune(student) -> STD again.
+    from bconv.distill import STDTrainer
+
+    teacher = bconv.wrap_with_ptl(torchvision.models.resnet18(num_classes=10), input_size=SMALL)
+    student = torchvision.models.resnet18(num_classes=10)
+    x, y = torch.randn(4, *SMALL), torch.randint(0, 10, (4,))
+    trainer = STDTrainer(student, teacher, input_size=SMALL)
+    assert trainer.projection is None  # same pooled width: 512
+    trainer.step(x, y, torch.optim.SGD(trainer.parameters(), lr=0.01))
+    result = cop_prune(student, SMALL, ratio=0.4, metric="flops")
+    assert abs(result.report.achieved - 0.4) <= 0.02 and student.fc.in_features == 512
+    trainer = STDTrainer(student, teacher, input_size=SMALL)
+    assert trainer.projection is None  # the pruned student still distils without a projection
+    before = [p.detach().clone() for p in student.parameters()]
+    step = trainer.step(x, y, torch.optim.SGD(trainer.parameters(), lr=0.01))
+    assert torch.isfinite(step.loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
 def test_report_formats_stage_widths():
     model = torchvision.models.resnet18(num_classes=10)
     stages = bconv.find_stages(model, SMALL)
