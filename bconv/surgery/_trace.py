@@ -282,6 +282,27 @@ def _run_sequential(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _identity(x: Any, *args: Any, **kwargs: Any) -> Any:
+    return x
+
+
+@contextlib.contextmanager
+def shape_keeping_skipped(module: nn.Module) -> Iterator[None]:
+    """Inside, every shape-keeping submodule of ``module`` (BatchNorm, activations, dropout) returns its input.
+
+    For a forward on meta tensors that only needs shapes: BatchNorm's decomposition on meta costs more than
+    the convolutions. The modules' hooks still run; their own ``forward`` is back on exit.
+    """
+    patched = [m for m in module.modules() if isinstance(m, _SAME_SHAPE_MODULES) and "forward" not in m.__dict__]
+    for m in patched:
+        m.forward = _identity
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
+
+
 _BROADCAST_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul}
 
 

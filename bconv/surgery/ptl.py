@@ -39,7 +39,7 @@ from .. import state as _state
 from ..cells import BConvCell, BConvCellV2, StatefulCell
 from ..errors import BConvError
 from ._hooks import BConvHook
-from ._trace import dummy_input, eval_mode, meta_input, on_meta
+from ._trace import dummy_input, eval_mode, meta_input, on_meta, shape_keeping_skipped
 from .anatomy import anatomy
 from .config import PTLConfig, mismatch_message
 from .stages import Stage, default_input_size
@@ -606,7 +606,8 @@ def _check_wiring(wrapped: PTLModel, input_size: Sequence[int]) -> None:
     try:
         with eval_mode(wrapped):
             try:
-                on_meta(wrapped, wrapped, meta_input(wrapped.model, input_size))
+                with shape_keeping_skipped(wrapped.model):
+                    on_meta(wrapped, wrapped, meta_input(wrapped.model, input_size))
             except BConvError:
                 raise
             except Exception:
