@@ -476,10 +476,15 @@ def _protected_layers(
     # A model with no classifier (segmentation, features only) has its outputs protected below.
     # Attention keeps its widths: Torch-Pruning does not update head counts and head dims (timm's
     # Attention reshapes with self.num_heads), so pruning its projections breaks the forward.
+    # A block that holds an nn.MultiheadAttention and keeps num_heads itself (torchvision's ViT EncoderBlock)
+    # protects that attention only, so its MLP stays prunable.
     for name, module in model.named_modules():
-        heads = getattr(module, "num_heads", getattr(module, "heads", None))  # timm: num_heads; Hiera: heads
+        # timm and torchvision: num_heads; Hiera: heads; torchvision's MaxViT: n_heads
+        heads = next((h for h in (getattr(module, a, None) for a in ("num_heads", "heads", "n_heads")) if h), None)
         if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
-            for sub, layer in module.named_modules():
+            inside = list(module.named_modules())
+            attention = [(sub, m) for sub, m in inside if isinstance(m, nn.MultiheadAttention)]
+            for sub, layer in attention or inside:
                 if _is_layer(layer) or isinstance(layer, nn.MultiheadAttention):
                     protected.setdefault(f"{name}.{sub}" if sub else name, f"attention with {heads} heads")
     # Walk back from every model output through parameter-free ops (add, interpolate, reshape, ...): the

@@ -282,6 +282,20 @@ def test_groups_torch_pruning_cannot_build_are_skipped_and_the_rest_pruned():
     assert model(x).shape == (1, 1000)
 
 
+def test_vit_mlps_prune_while_attention_keeps_its_widths():
+    # torchvision's EncoderBlock keeps num_heads itself: only its nn.MultiheadAttention keeps its widths.
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=128,
+                              num_classes=10).eval()  # fmt: skip
+    result = cop_prune(model, SMALL, ratio=0.3, metric="params")
+    assert abs(result.report.achieved - 0.3) <= 0.02
+    narrowed = {w.name for w in result.report.layers}
+    assert narrowed and all(".mlp." in n for n in narrowed), narrowed
+    assert all(b.self_attention.embed_dim == 32 for b in model.encoder.layers)
+    assert model(torch.randn(2, *SMALL)).shape == (2, 10)
+
+
 def test_swin_is_refused_in_seconds_with_the_model_unchanged():
     # Swin's window reshapes made Torch-Pruning's index mappings grow until 24 GB ran out; its attention
     # reads qkv.weight functionally, so a residual-stream cut cannot reach it: refused, not wrong.
