@@ -476,17 +476,20 @@ def _protected_layers(
     # A model with no classifier (segmentation, features only) has its outputs protected below.
     # Attention keeps its widths: Torch-Pruning does not update head counts and head dims (timm's
     # Attention reshapes with self.num_heads), so pruning its projections breaks the forward.
-    # A block that holds an nn.MultiheadAttention and keeps num_heads itself (torchvision's ViT EncoderBlock)
-    # protects that attention only, so its MLP stays prunable.
+    # Only the innermost modules that keep a head count are attention: a block that keeps num_heads too
+    # (torchvision's ViT EncoderBlock, timm's DaViT blocks) keeps its MLP prunable.
+    # timm and torchvision: num_heads; Hiera: heads; torchvision's MaxViT: n_heads.
+    with_heads = {}
     for name, module in model.named_modules():
-        # timm and torchvision: num_heads; Hiera: heads; torchvision's MaxViT: n_heads
         heads = next((h for h in (getattr(module, a, None) for a in ("num_heads", "heads", "n_heads")) if h), None)
         if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
-            inside = list(module.named_modules())
-            attention = [(sub, m) for sub, m in inside if isinstance(m, nn.MultiheadAttention)]
-            for sub, layer in attention or inside:
-                if _is_layer(layer) or isinstance(layer, nn.MultiheadAttention):
-                    protected.setdefault(f"{name}.{sub}" if sub else name, f"attention with {heads} heads")
+            with_heads[name] = (module, heads)
+    for name, (module, heads) in with_heads.items():
+        if any(other != name and (name == "" or other.startswith(name + ".")) for other in with_heads):
+            continue  # an inner module keeps the heads
+        for sub, layer in module.named_modules():
+            if _is_layer(layer) or isinstance(layer, nn.MultiheadAttention):
+                protected.setdefault(f"{name}.{sub}" if sub else name, f"attention with {heads} heads")
     # Walk back from every model output through parameter-free ops (add, interpolate, reshape, ...): the
     # first module with parameters on each path produces output channels.
     # Torch-Pruning adds an output node only where an op, not a module, ends the forward: the sinks of its
