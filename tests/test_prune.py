@@ -368,20 +368,48 @@ def test_torchvision_models_prune_to_half_flops(name):
     assert model(x).shape == shape
 
 
-def test_zoo_benchmark_classifies_pruned_and_refused_models():
+def _benchmark(name: str):
+    """A script of benchmarks/ imported as a module (its directory on sys.path while it imports)."""
     import importlib
     import sys
     from pathlib import Path
 
-    from bconv._zoo import resolve
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
-        prune_zoo = importlib.import_module("prune_zoo")
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def test_zoo_benchmark_classifies_pruned_and_refused_models():
+    from bconv._zoo import resolve
+
+    prune_zoo = _benchmark("prune_zoo")
     pruned = prune_zoo.measure(resolve("torchvision:squeezenet1_1"), "torchvision")
     assert pruned["status"] == "pruned" and pruned["forward"] == "same shape"
     assert abs(pruned["flops_removed"] - 0.5) <= 0.02
     refused = prune_zoo.measure(resolve("torchvision:shufflenet_v2_x0_5"), "torchvision")
     assert refused["status"] == "refused" and refused["unchanged"] and "PruneError" in refused["reason"]
+
+
+def _zoo() -> list:
+    from bconv._zoo import timm_families, torchvision_names
+
+    excluded = {"vit_h_14", "regnet_y_128gf"}  # benchmarks/prune_zoo.py: more compute than the rest together
+    specs = [(f"torchvision:{n}", "torchvision") for n in torchvision_names() if n not in excluded]
+    return specs + [(f"timm:{n}", f) for f, n in sorted(timm_families().items())]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, family", _zoo(), ids=[s for s, _ in _zoo()])
+def test_every_zoo_model_is_pruned_to_target_or_refused_unchanged(spec, family):
+    # Each model in a child process, as benchmarks/prune_zoo.py measures it (64x64 where the model allows).
+    from bconv._zoo import resolve
+
+    prune_zoo, isolated = _benchmark("prune_zoo"), _benchmark("_isolated").isolated
+    row = isolated(prune_zoo.measure, resolve(spec), family, timeout=900)
+    assert row["status"] in ("pruned", "refused"), row
+    if row["status"] == "pruned":
+        assert row["forward"] == "same shape" and abs(row["flops_removed"] - 0.5) <= 0.02, row
+    else:
+        assert row["unchanged"], row
