@@ -260,10 +260,23 @@ def _has_tensor(value: Any) -> bool:
 
 # Modules whose output has their input's shape and dtype, whatever their weights: on meta tensors their
 # (Python-level, decomposed) kernels are most of a shape pass and tell nothing, so they are skipped.
+def _squeeze_excitation_modules() -> tuple[type, ...]:
+    """Squeeze-and-excitation blocks of torchvision and timm: ``x * gate(pool(x))``, the input's shape."""
+    from torchvision.ops.misc import SqueezeExcitation
+
+    found: list[type] = [SqueezeExcitation]
+    try:
+        from timm.layers.squeeze_excite import EffectiveSEModule, SEModule, SqueezeExciteCl
+        from timm.models._efficientnet_blocks import SqueezeExcite
+    except ImportError:  # timm is a dependency, but stay usable without it (or with another layout of it)
+        return tuple(found)
+    return (*found, SEModule, EffectiveSEModule, SqueezeExciteCl, SqueezeExcite)
+
+
 _SAME_SHAPE_MODULES = (
     nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardswish,
     nn.Hardsigmoid, nn.Tanh, nn.LeakyReLU, nn.Mish, nn.ELU, nn.PReLU, nn.Identity, nn.Dropout,
-    nn.Dropout2d, nn.AlphaDropout,
+    nn.Dropout2d, nn.AlphaDropout, *_squeeze_excitation_modules(),
 )  # fmt: skip
 _SAME_SHAPE_FUNCTIONS = {
     torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.relu6,

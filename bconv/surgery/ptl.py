@@ -314,25 +314,29 @@ class _EndTap(BConvHook):
             self.ladder.end()
 
 
-def _tap_module(model: nn.Module, name: str, end: int = -1) -> str:
-    """The innermost module that ends (``end=-1``: returns the output of) or begins (``end=0``: receives the
-    input of) module ``name``: descend the last (first) child of plain Sequentials.
+def _tap_modules(model: nn.Module, names: Sequence[str], end: int = -1) -> tuple[str, ...]:
+    """For each module in ``names``, the innermost module that ends (``end=-1``: returns the output of) or
+    begins (``end=0``: receives the input of) it: descend the last (first) child of plain Sequentials.
 
     timm's gradient checkpointing (``checkpoint_seq(..., flatten=True)``) and users' loops over a stage's
     blocks call the blocks, not the stage: a hook on the last block still sees the stage's output. A block
     that is also reachable elsewhere in the network (a shared module) is not descended into.
     """
     modules = dict(model.named_modules())
+    path = {id(m): n for n, m in modules.items()}
     counts: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
-    module = modules[name]
-    while type(module).forward is nn.Sequential.forward and len(module) > 0:
-        child = module[end]
-        if counts[id(child)] > 1:
-            break
-        module = child
-    return next(n for n, m in modules.items() if m is module)
+    taps = []
+    for name in names:
+        module = modules[name]
+        while type(module).forward is nn.Sequential.forward and len(module) > 0:
+            child = module[end]
+            if counts[id(child)] > 1:
+                break
+            module = child
+        taps.append(path[id(module)])
+    return tuple(taps)
 
 
 class PTLModel(nn.Module):
@@ -578,9 +582,9 @@ def wrap_with_ptl(
         ladder.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
 
     modules = dict(model.named_modules())
-    first = modules[_tap_module(model, body.stem[0], end=0)]
+    first = modules[_tap_modules(model, [body.stem[0]], end=0)[0]]
     first.register_forward_pre_hook(_ImageTap(ladder))
-    ladder.tap_names = tuple(_tap_module(model, s.name) for s in chosen)
+    ladder.tap_names = _tap_modules(model, [s.name for s in chosen])
     for i, tap in enumerate(ladder.tap_names):
         modules[tap].register_forward_hook(_StageTap(ladder, i))
     model.register_forward_hook(_EndTap(ladder), always_call=True)
