@@ -1003,7 +1003,7 @@ def _all_groups(model: nn.Module, graph: tp.DependencyGraph) -> Iterable[tuple[n
     group), one group at a time: ``(root, group, "")``, or ``(root, None, why)`` for a group it cannot build.
 
     Torch-Pruning raises from deep inside for one group of an op it mis-handles (seen: ZeroDivisionError
-    on GCViT, Hiera and NesT, a numpy broadcast on MambaOut), and its reshape mappings multiply through
+    on GCViT, Hiera and NesT), and its reshape mappings multiply through
     chained window reshapes (Swin: tens of GB for one group); its own loop stops at the first failure.
     Here that one group is skipped and the others stay prunable.
     """
