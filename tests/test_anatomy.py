@@ -158,6 +158,20 @@ def test_anatomy_is_traced_once_for_ptl_distillation_and_rollback(monkeypatch):
     assert len(traces) == 2
 
 
+def test_anatomy_is_measured_anew_when_a_layer_changes_width():
+    # A pruned network (same modules, narrower layers) must not be read from the cached anatomy.
+    from bconv.prune import cop_prune
+
+    model, size = zoo_model("torchvision:regnet_x_400mf").eval(), (3, 64, 64)
+    before = [s.channels for s in find_stages(model, size)]
+    cop_prune(model, size, ratio=0.4, metric="params")
+    after = find_stages(model, size)
+    assert [s.channels for s in after] != before
+    assert [s.channels for s in after] == [s.channels for s in find_stages(model, size, source="fx")]
+    wrapped = wrap_with_ptl(model, input_size=size)
+    assert wrapped(torch.randn(2, *size)).shape == (2, 1000)
+
+
 def test_head_of_a_classifier():
     a = anatomy(zoo_model("torchvision:resnet50"), (3, 224, 224))
     assert a.stem == ("conv1", "bn1", "relu")

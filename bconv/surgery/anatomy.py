@@ -115,8 +115,11 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Anatomy]] = weakref.Wea
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    """Module paths and types: replacing ``fc`` by another ``Linear`` keeps the anatomy, a new head does not."""
-    return tuple((name, type(m)) for name, m in model.named_modules())
+    """Module paths, types and parameter shapes: a new head, a module swapped for another, or a layer whose
+    width changed (pruning, ``reset_classifier(10)``) is measured anew; new weights of the same shapes are not."""
+    return tuple(
+        (name, type(m), tuple(tuple(p.shape) for p in m.parameters(recurse=False))) for name, m in model.named_modules()
+    )
 
 
 def anatomy(
