@@ -22,7 +22,6 @@ anything is changed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -998,14 +997,15 @@ class _RunawayMapping(Exception):
     """Torch-Pruning's index mapping grew past any width in the model."""
 
 
-def _all_groups(model: nn.Module, graph: tp.DependencyGraph) -> Iterable[tuple[nn.Module, Any, str]]:
+def _all_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[nn.Module, Any, str]]:
     """Torch-Pruning's ``get_all_groups`` (every convolution and linear layer as a root, each layer in one
     group), one group at a time: ``(root, group, "")``, or ``(root, None, why)`` for a group it cannot build.
 
     Torch-Pruning raises from deep inside for one group of an op it mis-handles (seen: ZeroDivisionError
-    on GCViT, Hiera and NesT), and its reshape mappings multiply through
-    chained window reshapes (Swin: tens of GB for one group); its own loop stops at the first failure.
-    Here that one group is skipped and the others stay prunable.
+    on GCViT, Hiera and NesT), and its reshape mappings multiply through chained window reshapes (Swin:
+    tens of GB for one group); its own loop stops at the first failure. Here that one group is skipped and
+    the others stay prunable. Three of Torch-Pruning's functions are swapped while the groups are listed,
+    and put back before this returns.
     """
     from torch_pruning.dependency import index_mapping
 
@@ -1030,44 +1030,36 @@ def _all_groups(model: nn.Module, graph: tp.DependencyGraph) -> Iterable[tuple[n
             raise _RunawayMapping(f"a group grew past {most_items} operations")
         return add_dep(self, dep, idxs)
 
+    # Torch-Pruning recomputes every concatenation's index mapping for each group it builds; nothing is
+    # pruned while the groups are listed, so once is enough (DenseNet: 70 ms per group otherwise).
+    update = index_mapping.update_index_mapping
+    update(graph)
+    found: list[tuple[nn.Module, Any, str]] = []
     visited: set[nn.Module] = set()
+    index_mapping.update_index_mapping = lambda graph: None
     index_mapping._FlattenIndexMapping.__call__ = bounded
     tp.dependency.Group.add_dep = bounded_add
     try:
-        with _index_mapping_frozen(graph):
-            for m in list(graph.module2node):
-                if not _is_layer(m) or m in visited or m in graph.IGNORED_LAYERS_IN_TRACING:
-                    continue
-                pruner = graph.get_pruner_of_module(m)
-                if pruner is None or pruner.get_out_channels(m) is None:
-                    continue
-                try:
-                    group = graph.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
-                except Exception as e:  # noqa: BLE001 - whatever Torch-Pruning hits on this one group
-                    visited.add(m)
-                    why = str(e).splitlines()[0] if str(e) else ""
-                    yield m, None, (why if isinstance(e, _RunawayMapping) else f"{type(e).__name__}: {why}")[:200]
-                    continue
-                visited |= {dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)}
-                yield m, group, ""
-    finally:
-        index_mapping._FlattenIndexMapping.__call__ = flatten
-        tp.dependency.Group.add_dep = add_dep
-
-
-@contextlib.contextmanager
-def _index_mapping_frozen(graph: tp.DependencyGraph):
-    """Torch-Pruning recomputes every concatenation's index mapping for each group it builds; nothing is
-    pruned while all groups are listed, so once is enough (DenseNet: 70 ms per group otherwise)."""
-    from torch_pruning.dependency import index_mapping
-
-    update = index_mapping.update_index_mapping
-    update(graph)
-    index_mapping.update_index_mapping = lambda graph: None
-    try:
-        yield
+        for m in list(graph.module2node):
+            if not _is_layer(m) or m in visited or m in graph.IGNORED_LAYERS_IN_TRACING:
+                continue
+            pruner = graph.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            try:
+                group = graph.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            except Exception as e:  # noqa: BLE001 - whatever Torch-Pruning hits on this one group
+                visited.add(m)
+                why = str(e).splitlines()[0] if str(e) else ""
+                found.append((m, None, (why if isinstance(e, _RunawayMapping) else f"{type(e).__name__}: {why}")[:200]))
+                continue
+            visited |= {dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)}
+            found.append((m, group, ""))
     finally:
         index_mapping.update_index_mapping = update
+        index_mapping._FlattenIndexMapping.__call__ = flatten
+        tp.dependency.Group.add_dep = add_dep
+    return found
 
 
 def _has(model: nn.Module, path: str) -> bool:
