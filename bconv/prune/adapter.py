@@ -1,0 +1,250 @@
+"""Everything bconv asks of Torch-Pruning: the dependency graph, its channel groups (with the patches
+they need), which layers are protected, and measuring the model before and after."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from .._flops import TotalFlopCounter
+from ..errors import TraceError
+from ..surgery._trace import eval_mode
+from .report import PruneError
+
+
+def _build_graph(model: nn.Module, x: Tensor) -> tp.DependencyGraph:
+    try:
+        with warnings.catch_warnings(), torch.enable_grad(), eval_mode(model):
+            warnings.simplefilter("ignore")
+            return tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
+    except Exception as e:  # Torch-Pruning raises whatever its tracing hits
+        raise PruneError(
+            f"Torch-Pruning cannot build the dependency graph of {type(model).__name__}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. It traces autograd from the output: "
+            f"the forward must return tensors computed from the input by differentiable ops."
+        ) from e
+
+
+def _protected_layers(
+    model: nn.Module, input_size: tuple[int, ...], graph: tp.DependencyGraph, extra: Sequence[str]
+) -> dict[str, str]:
+    """Module paths whose channels must not change, with the reason: what counts as the head.
+
+    The classifier keeps its input and output width (so the pooled feature width, which STD
+    distils, is kept too), and every layer whose output channels reach a model output keeps them.
+    """
+    from ..surgery.anatomy import anatomy
+
+    protected = {name: "protected by the caller" for name in extra}
+    try:
+        # The network's anatomy, the one description PTL, STD and rollback read, says where its head is.
+        classifier = anatomy(model, input_size, need_stages=False).head.classifier
+    except TraceError:
+        classifier = None
+    if classifier is not None:
+        protected[classifier] = "the classifier"
+    # A model with no classifier (segmentation, features only) has its outputs protected below.
+    # Attention keeps its widths: Torch-Pruning does not update head counts and head dims (timm's
+    # Attention reshapes with self.num_heads), so pruning its projections breaks the forward.
+    # Only the innermost modules that keep a head count are attention: a block that keeps num_heads too
+    # (torchvision's ViT EncoderBlock, timm's DaViT blocks) keeps its MLP prunable.
+    # timm and torchvision: num_heads; Hiera: heads; torchvision's MaxViT: n_heads.
+    with_heads = {}
+    for name, module in model.named_modules():
+        heads = next((h for h in (getattr(module, a, None) for a in ("num_heads", "heads", "n_heads")) if h), None)
+        if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
+            with_heads[name] = (module, heads)
+    for name, (module, heads) in with_heads.items():
+        if any(other != name and (name == "" or other.startswith(name + ".")) for other in with_heads):
+            continue  # an inner module keeps the heads
+        for sub, layer in module.named_modules():
+            if _is_layer(layer) or isinstance(layer, nn.MultiheadAttention):
+                protected.setdefault(f"{name}.{sub}" if sub else name, f"attention with {heads} heads")
+    # Walk back from every model output through parameter-free ops (add, interpolate, reshape, ...): the
+    # first module with parameters on each path produces output channels.
+    # Torch-Pruning adds an output node only where an op, not a module, ends the forward: the sinks of its
+    # graph (nodes nothing reads) are where the outputs come from.
+    names = graph._module2name
+    stack = [node for node in graph.module2node.values() if node.type == tp.ops.OPTYPE.OUTPUT or not node.outputs]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        module = node.module
+        if isinstance(module, nn.Module) and module in names and any(True for _ in module.parameters(recurse=False)):
+            protected.setdefault(names[module], "produces a model output")
+        else:
+            stack.extend(node.inputs)
+    return protected
+
+
+def _output_shapes(out: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in tp.utils.flatten_as_list(out) if isinstance(t, Tensor)]
+
+
+def _check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) -> dict[str, int]:
+    """Measure the pruned model; it must still run and return outputs of the same shapes (else name the
+    failing module)."""
+    stack: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def enter(m: nn.Module, args: Any) -> None:
+        stack.append(names[m])
+
+    def leave(m: nn.Module, args: Any, out: Any) -> None:
+        stack.pop()
+
+    handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
+    handles += [m.register_forward_hook(leave) for m in model.modules()]
+    try:
+        measured, out = _measure(model, x)
+    except Exception as e:
+        where = stack[-1] if stack else type(model).__name__
+        raise PruneError(
+            f"after pruning, {type(model).__name__} fails in `{where or '(top level)'}`: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. Torch-Pruning did not update something this module "
+            f"depends on (a static shape or head count, an op it cannot follow); pass stages=[...] without it, "
+            f"or protect=['{where}']. The model is unchanged."
+        ) from e
+    finally:
+        for h in handles:
+            h.remove()
+    if _output_shapes(out) != shapes:
+        raise PruneError(f"after pruning, {type(model).__name__}'s outputs have shapes {_output_shapes(out)} "
+                         f"instead of {shapes}; the model is unchanged")  # fmt: skip
+    return measured
+
+
+def _restore(model: nn.Module, backup: nn.Module) -> None:
+    """Put back the model the user passed (Torch-Pruning replaced parameters and attributes in place)."""
+    model.__dict__.clear()
+    model.__dict__.update(backup.__dict__)
+
+
+def _out_channels(module: nn.Module) -> int:
+    return int(module.out_features if isinstance(module, nn.Linear) else module.out_channels)
+
+
+def _is_layer(module: Any) -> bool:
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+
+
+def _measure(model: nn.Module, x: Tensor, positions: dict[nn.Module, int] | None = None) -> tuple[dict[str, int], Any]:
+    """Params, FLOPs and channels, and the output, from one forward; ``positions`` receives each convolution's
+    and linear layer's output positions per sample (its FLOPs are 2 x weight x positions)."""
+    def hook(m: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, Tensor) and positions is not None:
+            positions[m] = positions.get(m, 0) + out.numel() // max(out.shape[0], 1) // _out_channels(m)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _is_layer(m)] if positions is not None else []
+    try:
+        with TotalFlopCounter() as counter:
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "flops": int(counter.get_total_flops()),
+        "channels": sum(_out_channels(m) for m in model.modules() if _is_layer(m)),
+    }, out
+
+
+class _RunawayMapping(Exception):
+    """Torch-Pruning's index mapping grew past any width in the model."""
+
+
+def _all_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[nn.Module, Any, str]]:
+    """Torch-Pruning's ``get_all_groups`` (every convolution and linear layer as a root, each layer in one
+    group), one group at a time: ``(root, group, "")``, or ``(root, None, why)`` for a group it cannot build.
+
+    Torch-Pruning raises from deep inside for one group of an op it mis-handles (seen: ZeroDivisionError
+    on GCViT, Hiera and NesT), and its reshape mappings multiply through chained window reshapes (Swin:
+    tens of GB for one group); its own loop stops at the first failure. Here that one group is skipped and
+    the others stay prunable. Three of Torch-Pruning's functions are swapped while the groups are listed,
+    and put back before this returns.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    # No channel index of a real group exceeds the model's widest parameter dimension (a Linear reading a
+    # flattened map included), so a mapping past it has lost track of the channels.
+    bound = max((max(p.shape) for p in model.parameters() if p.dim()), default=1)
+    flatten = index_mapping._FlattenIndexMapping.__call__
+
+    def bounded(self, idxs):
+        if not self.reverse and len(idxs) * self._stride > bound:
+            raise _RunawayMapping(f"a reshape maps {len(idxs)} channels onto {len(idxs) * self._stride} indices")
+        return flatten(self, idxs)
+
+    # A real group holds each node's in- and out-channel operation at most a few times (a concatenation
+    # reads one input twice); past that, Torch-Pruning is cycling through index sets that keep changing
+    # (HaloNet's blocked attention: minutes, then memory).
+    most_items = 4 * len(graph.module2node) + 16
+    add_dep = tp.dependency.Group.add_dep
+
+    def bounded_add(self, dep, idxs):
+        if len(self._group) >= most_items:
+            raise _RunawayMapping(f"a group grew past {most_items} operations")
+        return add_dep(self, dep, idxs)
+
+    # Torch-Pruning recomputes every concatenation's index mapping for each group it builds; nothing is
+    # pruned while the groups are listed, so once is enough (DenseNet: 70 ms per group otherwise).
+    update = index_mapping.update_index_mapping
+    update(graph)
+    found: list[tuple[nn.Module, Any, str]] = []
+    visited: set[nn.Module] = set()
+    index_mapping.update_index_mapping = lambda graph: None
+    index_mapping._FlattenIndexMapping.__call__ = bounded
+    tp.dependency.Group.add_dep = bounded_add
+    try:
+        for m in list(graph.module2node):
+            if not _is_layer(m) or m in visited or m in graph.IGNORED_LAYERS_IN_TRACING:
+                continue
+            pruner = graph.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            try:
+                group = graph.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            except Exception as e:  # noqa: BLE001 - whatever Torch-Pruning hits on this one group
+                visited.add(m)
+                why = str(e).splitlines()[0] if str(e) else ""
+                found.append((m, None, (why if isinstance(e, _RunawayMapping) else f"{type(e).__name__}: {why}")[:200]))
+                continue
+            visited |= {dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)}
+            found.append((m, group, ""))
+    finally:
+        index_mapping.update_index_mapping = update
+        index_mapping._FlattenIndexMapping.__call__ = flatten
+        tp.dependency.Group.add_dep = add_dep
+    return found
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.out_channels
+
+
+def _in_channels(m: nn.Module) -> int:
+    return int(m.in_features if isinstance(m, nn.Linear) else m.in_channels)
+
+
+def _taps(m: nn.Module) -> int:
+    return int(math.prod(m.kernel_size)) if isinstance(m, nn.modules.conv._ConvNd) else 1
+
+
+def _inside(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") or p == "" for p in prefixes)

@@ -1,0 +1,301 @@
+"""COP's selection: greedy and global, one channel at a time, on Torch-Pruning's channel groups.
+
+The cost terms use log2 of the params and FLOPs of each layer and its consumers at their current
+widths: ``imp = alpha (1 - r) + beta (1 - rf) + gamma (1 - rp)``, lowest pruned first (DESIGN.md §8).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapter import _all_groups, _depthwise, _has, _in_channels, _inside, _is_layer, _out_channels, _taps
+from .importance import _activations, _consumer_kernel, _Redundancy, _similarity
+from .report import PruneError, PruneTargetError, _skipped_hint
+
+TOLERANCE = 0.02  # the target is met within this fraction of the metric
+
+
+@dataclass
+class _Group:
+    root: nn.Module
+    root_name: str
+    n: int  # channels at the start
+    ch_groups: int  # channels move in units of ch_groups (grouped convolutions prune every group alike)
+    step: int  # units removed per greedy step (round_to)
+    floor: int  # fewest units kept
+    consumers: list[_Redundancy]
+    alive_ch: np.ndarray = field(init=False)  # original channel -> still there
+    applied: np.ndarray = field(init=False)  # original channel -> its cut was already applied to the model
+    cuts: int = 0  # channels cut (planned)
+
+    def __post_init__(self) -> None:
+        self.alive_ch = np.ones(self.n, dtype=bool)
+        self.applied = np.zeros(self.n, dtype=bool)
+        self.total = np.sum([c.r for c in self.consumers], axis=0) if self.consumers else np.zeros(self.n)
+
+    @property
+    def units(self) -> int:
+        return self.n // self.ch_groups
+
+    @property
+    def alive_units(self) -> int:
+        return (self.n - self.cuts) // self.ch_groups
+
+    def channels_of(self, unit: int) -> list[int]:
+        return [unit + g * self.units for g in range(self.ch_groups)]
+
+    def unit_redundancy(self) -> np.ndarray:
+        """Redundancy of each unit, averaged over the consumers (coupled layers) and the unit's channels."""
+        r = self.total / max(1, len(self.consumers))
+        if self.ch_groups > 1:
+            r = r.reshape(self.ch_groups, self.units).mean(axis=0)
+            return np.where(self.alive_ch.reshape(self.ch_groups, self.units).all(axis=0), r, -np.inf)
+        return np.where(self.alive_ch, r, -np.inf)
+
+    def cut_unit(self, unit: int) -> None:
+        for ch in self.channels_of(unit):
+            self.alive_ch[ch] = False
+            for c in self.consumers:
+                c.cut(ch, self.alive_ch, self.total)
+        self.cuts += self.ch_groups
+
+
+class _Planner:
+    """The greedy COP selection on Torch-Pruning's groups, with a linear cost model of the network."""
+
+    def __init__(self, model, graph, positions, protected, allowed, weights, top_k, similarity, normalize,
+                 min_channels, max_fraction, round_to, calibration=None):  # fmt: skip
+        self.model, self.graph = model, graph
+        self.alpha, self.beta, self.gamma = weights
+        self.skipped: list[tuple[str, str]] = []
+        self.applied_cuts = 0
+        names = graph._module2name
+        layers = [m for m in graph.module2node if _is_layer(m) and m in names]
+        unseen = [n for n, m in model.named_modules() if m in positions and m not in graph.module2node]
+        if unseen:
+            raise PruneError(
+                f"Torch-Pruning's dependency graph does not reach `{unseen[0]}`"
+                f"{f' (and {len(unseen) - 1} more layers)' if len(unseen) > 1 else ''} of {type(model).__name__} "
+                f"from the output: an op between them cannot be followed through autograd (.detach(), .data, "
+                f"numpy, integer ops, torch.no_grad()). Its channels cannot be pruned safely; the model is unchanged."
+            )
+        self.layers = layers
+        self.widths_before = {names[m]: _out_channels(m) for m in layers}
+        index = {m: i for i, m in enumerate(layers)}
+        groups: list[_Group] = []
+        a_in: list[np.ndarray] = []
+        a_out: list[np.ndarray] = []
+        extra: list[float] = []
+        protected_modules = {model.get_submodule(p) for p in protected if _has(model, p)}
+        seen_roots: set[nn.Module] = set()
+        all_groups = []
+        for root, group, failure in _all_groups(model, graph):
+            if group is None:
+                self.skipped.append((names.get(root, "?"), f"cannot be grouped by Torch-Pruning ({failure})"))
+            else:
+                all_groups.append(group)
+        activations = None
+        if calibration is not None:
+            activations = _activations(model, [g[0].dep.target.module for g in all_groups], calibration)
+        for group in all_groups:
+            root = group[0].dep.target.module
+            if root in seen_roots:
+                continue
+            root_name = names.get(root, "?")
+            n = len(group[0].idxs)
+            outs = [(it.dep.target.module, it) for it in group if graph.is_out_channel_pruning_fn(it.dep.handler)]
+            ins = [(it.dep.target.module, it) for it in group if graph.is_in_channel_pruning_fn(it.dep.handler)]
+            touched = {m for m, _ in outs + ins if isinstance(m, nn.Module) and m in names}
+            seen_roots |= {m for m, _ in outs if _is_layer(m)}
+            hit = [names.get(m, "?") for m in touched if m in protected_modules]
+            if hit:
+                self.skipped.append((root_name, f"touch `{hit[0]}` ({protected.get(hit[0], 'protected')})"))
+                continue
+            if allowed is not None and not all(_inside(names[m], allowed) for m, _ in outs if m in names):
+                self.skipped.append((root_name, "produced outside the chosen stages"))
+                continue
+            convs = [m for m in touched if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1]
+            ch_groups = max([m.groups for m in convs if not _depthwise(m)] or [1])
+            if n % ch_groups:
+                self.skipped.append((root_name, f"have {n} channels, not a multiple of groups={ch_groups}"))
+                continue
+            units = n // ch_groups
+            q = round_to // math.gcd(round_to, ch_groups)  # units per step so widths stay multiples of round_to
+            floor_ch = max(1, min_channels, math.ceil(n * (1 - max_fraction) - 1e-9))
+            floor = math.ceil(floor_ch / ch_groups)
+            floor = q * math.ceil(floor / q) if q > 1 else floor
+            if floor >= units:
+                self.skipped.append((root_name, "are at their floor already"))
+                continue
+            consumers = []
+            if activations is not None and root in activations:
+                a = activations[root][:, torch.tensor(list(group[0].idxs))]
+                consumers.append(_Redundancy(_similarity(a.unsqueeze(0), similarity, normalize), top_k))
+            for m, it in ([] if consumers else ins):
+                if _is_layer(m):
+                    w = _consumer_kernel(m, list(it.idxs), list(it.root_idxs), n)
+                    if w is not None:
+                        consumers.append(_Redundancy(_similarity(w, similarity, normalize), top_k))
+            if not consumers:  # nothing reads these channels through a dense kernel: correlate the filters
+                for m, it in outs:
+                    if _is_layer(m) and not _depthwise(m) and len(it.idxs) == n and max(it.idxs) < _out_channels(m):
+                        w = m.weight.detach()
+                        w = w.transpose(0, 1) if getattr(m, "transposed", False) else w
+                        w = w.reshape(w.shape[0], -1)[torch.tensor(list(it.idxs))]
+                        consumers.append(_Redundancy(_similarity(w.t().unsqueeze(0), similarity, normalize), top_k))
+                        break
+            # A consumer read through a mapping Torch-Pruning widened (split, reshape) gives no per-channel matrix.
+            consumers = [c for c in consumers if c.m.shape[0] == n]
+            g = _Group(root, root_name, n, ch_groups, q, floor, consumers)
+            row_in, row_out = np.zeros(len(layers)), np.zeros(len(layers))
+            per_channel = 0.0
+            for m, it in outs:
+                if _is_layer(m):
+                    row_out[index[m]] += len(it.idxs) / n
+                    if _depthwise(m):
+                        row_in[index[m]] += len(it.idxs) / n
+                elif isinstance(m, nn.Module) and m in names:
+                    c = graph.get_out_channels(m) or 0
+                    if c:
+                        per_channel += sum(p.numel() for p in m.parameters(recurse=False)) / c * len(it.idxs) / n
+                elif isinstance(m, nn.Parameter):
+                    dim = graph.module2node[m].pruning_dim
+                    per_channel += m.numel() / m.shape[dim] * len(it.idxs) / n
+            for m, it in ins:
+                if _is_layer(m) and not _depthwise(m):
+                    row_in[index[m]] += len(it.idxs) / n
+            most = n - floor * ch_groups
+            widths_in = np.array([_in_channels(m) for m in layers])
+            widths_out = np.array([_out_channels(m) for m in layers])
+            if (row_in * most > widths_in).any() or (row_out * most > widths_out).any():
+                # Torch-Pruning maps these channels through a reshape onto more inputs than a layer has.
+                self.skipped.append((root_name, "are mapped by Torch-Pruning onto more channels than a layer has"))
+                continue
+            groups.append(g)
+            a_in.append(row_in)
+            a_out.append(row_out)
+            extra.append(per_channel)
+        self.groups = groups
+        if not groups:
+            raise PruneTargetError(
+                f"no channel of {type(model).__name__} may be pruned." + _skipped_hint(self.skipped)
+            )
+        self.a_in, self.a_out = np.stack(a_in, 1), np.stack(a_out, 1)  # [layers, groups]
+        self.touch = ((self.a_in + self.a_out) > 0).T.astype(np.float64)  # [groups, layers]
+        self.extra = np.array(extra)
+        self.in0 = np.array([_in_channels(m) for m in layers], dtype=np.float64)
+        self.out0 = np.array([_out_channels(m) for m in layers], dtype=np.float64)
+        self.taps = np.array([_taps(m) for m in layers], dtype=np.float64)
+        self.conv_groups = np.array([1 if _depthwise(m) else getattr(m, "groups", 1) for m in layers], dtype=np.float64)
+        self.dw = np.array([_depthwise(m) for m in layers])
+        self.bias = np.array([m.bias is not None for m in layers], dtype=np.float64)
+        self.pos = np.array([positions.get(m, 0) for m in layers], dtype=np.float64)
+        self.cuts = np.zeros(len(groups))
+        self.inn, self.out = self.in0.copy(), self.out0.copy()
+        self.p0, self.f0 = self._layer_costs()
+        self.p, self.f = self.p0, self.f0
+        self.open = np.array([g.alive_units - self._step(g) >= g.floor for g in groups])
+        self.redundancy = [g.unit_redundancy() for g in groups]
+        self.best = np.array([r.max() for r in self.redundancy])
+
+    def _layer_costs(self, inn: np.ndarray | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        inn = self.inn if inn is None else inn
+        out = self.out if out is None else out
+        per_filter = np.where(self.dw, 1.0, inn / self.conv_groups) * self.taps
+        weight = out * per_filter
+        return weight + self.bias * out, 2 * weight * self.pos
+
+    def _cut_channels(self, gi: int, count: float) -> None:
+        """Widths and costs after ``count`` more channels of group gi are cut (negative: undo)."""
+        self.cuts[gi] += count
+        self.inn = self.inn - self.a_in[:, gi] * count
+        self.out = self.out - self.a_out[:, gi] * count
+        self.p, self.f = self._layer_costs()
+
+    def estimated(self, before: dict[str, int]) -> dict[str, float]:
+        return {
+            "params": before["params"] - (self.p0.sum() - self.p.sum()) - float(self.extra @ self.cuts),
+            "flops": before["flops"] - (self.f0.sum() - self.f.sum()),
+            "channels": before["channels"] - (self.out0.sum() - self.out.sum()),
+        }
+
+    def estimated_reduction(self, metric: str, before: dict[str, int]) -> float:
+        return 1 - self.estimated(before)[metric] / before[metric]
+
+    def _cost_terms(self) -> np.ndarray:
+        p, f = self.p, self.f
+        lp = np.log2(np.maximum(self.touch @ p, 2.0))
+        lf = np.log2(np.maximum(self.touch @ f, 2.0))
+        return self.beta * (1 - lf / lf.max()) + self.gamma * (1 - lp / lp.max())
+
+    def run(self, metric: str, target: float, before: dict[str, int]) -> bool:
+        """Cut greedily until the estimated reduction of ``metric`` reaches ``target``; False if floors stop it."""
+        while self.estimated_reduction(metric, before) < target - TOLERANCE / 4:  # within half a percent
+            if not self.open.any():
+                return False
+            imp = self.alpha * (1 - self.best) + self._cost_terms()
+            imp[~self.open] = np.inf
+            gi = self._choose(imp, metric, target, before)
+            g = self.groups[gi]
+            count = self._step(g)
+            for _ in range(count):
+                unit = int(np.argmax(self.redundancy[gi]))
+                g.cut_unit(unit)
+                self.redundancy[gi] = g.unit_redundancy()
+            self.best[gi] = self.redundancy[gi].max()
+            self._cut_channels(gi, g.cuts - self.cuts[gi])
+            self.open[gi] = g.alive_units - self._step(g) >= g.floor
+        return True
+
+    @staticmethod
+    def _step(g: _Group) -> int:
+        """Units cut by one greedy step; the first step of a group brings its width to a multiple of round_to."""
+        return g.alive_units % g.step or g.step
+
+    def _choose(self, imp: np.ndarray, metric: str, target: float, before: dict[str, int]) -> int:
+        """The least important group, unless its step would overshoot the target by more than the tolerance
+        (near the end, a coarse step of a wide layer): then the least important group whose step fits."""
+        order = np.argsort(imp, kind="stable")
+        if self.estimated_reduction(metric, before) < target - 2 * TOLERANCE:
+            return int(order[0])
+        for gi in order:
+            if not np.isfinite(imp[gi]):
+                break
+            step = self._step(self.groups[gi]) * self.groups[gi].ch_groups
+            self._cut_channels(gi, step)
+            fits = self.estimated_reduction(metric, before) <= target + TOLERANCE / 2
+            self._cut_channels(gi, -step)
+            if fits:
+                return int(gi)
+        return int(order[0])
+
+    def apply(self) -> list[list[Any]]:
+        """Prune the planned, not yet applied channels from the model with Torch-Pruning."""
+        history = []
+        for g in self.groups:
+            todo = ~g.alive_ch & ~g.applied
+            if not todo.any():
+                continue
+            present = ~g.applied  # channels still in the model, in their original order
+            positions = np.cumsum(present) - 1
+            idxs = [int(i) for i in positions[todo]]
+            pruner = self.graph.get_pruner_of_module(g.root)
+            try:
+                group = self.graph.get_pruning_group(g.root, pruner.prune_out_channels, idxs)
+                group.prune()
+            except Exception as e:  # Torch-Pruning's own failure on an op it mis-handles
+                raise PruneError(
+                    f"Torch-Pruning failed to remove channels of `{g.root_name}` and the layers coupled to it: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Pass protect=['{g.root_name}'] "
+                    f"or stages=[...] without it; the model is unchanged."
+                ) from e
+            history.append([g.root_name, True, idxs])
+            g.applied |= todo
+            self.applied_cuts += len(idxs)
+        return history
