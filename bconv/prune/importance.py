@@ -23,36 +23,49 @@ _CORRELATION_BUDGET = 2e9
 
 
 def _similarity(w: Tensor, kind: str, normalize: str) -> Tensor:
-    """COP's n x n redundancy matrix from a consumer kernel ``w`` of shape [taps, filters, n]."""
+    """COP's normalised n x n redundancy matrix from a consumer kernel ``w`` of shape [taps, filters, n].
+
+    The released code (``prune_common.get_correlation``, ``get_cosine_sim``, ``get_inner_product``,
+    ``get_normalized_feature``), for each tap t and input channels i, j seen as vectors over the filters:
+
+        pearson:  |sum_o (w_oi - mean_i)(w_oj - mean_j)| / filters / (std_i std_j + 1e-8)   (population std)
+        cosine:   |<w_i, w_j>| / (|w_i| |w_j| + 1e-8)
+        inner:    |<w_i, w_j>|
+
+    averaged over the taps; the diagonal is zeroed and the matrix divided once by its largest entry
+    (``"max"``), by the sum of the whole matrix / 2 (``"l1"``) or by its Frobenius norm (``"l2"``).
+
+    A dead channel (constant consumer weights at every tap: zero std, zero norm) has a zero row and
+    column here, as in the released code, where it then counts as unique and is never cut. bconv
+    gives it the largest redundancy, 1, in its own row only, after normalising: the scale and every
+    other channel's redundancy are what the released code computes.
+    """
     w = w.float()
+    filters = w.shape[1]
     if kind == "pearson":
         z = w - w.mean(dim=1, keepdim=True)
-        scale = z.pow(2).mean(dim=1).sqrt()  # population std, as the released code
-        z = z / (scale.unsqueeze(1) + 1e-8)
-        sim = torch.einsum("toi,toj->tij", z, z) / w.shape[1]
+        scale = z.pow(2).mean(dim=1).sqrt()  # population std, as np.std
+        sim = torch.einsum("toi,toj->tij", z, z) / filters / (scale.unsqueeze(2) * scale.unsqueeze(1) + 1e-8)
     elif kind == "cosine":
         scale = w.norm(dim=1)
-        z = w / (scale.unsqueeze(1) + 1e-8)
-        sim = torch.einsum("toi,toj->tij", z, z)
+        sim = torch.einsum("toi,toj->tij", w, w) / (scale.unsqueeze(2) * scale.unsqueeze(1) + 1e-8)
     else:
         scale = w.norm(dim=1)
         sim = torch.einsum("toi,toj->tij", w, w)
-    sim = sim.abs()
-    # A dead channel (constant consumer weights: zero std, zero norm) correlates with nothing, which
-    # the released code reads as "unique, keep". It carries no information: make it the most redundant.
-    dead = scale <= 1e-6 * scale.amax(dim=1, keepdim=True).clamp_min(1e-30)
-    if dead.any():
-        full = torch.ones(()) if kind != "inner" else sim.amax()
-        sim = torch.where(dead.unsqueeze(2), full, sim)
-    m = sim.mean(dim=0)
+    m = sim.abs().mean(dim=0)
     m.fill_diagonal_(0)
     if normalize == "max":
-        scale_m = m.max()
+        norm = m.max()
     elif normalize == "l1":
-        scale_m = m.sum(dim=1).mean()
+        norm = m.sum() / 2
     else:
-        scale_m = m.norm(dim=1).mean()
-    return m / scale_m if scale_m > 0 else m
+        norm = m.norm()
+    m = m / norm if norm > 0 else m
+    dead = (scale <= 1e-6 * scale.amax(dim=1, keepdim=True).clamp_min(1e-30)).all(dim=0)
+    if dead.any():
+        m[dead] = 1.0
+        m.fill_diagonal_(0)
+    return m
 
 
 _CALIBRATION_SAMPLES = 8192  # activation vectors kept per layer (positions x samples, drawn evenly)
