@@ -15,7 +15,7 @@ SMALL = (3, 32, 32)
 
 
 class Chain(nn.Module):
-    """conv1 (8 channels) -> conv2 -> pool -> fc: only conv1's channels are candidates (conv2 feeds the classifier)."""
+    """conv1 (8 channels) -> conv2 -> pool -> fc; with keep_feature_width=True only conv1's channels are candidates."""
 
     def __init__(self):
         super().__init__()
@@ -29,7 +29,7 @@ class Chain(nn.Module):
 
 def one_cut(model: nn.Module) -> list[int]:
     # 8 + 16 + 4 output channels: removing 1 of the 28 is 3.6%, so ratio 0.035 of "channels" is one cut.
-    result = cop_prune(model, SMALL, ratio=0.035, metric="channels")
+    result = cop_prune(model, SMALL, ratio=0.035, metric="channels", keep_feature_width=True)
     assert result.report.channels_before - result.report.channels_after == 1
     ((name, is_out, idxs),) = result.history
     assert name == "conv1" and is_out
@@ -58,22 +58,62 @@ def test_calibration_cuts_a_channel_whose_activation_duplicates_another():
         model.conv1.weight[6] = model.conv1.weight[1]
         model.conv1.bias[6] = model.conv1.bias[1]
     batches = [torch.randn(4, *SMALL) for _ in range(2)]
-    result = cop_prune(model, SMALL, ratio=0.035, metric="channels", calibration=batches)
+    result = cop_prune(model, SMALL, ratio=0.035, metric="channels", calibration=batches, keep_feature_width=True)
     assert result.history[0][2][0] in (1, 6)
 
 
-def test_resnet_residual_widths_stay_consistent_and_classifier_untouched():
+def test_resnet_residual_widths_stay_consistent_and_classes_kept():
     model = torchvision.models.resnet18(num_classes=10)
-    fc = model.fc.weight.detach().clone()
     result = cop_prune(model, SMALL, ratio=0.5, metric="flops")
     for block in [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]:
         identity = block.downsample[0].out_channels if block.downsample is not None else block.conv1.in_channels
         assert block.conv2.out_channels == block.bn2.num_features == identity
         assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels
-    assert torch.equal(model.fc.weight, fc)
+    assert model.fc.out_features == 10 and model.fc.in_features == model.layer4[1].conv2.out_channels
     assert model(torch.randn(2, *SMALL)).shape == (2, 10)
     assert any(w.after < w.before for w in result.report.layers)
     assert "fc" not in {w.name for w in result.report.layers}
+
+
+def test_classifier_input_is_pruned_by_default_as_in_the_released_code():
+    # COP scores the channels that feed the classifier against its weights (VGG's conv5_3, ResNet's last
+    # residual stream): ResNet-18 goes to -95% of its parameters, which the pooled width's lock kept at ~93%.
+    model = torchvision.models.resnet18(num_classes=10)
+    result = cop_prune(model, SMALL, ratio=0.95, metric="params")
+    assert abs(result.report.achieved - 0.95) <= 0.02
+    assert model.fc.out_features == 10 and model.fc.in_features < 512
+    assert model(torch.randn(2, *SMALL)).shape == (2, 10)
+
+
+def test_keep_feature_width_keeps_the_pooled_feature_for_std():
+    model = torchvision.models.resnet18(num_classes=10)
+    cop_prune(model, SMALL, ratio=0.5, metric="params", keep_feature_width=True)
+    assert (model.fc.in_features, model.fc.out_features) == (512, 10)
+    assert model.layer4[1].conv2.out_channels == 512
+    with pytest.raises(PruneTargetError, match="can be removed"):
+        cop_prune(torchvision.models.resnet18(num_classes=10), SMALL, ratio=0.95, metric="params",
+                  keep_feature_width=True)  # fmt: skip
+
+
+class ConvOut(nn.Module):
+    """conv1 -> bn -> relu -> conv2 -> mean: conv2 produces the output; conv1's channels are its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn(self.conv1(x)))).mean((2, 3))
+
+
+def test_output_layer_keeps_its_outputs_but_its_inputs_are_pruned():
+    model = ConvOut()
+    result = cop_prune(model, SMALL, ratio=0.3, metric="params")
+    assert model.conv2.out_channels == 8 and model.conv1.out_channels == model.conv2.in_channels < 16
+    assert abs(result.report.achieved - 0.3) <= 0.02
+    assert model(torch.randn(2, *SMALL)).shape == (2, 8)
 
 
 class TinySegmenter(nn.Module):
@@ -91,8 +131,8 @@ class TinySegmenter(nn.Module):
 def test_layer_producing_a_model_output_keeps_its_channels():
     model = TinySegmenter()
     report = cop_prune(model, SMALL, ratio=0.06, metric="channels").report  # 2 of 35 channels
-    assert model.head.out_channels == 3 and model.head.in_channels == 16
-    assert any(w.name == "body.0" and w.after < 16 for w in report.layers)
+    assert model.head.out_channels == 3 and model.head.in_channels == model.body[2].out_channels
+    assert report.channels_before - report.channels_after == 2 and "head" not in {w.name for w in report.layers}
     assert model(torch.randn(1, *SMALL))["out"].shape == (1, 3, 32, 32)
 
 
@@ -250,7 +290,7 @@ class Branchy(nn.Module):
 def test_layer_producing_the_output_is_kept_when_fx_cannot_find_the_head():
     model = Branchy()
     result = cop_prune(model, SMALL, ratio=0.3, metric="channels")
-    assert (model.head.in_features, model.head.out_features) == (16, 5)
+    assert model.head.out_features == 5 and model.head.in_features == model.conv2.out_channels
     assert model(torch.randn(2, *SMALL)).shape == (2, 5)
     assert result.report.channels_after < result.report.channels_before
 
@@ -323,7 +363,7 @@ def test_ptl_teacher_distilled_student_pruned_then_distilled_again():
     trainer = STDTrainer(student, teacher, input_size=SMALL)
     assert trainer.projection is None  # same pooled width: 512
     trainer.step(x, y, torch.optim.SGD(trainer.parameters(), lr=0.01))
-    result = cop_prune(student, SMALL, ratio=0.4, metric="flops")
+    result = cop_prune(student, SMALL, ratio=0.4, metric="flops", keep_feature_width=True)
     assert abs(result.report.achieved - 0.4) <= 0.02 and student.fc.in_features == 512
     trainer = STDTrainer(student, teacher, input_size=SMALL)
     assert trainer.projection is None  # the pruned student still distils without a projection

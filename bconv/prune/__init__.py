@@ -28,7 +28,8 @@ The package, one part per file:
 - :mod:`.api`: :func:`cop_prune`, the one-call path; :mod:`.report`: what it returns and raises.
 """
 
-from .api import PRESETS, cop_prune
+from .api import cop_prune
+from .importance import PRESETS, COPImportance
 from .checkpoint import load_pruned, save_pruned
 from .report import LayerWidth, PruneError, PruneReport, PruneResult, PruneTargetError, format_report
 
@@ -43,4 +44,5 @@ __all__ = [
     "PruneError",
     "PruneTargetError",
     "PRESETS",
+    "COPImportance",
 ]
