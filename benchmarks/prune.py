@@ -13,10 +13,10 @@
 
 Writes ``benchmarks/results/prune.md``, ``.json`` and ``prune_<data>.png``. Reproduce::
 
-    python benchmarks/prune.py                 # both parts, Fashion-MNIST
-    python benchmarks/prune.py --part speed --repeats 3 --threads 2
-    python benchmarks/prune.py --part accuracy --seeds 3 --threads 1
-    python benchmarks/prune.py --part accuracy --data digits --epochs 15 --finetune 2 --width 32
+    python -m benchmarks.prune                 # both parts, Fashion-MNIST
+    python -m benchmarks.prune --part speed --repeats 3 --threads 2
+    python -m benchmarks.prune --part accuracy --seeds 3 --threads 1
+    python -m benchmarks.prune --part accuracy --data digits --epochs 15 --finetune 2 --width 32
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from torch import nn
 from bconv._flops import TotalFlopCounter
 from bconv.prune import cop_prune
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import (FASHION_MNIST_DIR, RESULTS, Split, command as run_command, evaluate,
+                               load_digits, load_fashion_mnist, shift, train_epochs)  # fmt: skip
+
 METHODS = ["cop-balanced", "cop-smaller", "cop-faster", "tp-l1", "tp-fpgm", "random"]
 # DESIGN.md §7: what the COP paper's README reports (retrained with the full schedule).
 REFERENCE = [
@@ -133,8 +135,6 @@ class SmallCNN(nn.Module):
 
 def fashion_mnist() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fashion-MNIST's official 60,000 training and 10,000 test images, standardised with the training mean."""
-    from transfer import FASHION_MNIST_DIR, load_fashion_mnist
-
     xtr, ytr, _ = load_fashion_mnist(FASHION_MNIST_DIR, True)
     xte, yte, _ = load_fashion_mnist(FASHION_MNIST_DIR, False)
     mean, std = xtr.mean(), xtr.std()
@@ -145,42 +145,23 @@ DATA = {"fashion-mnist": "Fashion-MNIST (28x28, official train/test split)", "di
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False)
+    x, y, _ = load_digits(16)
     x = (x - x.mean()) / x.std()
-    y = torch.tensor(data.target)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
     return xtr, ytr, xte, yte
 
 
 def train(model: nn.Module, x, y, epochs: int, lr: float, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+    """SGD (Nesterov momentum 0.9, weight decay 5e-4), batch 64, cosine per step, random one-pixel shifts."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(x) + 63) // 64))
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            idx = order[i : i + 64]
-            xb = x[idx]
-            # light augmentation: random shifts of one pixel
-            dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
-            xb = torch.roll(xb, shifts=(dx, dy), dims=(2, 3))
-            loss = nn.functional.cross_entropy(model(xb), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    train_epochs(model, opt, Split(x, y), epochs, torch.Generator().manual_seed(seed), batch_size=64, augment=shift,
+                 schedule="step")  # fmt: skip
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, x, y) -> float:
-    model.eval()
-    return sum(float((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(x), 1000)) / len(x)
+    return evaluate(model, Split(x, y), batch_size=1000)[0] / 100
 
 
 def prune_with(method: str, model: nn.Module, ratio: float, seed: int, channel_ratio: float, size: tuple) -> None:
@@ -353,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/prune.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = run_command("prune", argv)
     if args.part in ("speed", "both"):
         s = speed(args.repeats)
         s["threads"] = args.threads

@@ -408,23 +408,10 @@ def test_torchvision_models_prune_to_half_flops(name):
     assert model(x).shape == shape
 
 
-def _benchmark(name: str):
-    """A script of benchmarks/ imported as a module (its directory on sys.path while it imports)."""
-    import importlib
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
-
-
 def test_zoo_benchmark_classifies_pruned_and_refused_models():
     from bconv._zoo import resolve
 
-    prune_zoo = _benchmark("prune_zoo")
+    from benchmarks import prune_zoo
     pruned = prune_zoo.measure(resolve("torchvision:squeezenet1_1"), "torchvision")
     assert pruned["status"] == "pruned" and pruned["forward"] == "same shape"
     assert abs(pruned["flops_removed"] - 0.5) <= 0.02
@@ -446,7 +433,8 @@ def test_every_zoo_model_is_pruned_to_target_or_refused_unchanged(spec, family):
     # Each model in a child process, as benchmarks/prune_zoo.py measures it (64x64 where the model allows).
     from bconv._zoo import resolve
 
-    prune_zoo, isolated = _benchmark("prune_zoo"), _benchmark("_isolated").isolated
+    from benchmarks import prune_zoo
+    from benchmarks._isolated import isolated
     row = isolated(prune_zoo.measure, resolve(spec), family, timeout=900)
     assert row["status"] in ("pruned", "refused"), row
     if row["status"] == "pruned":
