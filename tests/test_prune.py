@@ -441,3 +441,46 @@ def test_every_zoo_model_is_pruned_to_target_or_refused_unchanged(spec, family):
         assert row["forward"] == "same shape" and abs(row["flops_removed"] - 0.5) <= 0.02, row
     else:
         assert row["unchanged"], row
+
+
+class DropBN(nn.Module):
+    """conv -> dropout -> bn -> fc: re-estimated statistics must be those eval runs (dropout off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.drop(self.conv(x))).mean((2, 3)))
+
+
+def test_reestimate_batchnorm_gives_the_eval_networks_statistics_and_restores_flags():
+    from bconv.prune import reestimate_batchnorm
+
+    model = DropBN().train()
+    model.bn.momentum = 0.3
+    batches = [torch.randn(8, *SMALL) for _ in range(3)]
+    with torch.no_grad():
+        h = torch.cat([model.conv(x) for x in batches])  # what the BN reads with dropout off
+    reestimate_batchnorm(model, ((x, torch.zeros(8)) for x in batches))
+    assert torch.allclose(model.bn.running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    per_batch_var = torch.stack([model.conv(x).var((0, 2, 3)) for x in batches]).mean(0).detach()
+    assert torch.allclose(model.bn.running_var, per_batch_var, atol=1e-5)  # torch's unbiased batch variances, averaged
+    assert model.training and model.drop.training and model.bn.training and model.bn.momentum == 0.3
+
+
+def test_reestimate_batchnorm_leaves_statistics_unchanged_on_error():
+    from bconv.prune import reestimate_batchnorm
+
+    model = DropBN().eval()
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.5)
+    with pytest.raises(ValueError, match="no batch"):
+        reestimate_batchnorm(model, [])
+    with pytest.raises(RuntimeError):
+        reestimate_batchnorm(model, [torch.randn(2, 5, 8, 8)])  # 5 channels: the conv refuses
+    assert torch.equal(model.bn.running_mean, torch.full((6,), 0.5)) and model.bn.momentum == 0.1
+    assert not model.training

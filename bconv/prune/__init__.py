@@ -29,6 +29,7 @@ The package, one part per file:
 """
 
 from .api import cop_prune
+from .batchnorm import reestimate_batchnorm
 from .importance import PRESETS, COPImportance
 from .checkpoint import load_pruned, save_pruned
 from .report import LayerWidth, PruneError, PruneReport, PruneResult, PruneTargetError, format_report
@@ -45,4 +46,5 @@ __all__ = [
     "PruneTargetError",
     "PRESETS",
     "COPImportance",
+    "reestimate_batchnorm",
 ]
