@@ -586,3 +586,32 @@ def test_agreement_summary_bounds_what_the_rule_can_reach(tmp_path):
     assert (summary["feature_info_stages_matched"], summary["feature_info_stages_compared"]) == (8, 11)
     md = (tmp_path / "fia.md").read_text()
     assert "## Why the unmatched feature_info taps differ" in md and "| c | 8 | y | not-last |" in md
+
+
+# ----------------------------------------------------------------------------------------------- prune
+
+
+def test_prune_quick_on_fashion_mnist_idx_files(tmp_path):
+    from benchmarks import prune
+
+    _write_fake_fashion_mnist(tmp_path / "fm")
+    out = tmp_path / "prune"
+    result = prune.main(["--quick", "--data-dir", str(tmp_path / "fm"), "--seeds", "0", "1", "--out", str(out)])
+    a = result["accuracy"]
+    rows = [r for r in a["rows"] if r["method"] != "unpruned"]
+    assert {(r["target"], r["method"]) for r in rows} == {(t, m) for t in (0.5, 0.9) for m in prune.METHODS}
+    for r in rows:  # every criterion reaches its parameter target (COP within 2%, the bisection within 1%)
+        assert abs(r["params"] - r["target"]) <= 0.02, r
+        assert 0 <= r["acc_bn"] <= 100 and 0 <= r["acc_ft"] <= 100
+    pair = next(p for p in a["summary"]["pairs"] if p["target"] == 0.9 and p["cop"] == "cop-smaller"
+                and p["other"] == "random" and p["key"] == "acc_ft")  # fmt: skip
+    diffs = [x["acc_ft"] - y["acc_ft"] for x, y in zip(
+        sorted((r for r in rows if r["method"] == "cop-smaller" and r["target"] == 0.9), key=lambda r: r["seed"]),
+        sorted((r for r in rows if r["method"] == "random" and r["target"] == 0.9), key=lambda r: r["seed"]))]
+    assert pair["mean"] == pytest.approx(sum(diffs) / 2) and pair["ci_low"] <= pair["mean"] <= pair["ci_high"]
+    assert {p["preset"] for p in a["summary"]["presets"]} == {"balanced", "smaller", "faster"}
+    assert result["speed"]["ratio"] > 0 and result["speed"]["model"] == "resnet18"
+    md = out.with_suffix(".md").read_text()
+    assert "python -m benchmarks.prune --quick" in md and "Paired differences" in md and "Preset ablation" in md
+    assert json.loads(out.with_suffix(".json").read_text())["accuracy"]["rows"] == a["rows"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -484,3 +484,103 @@ def test_reestimate_batchnorm_leaves_statistics_unchanged_on_error():
         reestimate_batchnorm(model, [torch.randn(2, 5, 8, 8)])  # 5 channels: the conv refuses
     assert torch.equal(model.bn.running_mean, torch.full((6,), 0.5)) and model.bn.momentum == 0.1
     assert not model.training
+
+
+# --------------------------------------------------------------------------- COP as a Torch-Pruning importance
+
+
+def _metapruner_cut(model: nn.Module, importance) -> list[int]:
+    """One of conv1's 8 channels removed by MetaPruner (local ranking, conv2's and fc's own channels ignored)."""
+    import torch_pruning as tp
+
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, *SMALL), importance=importance, pruning_ratio=1 / 8,
+                                  ignored_layers=[model.conv2, model.fc])  # fmt: skip
+    pruner.step()
+    ((name, is_out, idxs),) = pruner.pruning_history()
+    assert name == "conv1" and is_out and model.conv1.out_channels == 7
+    return [int(i) for i in idxs]
+
+
+@pytest.mark.parametrize("source, copy", [(2, 5), (6, 1)])
+def test_cop_importance_in_metapruner_cuts_what_cop_prune_cuts(source, copy):
+    from bconv.prune import COPImportance
+
+    model = Chain()
+    with torch.no_grad():
+        model.conv2.weight[:, copy] = 2 * model.conv2.weight[:, source] + 0.1
+    twin = Chain()
+    twin.load_state_dict(model.state_dict())
+    cut = _metapruner_cut(model, COPImportance(example_inputs=torch.randn(1, *SMALL)))
+    assert cut[0] in (source, copy) and cut == one_cut(twin)
+    dead = Chain()
+    with torch.no_grad():
+        dead.conv2.weight[:, 3] = 0.0  # a dead channel goes first
+    assert _metapruner_cut(dead, COPImportance(beta=0.0)) == [3]
+
+
+def test_cop_importance_scores_channels_in_metapruner_global_iterative_on_torchvision():
+    import torch_pruning as tp
+
+    from bconv.prune import COPImportance
+
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(1, *SMALL)
+    params = sum(p.numel() for p in model.parameters())
+    pruner = tp.pruner.MetaPruner(model, x, importance=COPImportance(example_inputs=x), pruning_ratio=0.4,
+                                  global_pruning=True, iterative_steps=2, ignored_layers=[model.fc])  # fmt: skip
+    after = []
+    for _ in range(2):
+        pruner.step()
+        after.append(sum(p.numel() for p in model.parameters()))
+    assert params > after[0] > after[1]
+    assert model.fc.out_features == 10 and model(torch.randn(2, *SMALL)).shape == (2, 10)
+    reference = [m.out_channels for m in torchvision.models.resnet18().modules() if isinstance(m, nn.Conv2d)]
+    kept = [m.out_channels / r for m, r in zip([m for m in model.modules() if isinstance(m, nn.Conv2d)], reference)]
+    assert max(kept) - min(kept) > 0.1  # ranked globally, with COP's cost terms: layers lose different fractions
+
+
+def test_cop_importance_in_metapruner_on_a_timm_model_with_grouped_convolutions():
+    import torch_pruning as tp
+
+    from bconv.prune import PRESETS, COPImportance
+
+    model = zoo_model("timm:regnetx_002").eval()
+    x = torch.randn(1, 3, 64, 64)
+    shape = model(x).shape
+    groups = {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    pruner = tp.pruner.MetaPruner(model, x, importance=COPImportance(*PRESETS["faster"], example_inputs=x),
+                                  pruning_ratio=0.3, iterative_steps=2, ignored_layers=[model.get_classifier()])
+    for _ in range(2):
+        pruner.step()
+    assert model(x).shape == shape
+    for n, m in model.named_modules():
+        if n in groups:  # grouped convolutions keep their group count, every group pruned alike
+            assert m.groups == groups[n] and m.in_channels % m.groups == 0 == m.out_channels % m.groups
+
+
+def test_cop_importance_refuses_bad_arguments():
+    from bconv.prune import COPImportance
+
+    with pytest.raises(ValueError, match="example_inputs"):
+        COPImportance(beta=1.0)
+    with pytest.raises(ValueError, match="'pearson', 'cosine', 'inner'"):
+        COPImportance(beta=0.0, similarity="spearman")
+    with pytest.raises(ValueError, match="not all zero"):
+        COPImportance(0.0, 0.0, 0.0)
+
+
+def test_a_metapruner_pruned_model_saves_and_replays_from_torch_prunings_history(tmp_path):
+    import torch_pruning as tp
+
+    from bconv.prune import COPImportance
+
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(1, *SMALL)
+    pruner = tp.pruner.MetaPruner(model, x, importance=COPImportance(example_inputs=x), pruning_ratio=0.3,
+                                  ignored_layers=[model.fc])  # fmt: skip
+    pruner.step()
+    save_pruned(model, tmp_path / "p.pt", history=pruner.pruning_history(), input_size=SMALL)
+    loaded = load_pruned(torchvision.models.resnet18(num_classes=10), tmp_path / "p.pt")
+    assert torch.equal(model.eval()(x), loaded.eval()(x))
+    with pytest.raises(ValueError, match="history="):
+        save_pruned(model, tmp_path / "q.pt")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Iterable, Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -119,7 +119,6 @@ def cop_prune(
                 f"is unchanged."
             ) from e
         target = ratio
-        history: list[list[Any]] = []
         achieved = 0.0
         measured = before
         for _ in range(6):
@@ -133,7 +132,7 @@ def cop_prune(
                     f"can be removed. Pass ratio<={reachable:.3f}, or loosen the floors."
                     + _skipped_hint(planner.skipped)
                 )
-            history += planner.apply()
+            planner.apply()
             with eval_mode(model), torch.no_grad():
                 measured = _check_forward(model, x, reference_shapes)
             achieved = 1 - measured[metric] / before[metric]
@@ -167,6 +166,7 @@ def cop_prune(
         alpha=importance.alpha, beta=importance.beta, gamma=importance.gamma, skipped=planner.skipped,
         input_size=input_size, seconds=time.perf_counter() - start,
     )  # fmt: skip
+    history = [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in graph.pruning_history()]
     return PruneResult(model=model, report=report, history=history)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -310,9 +310,9 @@ class _Planner:
                 return int(gi)
         return int(order[0])
 
-    def apply(self) -> list[list[Any]]:
-        """Prune the planned, not yet applied channels from the model with Torch-Pruning."""
-        history = []
+    def apply(self) -> None:
+        """Prune the planned, not yet applied channels from the model with Torch-Pruning (which records each
+        removal in its graph's ``pruning_history()``)."""
         for g in self.groups:
             todo = ~g.alive_ch & ~g.applied
             if not todo.any():
@@ -330,7 +330,5 @@ class _Planner:
                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Pass protect=['{g.root_name}'] "
                     f"or stages=[...] without it; the model is unchanged."
                 ) from e
-            history.append([g.root_name, True, idxs])
             g.applied |= todo
             self.applied_cuts += len(idxs)
-        return history
