@@ -1,7 +1,18 @@
 """bconv: model surgery on any CNN backbone (Progressive Transfer Learning with BConv-Cells)."""
 
 from .cells import BConvCell, BConvCellV2
-from .errors import BConvError, InputSizeError, NoSpatialStagesError, TraceError, UnsupportedModelError
+from .errors import (
+    BConvError,
+    CheckpointError,
+    InputSizeError,
+    LeafModuleError,
+    ModulePathError,
+    NoSpatialStagesError,
+    StageSelectionError,
+    TraceError,
+    UnsupportedModelError,
+    WrappedModelError,
+)
 from ._version import __version__
 from .state import detach_state, latent_state_dict, load_latent_state_dict, reset_state
 from .surgery.anatomy import Anatomy, Head, anatomy
@@ -29,5 +40,10 @@ __all__ = [
     "NoSpatialStagesError",
     "InputSizeError",
     "UnsupportedModelError",
+    "StageSelectionError",
+    "ModulePathError",
+    "LeafModuleError",
+    "WrappedModelError",
+    "CheckpointError",
     "__version__",
 ]

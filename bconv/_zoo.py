@@ -15,11 +15,9 @@ from typing import Sequence
 
 from torch import nn
 
+from .errors import UnknownModelError
+
 __all__ = ["ZooModel", "resolve", "build", "torchvision_names", "timm_names", "timm_families", "UnknownModelError"]
-
-
-class UnknownModelError(LookupError):
-    """No zoo knows the name; the message suggests the closest names."""
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,9 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..errors import BConvError
+from ..errors import PruneError, PruneTargetError  # defined with every other error; importable from here too
 
 __all__ = ["PruneError", "PruneTargetError", "LayerWidth", "PruneReport", "PruneResult", "format_report"]
-
-
-class PruneError(BConvError, RuntimeError):
-    """Torch-Pruning cannot prune this model (an op it cannot follow); names the layer or op."""
-
-
-class PruneTargetError(BConvError, ValueError):
-    """The requested ratio is not reachable with the floors given; says which ratio is."""
 
 
 @dataclass(frozen=True)
