@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .surgery.anatomy import anatomy
-from .surgery.stages import Source, Stage
+from .errors import ModulePathError
+from .surgery.anatomy import Source, Stage, anatomy
 
 __all__ = ["Rollback"]
 
@@ -62,7 +62,7 @@ class Rollback:
             (``model.layer1`` for a PTL wrapper).
 
     Raises:
-        ValueError: a given stage names a module path that ``model`` does not have.
+        bconv.errors.ModulePathError: a given stage names a module path that ``model`` does not have.
 
     Example::
 
@@ -91,7 +91,7 @@ class Rollback:
         for stage in self.stages:
             for path in stage.modules:
                 if path not in known:
-                    raise ValueError(
+                    raise ModulePathError(
                         f"stage {stage.name!r} names module {path!r}, which {type(model).__name__} does not have; "
                         f"module paths are relative to the model passed (see `python -m bconv.inspect`)"
                     )

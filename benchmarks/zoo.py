@@ -49,7 +49,7 @@ from bconv import wrap_with_ptl
 from bconv._zoo import ZooModel, build, resolve, timm_families, torchvision_input_size, torchvision_names
 from bconv.errors import NoSpatialStagesError
 from bconv.surgery._hooks import bconv_hooks_suspended
-from bconv.surgery.stages import default_input_size, find_stages
+from bconv.surgery.anatomy import default_input_size, find_stages
 from _isolated import RowLog, isolated
 from feature_info_agreement import agreement
 

@@ -216,7 +216,7 @@ def test_load_ptl_leaves_a_network_whose_weights_do_not_fit_unwrapped():
     network = Wider()
     with pytest.raises(RuntimeError, match="size mismatch for model.head.weight"):
         load_ptl(network, _wrap().state_dict())
-    assert not bconv.surgery.ptl._is_wrapped(network)
+    assert not bconv.surgery._checks.is_wrapped(network)
     wrap_with_ptl(network, input_size=SIZE)  # can be wrapped again
 
 

@@ -11,9 +11,10 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import BConvError
-from ..surgery._hooks import original_network
-from ..surgery._trace import dummy_input, eval_mode
+from ..errors import BConvError, InputSizeError
+from ..surgery._checks import check_input_size, check_module_paths, refuse_wrapped, select_stages
+from ..surgery._trace import dummy_input, eval_mode, model_error_message
+from ..surgery.anatomy import anatomy
 from .adapter import _build_graph, _check_forward, _measure, _out_channels, _output_shapes, _protected_layers, _restore
 from .planner import TOLERANCE, _Planner
 from .report import LayerWidth, PruneError, PruneReport, PruneResult, PruneTargetError, _skipped_hint
@@ -74,7 +75,8 @@ def cop_prune(
         round_to: kept widths are multiples of this (the original width is always allowed).
         stages: only prune channels produced inside these stages, named (or indexed) as
             ``python -m bconv.inspect MODEL`` prints them. Default: every stage.
-        protect: extra module paths whose channels must not change.
+        protect: extra module paths whose channels must not change; a block's path (``layer4``) keeps every
+            layer inside it. A path the model does not have is an error, not ignored.
         calibration: optional input batches (an extension of COP, which is data-free): redundancy is
             then the correlation of the channels' activations (each layer's output, over samples and
             positions) instead of their consumer kernels. A few batches suffice.
@@ -84,6 +86,10 @@ def cop_prune(
 
     Raises:
         ValueError: a bad argument (names what is valid).
+        bconv.errors.InputSizeError: a malformed ``input_size``, or one the model rejects.
+        bconv.errors.StageSelectionError: ``stages`` names no stage of the model (as in ``wrap_with_ptl``).
+        bconv.errors.ModulePathError: ``protect`` names a module the model does not have.
+        bconv.errors.WrappedModelError: a PTL-wrapped model.
         PruneTargetError: ``ratio`` is not reachable with the floors; the model is unchanged.
         PruneError: Torch-Pruning cannot trace or prune the model; the model is unchanged.
 
@@ -95,15 +101,19 @@ def cop_prune(
     start = time.perf_counter()
     weights = _check_arguments(ratio, metric, prefer, alpha, beta, gamma, top_k, similarity, normalize,
                                min_channels, max_fraction, round_to)  # fmt: skip
-    input_size = tuple(int(s) for s in input_size)
-    _refuse_ptl(model)
+    input_size = check_input_size(input_size)
+    refuse_wrapped(model, _PTL_REFUSAL)
+    protect = check_module_paths(model, protect, "protect")
     allowed = _stage_modules(model, input_size, stages)
     backup = copy.deepcopy(model)
     try:
         with eval_mode(model), torch.no_grad():
             x = dummy_input(model, input_size)
             positions: dict[nn.Module, int] = {}
-            before, out = _measure(model, x, positions)
+            try:
+                before, out = _measure(model, x, positions)
+            except Exception as e:  # the model's own complaint, as find_stages and wrap_with_ptl report it
+                raise InputSizeError(model_error_message(model, x, e)) from e
             reference_shapes = _output_shapes(out)
         graph = _build_graph(model, x)
         protected = _protected_layers(model, input_size, graph, protect)
@@ -194,38 +204,16 @@ def _check_arguments(ratio, metric, prefer, alpha, beta, gamma, top_k, similarit
     return chosen  # type: ignore[return-value]
 
 
-def _refuse_ptl(model: nn.Module) -> None:
-    from ..surgery._hooks import BConvHook
-
-    wrapped = original_network(model)[1] != "" or any(
-        isinstance(h, BConvHook) for m in model.modules() for h in m._forward_hooks.values()
-    )
-    if wrapped:
-        raise ValueError(
-            "cop_prune does not prune a PTL-wrapped model: its ladder's fusions read the widths of the stages "
-            "it is paired with. Prune the plain network instead: distil the PTL teacher into a plain student "
-            "(bconv.distill.STDTrainer), then cop_prune(student, ...), then fine-tune the student."
-        )
+_PTL_REFUSAL = (
+    "cop_prune does not prune a PTL-wrapped model: its ladder's fusions read the widths of the stages it is "
+    "paired with. Prune the plain network instead: distil the PTL teacher into a plain student "
+    "(bconv.distill.STDTrainer), then cop_prune(student, ...), then fine-tune the student."
+)
 
 
 def _stage_modules(model: nn.Module, input_size: tuple[int, ...], stages: Sequence[str | int] | None) -> list[str] | None:
-    """Module paths inside the chosen stages, or None for the whole model."""
+    """Module paths inside the chosen stages (chosen as :func:`bconv.wrap_with_ptl` chooses), or None for all."""
     if stages is None:
         return None
-    from ..surgery.stages import find_stages
-
-    if isinstance(stages, (str, int)):
-        stages = [stages]
-    found = find_stages(model, input_size)
-    by_name = {s.name: s for s in found}
-    chosen = []
-    for s in stages:
-        stage = found[s] if isinstance(s, int) and -len(found) <= s < len(found) else by_name.get(s)  # type: ignore[arg-type]
-        if stage is None:
-            valid = ", ".join(f"{i}: {st.name}" for i, st in enumerate(found))
-            raise ValueError(
-                f"unknown stage {s!r} for {type(model).__name__}; its stages are {valid} "
-                f"(see python -m bconv.inspect)"
-            )
-        chosen += stage.modules
-    return chosen
+    found = anatomy(model, input_size).stages
+    return [m for stage in select_stages(found, stages, model) for m in stage.modules]

@@ -8,6 +8,10 @@ the classifier, the pooled feature width). PTL (``wrap_with_ptl``), distillation
 (``pooled_features``, ``STDTrainer``), rolling back (``Rollback``) and pruning all read it, so
 none of them decides again, with rules of its own, where the head begins.
 
+:func:`find_stages` is a view of it (its stages). The stage rules themselves live in the private
+``_stages`` module below this one: the import graph reads ``_trace`` -> ``_stages`` -> ``anatomy`` ->
+the ladder and the companion techniques, which import only this module.
+
 The result is cached per model (weakly, so the cache keeps no model alive) and recomputed when the
 module structure changes (a new classifier, a replaced block).
 """
@@ -29,22 +33,21 @@ from ..errors import (
     TraceError,
     UnsupportedModelError,
 )
+from ._checks import check_input_size, check_leaf_modules, default_input_size
 from ._hooks import bconv_hooks_suspended, original_network
-from ._trace import Traced, eval_mode, propagate_shapes, trace
-from .stages import (
-    _SOURCES,
+from ._stages import (
+    SOURCES,
     Source,
     Stage,
-    _check_input_size,
-    _feature_info,
-    _feature_info_stages,
-    _fx_stages,
-    _is_global_pool,
-    _main_chain,
-    default_input_size,
+    feature_info_entries,
+    feature_info_stages,
+    fx_stages,
+    is_global_pool,
+    main_chain,
 )
+from ._trace import Traced, eval_mode, propagate_shapes, trace
 
-__all__ = ["Anatomy", "Head", "anatomy", "UnsupportedModelError"]
+__all__ = ["Anatomy", "Head", "Stage", "Source", "anatomy", "find_stages", "default_input_size", "UnsupportedModelError"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,45 @@ def _fingerprint(model: nn.Module) -> tuple:
     )
 
 
+def find_stages(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    source: Source = "auto",
+    *,
+    leaf_modules: Iterable[type] = (),
+) -> list[Stage]:
+    """Find the stages of ``model``: where its feature maps change resolution (a view of :func:`anatomy`).
+
+    Args:
+        model: any CNN (timm, torchvision, or your own). It is not modified; its train/eval
+            flags are restored.
+        input_size: ``(C, H, W)`` of the dummy input used to propagate shapes. Defaults to the
+            model's own (timm's ``pretrained_cfg``) or ``(3, 224, 224)``.
+        source: ``"fx"``, ``"feature_info"`` (timm models), or ``"auto"`` (feature_info when
+            usable, else fx). Each stage's ``source`` says which was used.
+        leaf_modules: extra module classes that fx should call as a whole instead of tracing
+            through (for code with data-dependent control flow).
+
+    Returns:
+        The stages in order from the input, with strictly increasing reduction.
+
+    Raises:
+        ValueError: for an unknown ``source``.
+        bconv.errors.InputSizeError: a malformed ``input_size``, or one the model rejects (shows its message).
+        bconv.errors.LeafModuleError: ``leaf_modules`` holds something other than module classes.
+        bconv.errors.TraceError: fx could not trace the model (names the module and the fix).
+        bconv.errors.NoSpatialStagesError: the model has no spatial stages (e.g. a plain ViT).
+
+    Example::
+
+        >>> import torchvision
+        >>> stages = find_stages(torchvision.models.resnet18())
+        >>> [(s.name, s.channels, s.reduction) for s in stages]
+        [('relu', 64, 2), ('layer1', 64, 4), ('layer2', 128, 8), ('layer3', 256, 16), ('layer4', 512, 32)]
+    """
+    return list(anatomy(model, input_size, source, leaf_modules=leaf_modules).stages)
+
+
 def anatomy(
     model: nn.Module,
     input_size: Sequence[int] | None = None,
@@ -147,11 +189,12 @@ def anatomy(
         An :class:`Anatomy`.
 
     Raises:
-        ValueError: an unknown ``source`` or a malformed ``input_size``.
+        ValueError: an unknown ``source``.
+        bconv.errors.InputSizeError: a malformed ``input_size``, or one the model rejects.
+        bconv.errors.LeafModuleError: ``leaf_modules`` holds something other than module classes.
         bconv.errors.TraceError: fx cannot trace the model (names the module, the fix, and a traceable
             submodule to use instead when there is one, such as a detector's ``model.backbone.body``).
         bconv.errors.NoSpatialStagesError: no spatial stages (a plain ViT).
-        bconv.errors.InputSizeError: the model rejects ``input_size``.
         UnsupportedModelError: a video (3-D) or 1-D network.
 
     Example::
@@ -160,19 +203,20 @@ def anatomy(
         >>> [s.name for s in a.stages], a.head.pool, a.head.classifier, a.head.features
         (['relu', 'layer1', 'layer2', 'layer3', 'layer4'], 'avgpool', 'fc', 2048)
     """
-    if source not in _SOURCES:
-        raise ValueError(f"source={source!r} is not one of {', '.join(map(repr, _SOURCES))}")
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r} is not one of {', '.join(map(repr, SOURCES))}")
     network, prefix = original_network(model)
-    _check_kind(network)
-    size = _check_input_size(network, input_size if input_size is not None else default_input_size(network))
-    info = _feature_info(network) if source != "fx" else ""
+    _check_kind(network)  # a video network's (C, T, H, W) is no malformed input_size: say what it is first
+    size = check_input_size(input_size, network)
+    leaves = check_leaf_modules(leaf_modules)
+    info = feature_info_entries(network) if source != "fx" else ""
     described = info if isinstance(info, str) else tuple(e["module"] for e in info)
-    key = (_fingerprint(network), described, size, source, tuple(leaf_modules))
+    key = (_fingerprint(network), described, size, source, leaves)
     cached = _CACHE.setdefault(network, {})
     if key not in cached:
         # A PTL-wrapped network's hooks would run the ladder on the dummy input: switch them off.
         with eval_mode(network), bconv_hooks_suspended(network):
-            cached[key] = _measure(network, size, source, tuple(leaf_modules), info)
+            cached[key] = _measure(network, size, source, leaves, info)
     found = cached[key]
     if need_stages and found.stages_error is not None:
         raise found.stages_error
@@ -206,7 +250,7 @@ def _measure(
         raise ValueError(f"source='feature_info' is not usable for {type(model).__name__}: {entries}")
     if source != "fx" and not isinstance(entries, str):
         try:
-            stages = _feature_info_stages(model, entries, input_size)
+            stages = feature_info_stages(model, entries, input_size)
         except InputSizeError:
             raise
         except BConvError:
@@ -215,10 +259,10 @@ def _measure(
             stages = None  # feature_info does not describe spatial module outputs here: fx decides
     stages_error: NoSpatialStagesError | None = None
     if traced is not None:
-        chain = _main_chain(traced)
+        chain = main_chain(traced)
         if stages is None:
             try:
-                stages = _fx_stages(model, traced, chain)
+                stages = fx_stages(model, traced, chain)
             except NoSpatialStagesError as e:
                 stages, stages_error = [], e
     elif stages is None:
@@ -317,7 +361,7 @@ def _head(model: nn.Module, traced: Traced | None, chain: list[fx.Node], stages:
     modules = tuple(p for p in after if not any(p.startswith(o + ".") for o in after))
     # The global pooling lies on the main chain: a pooling branch inside a head (ASPP's image pooling)
     # is not the network's, and a segmentation model has none.
-    pool = next((n for n in chain if traced.index(n) > last_end and _is_global_pool(n, traced)), None)
+    pool = next((n for n in chain if traced.index(n) > last_end and is_global_pool(n, traced)), None)
     pool_name = None
     features = None
     if pool is not None:

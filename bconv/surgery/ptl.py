@@ -38,11 +38,11 @@ from torch import nn
 from .. import state as _state
 from ..cells import BConvCell, BConvCellV2, StatefulCell
 from ..errors import BConvError
+from ._checks import check_leaf_modules, refuse_wrapped, select_stages
 from ._hooks import BConvHook
 from ._trace import dummy_input, eval_mode, meta_input, on_meta, shape_keeping_skipped
-from .anatomy import anatomy
+from .anatomy import Stage, anatomy
 from .config import PTLConfig, mismatch_message
-from .stages import Stage, default_input_size
 
 __all__ = ["PTLModel", "PTLLadder", "wrap_with_ptl", "unwrap_ptl", "CELLS"]
 
@@ -441,53 +441,6 @@ def _checked(method: Any, ladder: PTLLadder) -> Any:
     return call
 
 
-def _select(all_stages: list[Stage], stages: Iterable[int | str] | None, model: nn.Module) -> list[Stage]:
-    if stages is None:
-        return list(all_stages)
-    if isinstance(stages, (int, str)):
-        stages = [stages]
-    valid = ", ".join(f"{s.index}: {s.name} ({s.channels}ch @ 1/{s.reduction})" for s in all_stages)
-    by_name = {s.name: s for s in all_stages}
-    modules = dict(model.named_modules())
-    chosen: list[Stage] = []
-    for spec in stages:
-        if isinstance(spec, bool) or not isinstance(spec, (int, str)):
-            raise ValueError(f"stages must hold stage indices or names; got {spec!r}. Valid stages: {valid}")
-        if isinstance(spec, int):
-            if not -len(all_stages) <= spec < len(all_stages):
-                raise ValueError(
-                    f"stage index {spec} is out of range for {len(all_stages)} stages. Valid stages: {valid}. "
-                    f"See python -m bconv.inspect."
-                )
-            chosen.append(all_stages[spec])
-        elif spec in by_name:
-            chosen.append(by_name[spec])
-        else:
-            what = (
-                "is a module of the model but not a stage (a stage ends where the resolution drops, at a point "
-                "every path passes through)"
-                if spec in modules
-                else "is not a module of the model"
-            )
-            raise ValueError(f"stage {spec!r} {what}. Valid stages: {valid}. See python -m bconv.inspect.")
-    seen: set[int] = set()
-    for s in chosen:
-        if s.index in seen:
-            raise ValueError(f"stage {s.index} ({s.name}) is chosen twice in stages={list(stages)!r}")
-        seen.add(s.index)
-    if not chosen:
-        raise ValueError(f"stages is empty: choose at least one. Valid stages: {valid}")
-    return sorted(chosen, key=lambda s: s.index)  # the network fixes the order
-
-
-def _is_wrapped(model: nn.Module) -> bool:
-    return isinstance(model, PTLModel) or any(
-        isinstance(h, BConvHook)
-        for m in model.modules()
-        for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-    )
-
-
 def wrap_with_ptl(
     model: nn.Module,
     stages: Sequence[int | str] | int | str | None = None,
@@ -536,9 +489,12 @@ def wrap_with_ptl(
         ``config`` records these options (and ``state_dict()`` carries them, see :func:`bconv.load_ptl`).
 
     Raises:
-        ValueError: unknown, duplicate or empty ``stages``; bad options.
-        bconv.BConvError: an already wrapped model, a model wrapped in (Distributed)DataParallel, or the
-            errors of :func:`bconv.find_stages`.
+        bconv.errors.StageSelectionError: unknown, duplicate or empty ``stages`` (a ``ValueError``).
+        bconv.errors.WrappedModelError: an already wrapped model.
+        bconv.errors.InputSizeError: a malformed ``input_size``, or one the model rejects.
+        bconv.errors.LeafModuleError: ``leaf_modules`` holds something other than module classes.
+        ValueError: bad options.
+        bconv.BConvError: a model wrapped in (Distributed)DataParallel, or the errors of :func:`bconv.find_stages`.
 
     Example::
 
@@ -556,8 +512,7 @@ def wrap_with_ptl(
             f"wrap the bare network, then put the wrapped model in DistributedDataParallel; got a "
             f"{type(model).__name__} (its .module is the network)"
         )
-    if _is_wrapped(model):
-        raise BConvError("this model is already wrapped with PTL; call unwrap_ptl(model) first to start again")
+    refuse_wrapped(model, "call unwrap_ptl(model) first to start again")
     if cell not in CELLS:
         raise ValueError(f"cell={cell!r} is not one of {', '.join(map(repr, CELLS))}")
     if final_init not in _FINAL_INITS:
@@ -567,12 +522,11 @@ def wrap_with_ptl(
             raise ValueError(f"{name} must be a fraction of the stage's channels in (0, 4]; got {value!r}")
     if sync_state and state_mode != "pooled":
         raise ValueError("sync_state=True averages the pooled state across ranks: it needs state_mode='pooled'")
-    leaf_modules = tuple(leaf_modules)  # read twice: by discovery and by the config
+    leaf_modules = check_leaf_modules(leaf_modules)  # read twice: by discovery and by the config
 
-    input_size = tuple(input_size) if input_size is not None else default_input_size(model)
     body = anatomy(model, input_size, source, leaf_modules=leaf_modules)
-    all_stages = list(body.stages)
-    chosen = _select(all_stages, stages, model)
+    input_size = body.input_size  # checked: three positive ints
+    chosen = select_stages(body.stages, stages, model)
     cell_kwargs = dict(state_mode=state_mode, detach=detach, on_size_change=on_size_change)
     if sync_state:
         cell_kwargs["sync_state"] = True
