@@ -12,8 +12,10 @@ none of them decides again, with rules of its own, where the head begins.
 ``_stages`` module below this one: the import graph reads ``_trace`` -> ``_stages`` -> ``anatomy`` ->
 the ladder and the companion techniques, which import only this module.
 
-The result is cached per model (weakly, so the cache keeps no model alive) and recomputed when the
-module structure changes (a new classifier, a replaced block).
+The result is cached per model (weakly, so the cache keeps no model alive) and measured anew whenever
+anything that decides shapes changes: the module structure (a new classifier, a replaced block), a
+parameter's shape (pruning), or a module's settings (a convolution's or pooling's stride, padding,
+dilation, kernel size: ReID's "last stride 1").
 """
 
 from __future__ import annotations
@@ -118,11 +120,35 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Anatomy]] = weakref.Wea
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    """Module paths, types and parameter shapes: a new head, a module swapped for another, or a layer whose
-    width changed (pruning, ``reset_classifier(10)``) is measured anew; new weights of the same shapes are not."""
+    """Everything about ``model`` that decides the shapes of its maps: module paths and types, parameter shapes,
+    and each module's own settings (its plain attributes: a convolution's stride, padding, dilation and kernel
+    size, a pooling's, a user block's ``self.stride``). A new head, a module swapped for another, a layer whose
+    width changed (pruning, ``reset_classifier(10)``) or whose stride changed (ReID's last stride 1) is measured
+    anew; new weights of the same shapes are not. A ``forward`` replaced on an instance counts too.
+    """
     return tuple(
-        (name, type(m), tuple(tuple(p.shape) for p in m.parameters(recurse=False))) for name, m in model.named_modules()
+        (
+            name,
+            type(m),
+            tuple(tuple(p.shape) for p in m.parameters(recurse=False)),
+            tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in m.__dict__.items() if _is_setting(k, v)),
+            id(m.__dict__["forward"]) if "forward" in m.__dict__ else None,
+        )
+        for name, m in model.named_modules()
     )
+
+
+_SETTING_TYPES = (int, float, str, bool)
+
+
+def _is_setting(name: str, value: object) -> bool:
+    """A public attribute with a plain value that can decide a shape: a number, a string, or a tuple or list of
+    them (``(2, 2)``); not ``training``, which changes at every ``train()``/``eval()`` and decides no shape."""
+    if name[0] == "_" or name == "training":
+        return False
+    if isinstance(value, _SETTING_TYPES):
+        return True
+    return isinstance(value, (tuple, list)) and all(isinstance(v, _SETTING_TYPES) for v in value)
 
 
 def find_stages(
