@@ -345,7 +345,13 @@ class PTLModel(nn.Module):
     The original network is ``self.model`` (its ``state_dict`` keys get the prefix ``model.``), the
     injected modules are ``self.ptl``. Attributes the wrapper does not have are looked up on the
     original network, so ``wrapped.fc``, ``wrapped.reset_classifier(10)`` or
-    ``wrapped.forward_features(x)`` work as before (and run the ladder).
+    ``wrapped.forward_features(x)`` work as before (and run the ladder). Writes go to the original
+    network too: ``wrapped.fc = nn.Linear(512, 5)`` replaces the network's classifier and
+    ``wrapped.drop_rate = 0.5`` sets the network's, exactly as on the bare network. Only the wrapper's
+    own attributes are written on the wrapper: ``model``, ``ptl``, ``stages``, ``config``, its methods,
+    ``training`` and names that start with an underscore.
+
+    After :func:`unwrap_ptl` the wrapper refuses to run: its network no longer feeds the ladder.
 
     ``state_dict()`` carries :attr:`config` (key ``_extra_state``): loading a checkpoint written with
     other options raises a :class:`~bconv.BConvError` naming each one, and :func:`bconv.load_ptl`
@@ -382,7 +388,40 @@ class PTLModel(nn.Module):
         if key not in state_dict and key in missing_keys:
             missing_keys.remove(key)  # a checkpoint from before the config was recorded: load it as it is
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._owns(name):
+            super().__setattr__(name, value)
+        else:
+            # The user addresses the network (``wrapped.fc = ...``): set on the wrapper, it would be a module
+            # or value the network never reads.
+            setattr(self._modules["model"], name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self._owns(name):
+            super().__delattr__(name)
+        else:
+            delattr(self._modules["model"], name)
+
+    def _owns(self, name: str) -> bool:
+        """Whether an attribute write ``name`` is the wrapper's own rather than the network's."""
+        d = self.__dict__
+        if "model" not in d.get("_modules", {}) or name in _WRAPPER_ATTRIBUTES or name.startswith("_"):
+            return True  # still being built, or the wrapper's own state (DataParallel's _is_replica too)
+        return (
+            name in d or name in d["_modules"] or name in d["_parameters"] or name in d["_buffers"]
+            or hasattr(type(self), name)  # methods (accelerate replaces forward on the module it hooks)
+        )  # fmt: skip
+
+    def _refuse_if_unwrapped(self) -> None:
+        if self.__dict__.get("_unwrapped", False):
+            raise BConvError(
+                "this PTLModel was taken apart by unwrap_ptl(): its network no longer feeds the ladder, so the "
+                "wrapper would return the bare backbone's output. Use the network unwrap_ptl returned "
+                "(wrapped.model), or wrap it again with wrap_with_ptl (bconv.load_ptl restores a checkpoint)."
+            )
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_if_unwrapped()
         if getattr(self, "_is_replica", False):
             raise BConvError(
                 "A PTL model cannot run under nn.DataParallel: its replicas are rebuilt at every forward, "
@@ -421,8 +460,13 @@ class PTLModel(nn.Module):
                 raise
             value = getattr(model, name)
             if inspect.ismethod(value) and isinstance(modules.get("ptl"), PTLLadder):
+                self._refuse_if_unwrapped()
                 return _checked(value, modules["ptl"])  # forward_features(x) & co. skip the network's __call__
             return value
+
+
+# Written on the wrapper itself; every other attribute a user writes goes to the network.
+_WRAPPER_ATTRIBUTES = frozenset({"model", "ptl", "stages", "config", "training"})
 
 
 def _checked(method: Any, ladder: PTLLadder) -> Any:
@@ -582,11 +626,15 @@ def _check_wiring(wrapped: PTLModel, input_size: Sequence[int]) -> None:
 def unwrap_ptl(model: PTLModel) -> nn.Module:
     """The original network, with every hook of bconv removed (the injected modules stay in ``model.ptl``).
 
+    The wrapper is done with: calling it (or a network method through it) afterwards raises a
+    :class:`~bconv.BConvError` rather than returning the bare network's output.
+
     Raises:
         ValueError: ``model`` is not a PTL-wrapped model.
     """
     if not isinstance(model, PTLModel):
         raise ValueError(f"unwrap_ptl needs a model returned by wrap_with_ptl; got {type(model).__name__}")
+    model._unwrapped = True
     network = model.model
     for m in network.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
