@@ -214,7 +214,7 @@ def test_load_ptl_leaves_a_network_whose_weights_do_not_fit_unwrapped():
             self.head = nn.Linear(32, 7)
 
     network = Wider()
-    with pytest.raises(RuntimeError, match="size mismatch for model.head.weight"):
+    with pytest.raises(bconv.errors.CheckpointError, match=r"size mismatch for model\.head\.weight: \[5, 32\] in the checkpoint"):
         load_ptl(network, _wrap().state_dict())
     assert not bconv.surgery._checks.is_wrapped(network)
     wrap_with_ptl(network, input_size=SIZE)  # can be wrapped again
