@@ -22,7 +22,7 @@ from bconv.errors import (
     StageSelectionError,
     WrappedModelError,
 )
-from bconv.prune import cop_prune
+from bconv.prune import cop_prune, load_pruned
 from bconv.rollback import Rollback
 from conftest import TinyCNN
 
@@ -137,6 +137,7 @@ def test_a_wrapped_model_is_the_same_error_everywhere(tmp_path):
     for call in (
         lambda: wrap_with_ptl(wrapped, input_size=SIZE),
         lambda: cop_prune(wrapped, SIZE, ratio=0.1),
+        lambda: load_pruned(wrapped, tmp_path / "never-read.pt"),
     ):
         with pytest.raises(WrappedModelError, match="already wrapped with PTL"):
             call()

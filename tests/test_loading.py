@@ -1,4 +1,4 @@
-"""Loading checkpoints: everything is checked first, and after any error the user's
+"""Loading checkpoints and pruned files: everything is checked first, and after any error the user's
 network is bit-identical to before, with no hook of bconv left on it."""
 
 import json
@@ -9,8 +9,10 @@ import torch
 import torchvision
 from torch import nn
 
+import bconv
 from bconv import load_ptl, wrap_with_ptl
 from bconv.errors import CheckpointError
+from bconv.prune import cop_prune, load_pruned, save_pruned
 from conftest import TinyCNN
 
 SIZE = (3, 32, 32)
@@ -78,3 +80,86 @@ def test_more_recorded_options_of_the_wrong_type_are_named(option, value):
     saved = _with_config(wrap_with_ptl(TinyCNN(), input_size=SIZE).state_dict(), **{option: value})
     with pytest.raises(CheckpointError, match=re.escape(f"{option}={value!r}, which should be")):
         load_ptl(TinyCNN(), saved)
+
+
+# --------------------------------------------------------------------------- load_pruned
+
+
+@pytest.fixture(scope="module")
+def pruned_files(tmp_path_factory):
+    """A pruned resnet18 (1000 classes) and a pruned resnet18 with 10 classes, saved."""
+    folder = tmp_path_factory.mktemp("pruned")
+    files = {}
+    for classes in (1000, 10):
+        torch.manual_seed(0)
+        result = cop_prune(torchvision.models.resnet18(num_classes=classes), SIZE, ratio=0.2, metric="channels")
+        files[classes] = folder / f"resnet18-{classes}.pt"
+        save_pruned(result, files[classes])
+    return files
+
+
+def test_load_pruned_into_another_architecture_of_the_same_class_changes_nothing(pruned_files):
+    network = torchvision.models.resnet34()  # also a `ResNet`
+    snapshot = _Snapshot(network)
+    with pytest.raises(CheckpointError, match="another ResNet"):
+        load_pruned(network, pruned_files[1000])
+    snapshot.assert_unchanged()
+
+
+def test_load_pruned_into_the_same_architecture_with_another_head_changes_nothing(pruned_files):
+    network = torchvision.models.resnet18()
+    snapshot = _Snapshot(network)
+    with pytest.raises(CheckpointError, match=r"fc\.weight: \[10, 512\] saved, \[1000, 512\] after the replay"):
+        load_pruned(network, pruned_files[10])
+    snapshot.assert_unchanged()
+    assert load_pruned(torchvision.models.resnet18(num_classes=10), pruned_files[10]) is not None
+
+
+def test_load_pruned_on_a_file_that_is_not_one(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="cannot be read as a file written by bconv.prune.save_pruned"):
+        load_pruned(torchvision.models.resnet18(), text)
+
+
+def test_load_pruned_on_a_file_without_weights_changes_nothing(pruned_files, tmp_path):
+    data = torch.load(pruned_files[1000], weights_only=True)
+    del data["state_dict"]
+    torch.save(data, tmp_path / "no-weights.pt")
+    network = torchvision.models.resnet18()
+    snapshot = _Snapshot(network)
+    with pytest.raises(CheckpointError, match="holds no 'state_dict'"):
+        load_pruned(network, tmp_path / "no-weights.pt")
+    snapshot.assert_unchanged()
+
+
+def test_load_pruned_on_a_truncated_file(pruned_files, tmp_path):
+    data = pruned_files[1000].read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])  # a copy interrupted half way
+    network = torchvision.models.resnet18()
+    snapshot = _Snapshot(network)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_pruned(network, tmp_path / "cut.pt")
+    snapshot.assert_unchanged()
+
+
+def test_load_pruned_whose_history_and_weights_disagree_changes_nothing(pruned_files, tmp_path):
+    data = torch.load(pruned_files[1000], weights_only=True)
+    data["history"].append(["layer1.0.conv1", True, [0]])  # one step more than the weights were saved after
+    torch.save(data, tmp_path / "bad-history.pt")
+    network = torchvision.models.resnet18()
+    snapshot = _Snapshot(network)
+    with pytest.raises(CheckpointError, match=r"does not fit this ResNet once pruned.*layer1\.0\.conv1\.weight"):
+        load_pruned(network, tmp_path / "bad-history.pt")
+    snapshot.assert_unchanged()
+
+
+def test_a_bad_file_is_the_same_error_from_both_loaders(tmp_path):
+    # One mistake, one error class: a file that is no checkpoint of bconv's.
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    other = torch.load(tmp_path / "other.pt", weights_only=True)
+    with pytest.raises(CheckpointError):
+        load_pruned(torchvision.models.resnet18(), tmp_path / "other.pt")
+    with pytest.raises(CheckpointError):
+        load_ptl(torchvision.models.resnet18(), other)
+    assert issubclass(CheckpointError, bconv.BConvError) and issubclass(CheckpointError, ValueError)
