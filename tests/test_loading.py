@@ -122,36 +122,32 @@ def test_load_pruned_on_a_file_that_is_not_one(tmp_path):
         load_pruned(torchvision.models.resnet18(), text)
 
 
+def _refused_unchanged(network: nn.Module, path, match: str) -> None:
+    snapshot = _Snapshot(network)
+    with pytest.raises(CheckpointError, match=match):
+        load_pruned(network, path)
+    snapshot.assert_unchanged()
+
+
 def test_load_pruned_on_a_file_without_weights_changes_nothing(pruned_files, tmp_path):
     data = torch.load(pruned_files[1000], weights_only=True)
     del data["state_dict"]
     torch.save(data, tmp_path / "no-weights.pt")
-    network = torchvision.models.resnet18()
-    snapshot = _Snapshot(network)
-    with pytest.raises(CheckpointError, match="holds no 'state_dict'"):
-        load_pruned(network, tmp_path / "no-weights.pt")
-    snapshot.assert_unchanged()
+    _refused_unchanged(torchvision.models.resnet18(), tmp_path / "no-weights.pt", "holds no 'state_dict'")
 
 
 def test_load_pruned_on_a_truncated_file(pruned_files, tmp_path):
     data = pruned_files[1000].read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])  # a copy interrupted half way
-    network = torchvision.models.resnet18()
-    snapshot = _Snapshot(network)
-    with pytest.raises(CheckpointError, match="cannot be read"):
-        load_pruned(network, tmp_path / "cut.pt")
-    snapshot.assert_unchanged()
+    _refused_unchanged(torchvision.models.resnet18(), tmp_path / "cut.pt", "cannot be read")
 
 
 def test_load_pruned_whose_history_and_weights_disagree_changes_nothing(pruned_files, tmp_path):
     data = torch.load(pruned_files[1000], weights_only=True)
     data["history"].append(["layer1.0.conv1", True, [0]])  # one step more than the weights were saved after
     torch.save(data, tmp_path / "bad-history.pt")
-    network = torchvision.models.resnet18()
-    snapshot = _Snapshot(network)
-    with pytest.raises(CheckpointError, match=r"does not fit this ResNet once pruned.*layer1\.0\.conv1\.weight"):
-        load_pruned(network, tmp_path / "bad-history.pt")
-    snapshot.assert_unchanged()
+    match = r"does not fit this ResNet once pruned.*layer1\.0\.conv1\.weight"
+    _refused_unchanged(torchvision.models.resnet18(), tmp_path / "bad-history.pt", match)
 
 
 def test_a_bad_file_is_the_same_error_from_both_loaders(tmp_path):
