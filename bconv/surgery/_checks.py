@@ -10,6 +10,7 @@ here, so the same mistake gets the same error class and the same message from ev
 from __future__ import annotations
 
 import difflib
+import numbers
 from typing import Any, Iterable, Protocol, Sequence, TypeVar
 
 from torch import nn
@@ -119,7 +120,7 @@ def select_stages(found: Sequence[S], stages: Any, model: nn.Module) -> list[S]:
     """
     if stages is None:
         return list(found)
-    if isinstance(stages, (int, str)) and not isinstance(stages, bool):
+    if isinstance(stages, (numbers.Integral, str)) and not isinstance(stages, bool):
         stages = [stages]
     valid = ", ".join(f"{s.index}: {s.name} ({s.channels}ch @ 1/{s.reduction})" for s in found)
     if not isinstance(stages, Iterable):
@@ -128,11 +129,12 @@ def select_stages(found: Sequence[S], stages: Any, model: nn.Module) -> list[S]:
     by_name = {s.name: s for s in found}
     chosen: list[S] = []
     for spec in stages:
-        if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+        if isinstance(spec, bool) or not isinstance(spec, (numbers.Integral, str)):
             raise StageSelectionError(
                 f"stages must hold stage indices or names; got {spec!r} ({type(spec).__name__}). Valid stages: {valid}"
             )
-        if isinstance(spec, int):
+        if isinstance(spec, numbers.Integral):
+            spec = int(spec)  # numpy's and torch's integers too
             if not -len(found) <= spec < len(found):
                 raise StageSelectionError(
                     f"stage index {spec} is out of range for {len(found)} stages. Valid stages: {valid}. "
