@@ -640,8 +640,8 @@ def wrap_with_ptl(
         cell: ``"v1"`` (paper Eq. 1) or ``"v2"`` (paper Fig. 1 right).
         input_size: ``(C, H, W)`` used to find the stages (default: the model's own, or 3x224x224).
         cell_width: cell output channels as a fraction of the paired stage's channels (at least 8).
-            The default 1/8 puts the overhead near the paper's: ResNet-50 25.6M -> 32.0M parameters
-            (paper: 28M -> 35M), DenseNet-161 28.7M -> 38.6M (paper: 32M -> 42M).
+            At the default 1/8: ResNet-50 25.6M -> 27.8M parameters, DenseNet-161 28.7M -> 33.7M; with
+            ``final_init="paper"`` 32.0M and 38.6M (paper: 28M -> 35M, 32M -> 42M).
         fuse_width: channels of each intermediate fusion ``z_i``, as a fraction of stage ``i``'s channels.
         state_mode: ``"per_sample"`` (the paper's: one state slot per batch position) or ``"pooled"``
             (the batch mean, independent of batch size; see :class:`bconv.cells.StatefulCell`).
