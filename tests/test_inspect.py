@@ -18,8 +18,9 @@ def test_table_of_a_torchvision_model(capsys):
     assert "index  module  channels  reduction  output shape  layout" in out
     assert "    4  layer4       512         32  512x2x2       NCHW" in out
     # the PTL preview: a row per stage and the totals
-    assert "layer4  v1 32->64 s2  64x2x2       final 1x1 576->512  368,640" in out
-    assert "parameters 11,689,512 -> 12,097,032 (+407,520, +3.5%)" in out and "FLOPs      0.297G" in out
+    assert "layer3  v1 16->32 s2  32x4x4       1x1+BN+ReLU 288->32   27,744" in out
+    assert "layer4  v1 32->64 s2  64x2x2       x + 1x1 64->512      106,496" in out
+    assert "parameters 11,689,512 -> 11,835,080 (+145,568, +1.2%)" in out and "FLOPs      0.297G" in out
 
 
 def test_timm_prefix_json_and_feature_info_source(capsys):

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import CheckpointError, WrappedModelError
 from .config import PTLConfig
-from .ptl import PTLModel, unwrap_ptl, wrap_with_ptl
+from .ptl import PTLModel, check_ladder_version, unwrap_ptl, wrap_with_ptl
 
 __all__ = ["load_ptl"]
 
@@ -38,9 +38,9 @@ def load_ptl(
 
     Raises:
         bconv.errors.CheckpointError: the state dict carries no PTL config (a checkpoint written before
-            bconv recorded it, or not a PTL model's), a damaged one, stages that are not stages of
-            ``model``, or weights that do not fit it (another architecture, another number of classes):
-            every missing, unexpected and mismatched key is named.
+            bconv recorded it, or not a PTL model's), a damaged one, one written by the earlier ladder
+            (bconv 0.1), stages that are not stages of ``model``, or weights that do not fit it (another
+            architecture, another number of classes): every missing, unexpected and mismatched key is named.
         bconv.errors.WrappedModelError: ``model`` is already wrapped.
 
     Example::
@@ -50,6 +50,7 @@ def load_ptl(
     """
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"load_ptl needs a state dict (a mapping of names to tensors); got {type(state_dict).__name__}")
+    check_ladder_version(state_dict)
     stored = state_dict.get(_KEY)
     if stored is None or (isinstance(stored, torch.Tensor) and stored.numel() == 0):  # none, or a hand-built wrapper's
         raise CheckpointError(_no_config_message(state_dict))
