@@ -3,7 +3,7 @@
 from .cells import BConvCell, BConvCellV2
 from .errors import BConvError, InputSizeError, NoSpatialStagesError, TraceError, UnsupportedModelError
 from ._version import __version__
-from .state import detach_state, latent_state_dict, load_latent_state_dict, reset_state
+from .state import LatentState, detach_state, latent_state_dict, load_latent_state_dict, reset_state
 from .surgery.anatomy import Anatomy, Head, anatomy
 from .surgery import PTLConfig, PTLModel, Stage, find_stages, load_ptl, unwrap_ptl, wrap_with_ptl
 
@@ -17,6 +17,7 @@ __all__ = [
     "detach_state",
     "latent_state_dict",
     "load_latent_state_dict",
+    "LatentState",
     "find_stages",
     "Stage",
     "anatomy",

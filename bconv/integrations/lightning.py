@@ -1,0 +1,231 @@
+"""PTL inside Lightning's ``Trainer``: :class:`PTLCallback`.
+
+Lightning owns the epoch loop, the optimizer step and the checkpoint, so the three extra lines of a
+plain loop (``reset_state()`` every epoch, ``detach_state()`` after every optimizer step, the latent
+state beside the weights) have no place in user code there. :class:`PTLCallback` is where they live:
+``Trainer(callbacks=[PTLCallback()])`` and nothing else.
+
+Needs the ``lightning`` package (``pip install "bconv[lightning]"``); ``import bconv`` never imports it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+except ImportError as error:
+    raise ImportError(
+        "bconv.integrations.lightning needs Lightning 2.2 or newer (the `lightning` package): "
+        'pip install "bconv[lightning]". The standalone `pytorch_lightning` package is not supported: '
+        "its Trainer takes only its own Callback class."
+    ) from error
+
+import bconv
+
+from .. import state as _state
+from ..cells import StatefulCell
+from ..errors import BConvError
+from ..surgery import PTLModel
+
+__all__ = ["PTLCallback"]
+
+Inputs = Callable[[Any], "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+class PTLCallback(pl.Callback):
+    """Resets, detaches, checkpoints and watches every PTL model inside a ``LightningModule``.
+
+    - **Every training epoch starts from zero state** (``reset_state()``, as the paper does).
+    - **After every optimizer step** the state is detached (``detach_state()``). With
+      ``accumulate_grad_batches=k`` that is after the k-th batch, not after each: a model wrapped
+      with ``detach=False`` then keeps the state's graph across the accumulation window, which is
+      k-step truncated back-propagation (the same gradients as the plain loop that sums k losses
+      and calls backward once). Lightning calls backward once per batch, so the graph of the window's
+      earlier batches must survive their backward: override ``backward`` in the ``LightningModule``
+      with ``loss.backward(retain_graph=True)``. Without that override this combination is refused
+      at fit start (torch would fail at the second batch of each window). With ``detach=True`` (the
+      default) each batch stores its state detached already and the step's timing changes nothing.
+    - **Checkpoints hold the latent state** of every cell, under the key ``"bconv"`` of Lightning's
+      checkpoint, and ``trainer.fit(ckpt_path=...)`` restores it: a run resumed mid-epoch continues
+      the interrupted epoch with the state it had (the epoch's reset is skipped); one resumed from an
+      end-of-epoch checkpoint starts the next epoch from zero state.
+    - **The ladder diagnostic** (:func:`bconv.ladder_usage` on the current batch) is sent to the
+      Trainer's loggers every ``log_every_n_steps`` optimizer steps, as ``bconv/<name>`` (with the PTL
+      model's module path in the name when the module holds several).
+
+    PTL models are found anywhere inside the ``LightningModule`` (``self.net``, a student's backbone,
+    a list of heads), and any other module holding BConv-Cells is reset, detached and checkpointed
+    too. Under DistributedDataParallel Lightning writes rank 0's checkpoint, so every rank resumes
+    with rank 0's latent state: exact with ``state_mode="pooled", sync_state=True`` (every rank holds
+    the same state), an approximation with per-rank states.
+
+    Args:
+        log_every_n_steps: optimizer steps between two diagnostics; ``None`` turns it off. The
+            diagnostic runs a few extra forwards (and a backward, given a target) on one batch.
+        inputs: maps a training batch to the PTL model's input, or to ``(input, target)``. The
+            default takes a tensor batch as the input, and a tuple or list batch as
+            ``(input, target)`` (``target`` ``None`` when the second item is not a tensor).
+        loss_fn: the loss for the diagnostic's gradient norms, as :func:`bconv.ladder_usage` takes it.
+
+    Attributes:
+        models: the PTL models found at fit start, by module path inside the ``LightningModule``.
+        last_usage: the latest diagnostic of each PTL model, by module path.
+
+    Example::
+
+        >>> trainer = lightning.Trainer(max_epochs=10, callbacks=[PTLCallback(log_every_n_steps=50)])
+        >>> trainer.fit(module, loader, ckpt_path="last")
+    """
+
+    CHECKPOINT_KEY = "bconv"
+
+    def __init__(
+        self, log_every_n_steps: int | None = 100, inputs: Inputs | None = None, loss_fn: Callable | None = None
+    ) -> None:
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"log_every_n_steps must be a positive int or None; got {log_every_n_steps!r}")
+        self.log_every_n_steps = log_every_n_steps
+        self.inputs = inputs
+        self.loss_fn = loss_fn
+        self.models: dict[str, PTLModel] = {}
+        self.last_usage: dict[str, Any] = {}
+        self._epoch_position: tuple[int, int] | None = None  # (epoch, batches trained in it) while one runs
+        self._restored_epoch: int | None = None  # set by a mid-epoch checkpoint until its epoch goes on
+        self._step_before: int | None = None
+
+    # -- finding the models and refusing what cannot work ----------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not in setup(): a LightningModule may build its network in configure_model(), after setup.
+        cells = [m for m in pl_module.modules() if isinstance(m, StatefulCell)]
+        if not cells:
+            raise BConvError(
+                f"PTLCallback: {type(pl_module).__name__} holds no PTL model (no BConv-Cell in any of its "
+                f"modules). Wrap the network inside it with bconv.wrap_with_ptl, or remove the callback."
+            )
+        self.models = {name: m for name, m in pl_module.named_modules() if isinstance(m, PTLModel)}
+        keeps_graph = sorted({name for name, m in pl_module.named_modules() if isinstance(m, StatefulCell) and not m.detach})
+        if keeps_graph and trainer.accumulate_grad_batches > 1 and not is_overridden("backward", pl_module):
+            raise BConvError(
+                f"PTLCallback: the cells {keeps_graph[:4]}{' ...' if len(keeps_graph) > 4 else ''} keep their "
+                f"state's graph across batches (wrapped with detach=False) and the Trainer accumulates gradients "
+                f"over {trainer.accumulate_grad_batches} batches with one backward per batch: the second batch's "
+                f"backward would run through the first batch's graph, which the first backward has freed. "
+                f"For truncated back-propagation through each accumulation window, override `backward` in "
+                f"{type(pl_module).__name__} with `loss.backward(retain_graph=True)` (the callback detaches the "
+                f"state after each optimizer step, so a graph spans one window); or wrap with detach=True."
+            )
+        if self.log_every_n_steps is not None and getattr(bconv, "ladder_usage", None) is None:
+            warnings.warn(
+                "PTLCallback: this bconv has no bconv.ladder_usage, so the ladder diagnostic is not logged "
+                "(log_every_n_steps=None silences this warning).",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    # -- reset every epoch, detach after every optimizer step ------------------------------------
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored_epoch == trainer.current_epoch:
+            return  # resumed mid-epoch (Lightning before 2.5 calls this hook again): keep the restored state
+        self._restored_epoch = None
+        _state.reset_state(pl_module)
+        self._epoch_position = (trainer.current_epoch, 0)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._restored_epoch is not None:
+            if self._restored_epoch != trainer.current_epoch:
+                # Lightning went on with another epoch than the checkpoint's: its history does not belong here.
+                _state.reset_state(pl_module)
+                self._epoch_position = (trainer.current_epoch, batch_idx)
+            self._restored_epoch = None
+        if self._step_before is None and self.log_every_n_steps is not None:
+            self._unpack(batch)  # a batch the diagnostic cannot read fails now, not after hours of training
+        self._step_before = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._epoch_position = (trainer.current_epoch, batch_idx + 1)
+        if trainer.global_step == self._step_before:
+            return  # gradients are still accumulating: the state's graph spans the window until its step
+        _state.detach_state(pl_module)
+        if self.log_every_n_steps is not None and trainer.global_step % self.log_every_n_steps == 0:
+            self._log_ladder_usage(trainer, batch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_position = None
+
+    # -- the latent state in Lightning's checkpoint ----------------------------------------------
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        position = self._epoch_position
+        mid_epoch = position is not None and position[1] < trainer.num_training_batches
+        checkpoint[self.CHECKPOINT_KEY] = {
+            "latent_state": _state.latent_state_dict(pl_module),  # plain values and tensors: weights_only loads it
+            "mid_epoch": mid_epoch,
+            "epoch": position[0] if mid_epoch else None,
+            "batches_done": position[1] if mid_epoch else None,
+        }
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(self.CHECKPOINT_KEY)
+        if not isinstance(saved, Mapping) or "latent_state" not in saved:
+            warnings.warn(
+                "PTLCallback: this checkpoint holds no latent state (it was written without PTLCallback); "
+                "the cells resume with no history, so a run resumed mid-epoch ends elsewhere than the "
+                "uninterrupted run would have.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        # Checked in full before anything changes; a model built otherwise gets BConvError listing why.
+        _state.load_latent_state_dict(pl_module, saved["latent_state"])
+        if saved.get("mid_epoch"):
+            self._restored_epoch = saved["epoch"]
+            self._epoch_position = (saved["epoch"], saved["batches_done"])
+
+    # -- the ladder diagnostic -------------------------------------------------------------------
+
+    def _unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.inputs is not None:
+            got = self.inputs(batch)
+            x, target = got if isinstance(got, tuple) else (got, None)
+        elif isinstance(batch, torch.Tensor):
+            x, target = batch, None
+        elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+            x = batch[0]
+            target = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        else:
+            x = None
+        if not isinstance(x, torch.Tensor):
+            raise BConvError(
+                f"PTLCallback cannot find the PTL model's input in a training batch of type {type(batch).__name__}: "
+                f"it reads a tensor batch, or (input, target) from a tuple or list. Pass "
+                f"PTLCallback(inputs=lambda batch: (batch['image'], batch['label'])) or the like, or "
+                f"log_every_n_steps=None to log no diagnostic."
+            )
+        return x, target
+
+    def _log_ladder_usage(self, trainer: pl.Trainer, batch: Any) -> None:
+        ladder_usage = getattr(bconv, "ladder_usage", None)
+        if ladder_usage is None or not self.models:
+            return
+        x, target = self._unpack(batch)
+        metrics: dict[str, float] = {}
+        # Every rank computes it (a pooled, synced state all-reduces in a training forward); loggers write on rank 0.
+        for name, model in self.models.items():
+            usage = ladder_usage(model, x, target=target, loss_fn=self.loss_fn)
+            self.last_usage[name] = usage
+            prefix = f"bconv/{name}/" if len(self.models) > 1 else "bconv/"
+            metrics.update({prefix + key: value for key, value in usage.as_dict().items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
