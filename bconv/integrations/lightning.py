@@ -97,7 +97,7 @@ class PTLCallback(pl.Callback):
         self.loss_fn = loss_fn
         self.models: dict[str, PTLModel] = {}
         self.last_usage: dict[str, Any] = {}
-        self._epoch_position: tuple[int, int] | None = None  # (epoch, batches trained in it) while one runs
+        self._epoch_position: tuple[int, int] | None = None  # (epoch, batches trained in it) of the latest epoch
         self._restored_epoch: int | None = None  # set by a mid-epoch checkpoint until its epoch goes on
         self._step_before: int | None = None
 
@@ -161,14 +161,13 @@ class PTLCallback(pl.Callback):
         if self.log_every_n_steps is not None and trainer.global_step % self.log_every_n_steps == 0:
             self._log_ladder_usage(trainer, batch)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_position = None
-
     # -- the latent state in Lightning's checkpoint ----------------------------------------------
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         position = self._epoch_position
         mid_epoch = position is not None and position[1] < trainer.num_training_batches
+        if position is not None and not mid_epoch:
+            _mark_spent_loaders(checkpoint)
         checkpoint[self.CHECKPOINT_KEY] = {
             "latent_state": _state.latent_state_dict(pl_module),  # plain values and tensors: weights_only loads it
             "mid_epoch": mid_epoch,
@@ -187,11 +186,15 @@ class PTLCallback(pl.Callback):
                 stacklevel=2,
             )
             return
+        if not saved.get("mid_epoch"):
+            # The saved epoch had trained all its batches: the next one starts from zero state. Reset here, as
+            # Lightning (2.6) resumes a checkpoint written at an epoch's last batch without on_train_epoch_start.
+            _state.reset_state(pl_module)
+            return
         # Checked in full before anything changes; a model built otherwise gets BConvError listing why.
         _state.load_latent_state_dict(pl_module, saved["latent_state"])
-        if saved.get("mid_epoch"):
-            self._restored_epoch = saved["epoch"]
-            self._epoch_position = (saved["epoch"], saved["batches_done"])
+        self._restored_epoch = saved["epoch"]
+        self._epoch_position = (saved["epoch"], saved["batches_done"])
 
     # -- the ladder diagnostic -------------------------------------------------------------------
 
@@ -229,3 +232,18 @@ class PTLCallback(pl.Callback):
             metrics.update({prefix + key: value for key, value in usage.as_dict().items()})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _mark_spent_loaders(checkpoint: dict[str, Any]) -> None:
+    """Mark the saved position of torchdata's ``StatefulDataLoader`` as a finished epoch.
+
+    A checkpoint written once the epoch's last batch has trained (at that batch's end, or at the epoch's
+    end) holds a loader that yielded every batch but was never asked for one more, so its state says
+    "not finished". Lightning (2.6) loads that state into the resumed run's next epoch, whose iterator
+    then yields nothing: the run would silently train one epoch less. Marked finished, the loader starts
+    the next epoch with the permutation the uninterrupted run drew. Loaders of other kinds are left alone.
+    """
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    for loader_state in fit_loop.get("state_dict", {}).get("combined_loader", []):
+        if isinstance(loader_state, dict) and loader_state.get("_iterator_finished") is False:
+            loader_state["_iterator_finished"] = True
