@@ -46,3 +46,13 @@ class TinyCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.stage2(self.stage1(self.stem(x))).mean((2, 3)))
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block after ``heading`` in the README: what a test runs, so the README cannot drift."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index(heading) :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("\n```\n", start)]

@@ -21,7 +21,7 @@ import bconv
 from bconv import BConvError
 from bconv.integrations.lightning import PTLCallback
 
-from conftest import TinyCNN
+from conftest import TinyCNN, readme_block
 
 SIZE = (3, 16, 16)
 SAMPLES, BATCH, EPOCHS = 44, 8, 3  # 6 batches an epoch, the last of 4 samples: per-sample slots 4..7 keep their state
@@ -428,3 +428,48 @@ def test_the_ladder_diagnostic_is_logged_every_n_steps_without_changing_training
         assert all(isinstance(v, float) and v == v for k, v in metrics.items() if k.startswith("bconv/"))
     # The diagnostic restores all it touches: training is bitwise the run without it.
     assert _equal(_weights(module), _weights(_fit()))
+
+
+# -- the README's recipe -------------------------------------------------------------------------
+
+
+class PreemptibleDataset(TensorDataset):
+    """Dies at its ``limit``-th item, as a preempted job dies wherever it is."""
+
+    def __init__(self, *tensors, limit: int | None = None):
+        super().__init__(*tensors)
+        self.limit, self.fetched = limit, 0
+
+    def __getitem__(self, index):
+        self.fetched += 1
+        if self.limit is not None and self.fetched > self.limit:
+            raise _Preempted
+        return super().__getitem__(index)
+
+
+def test_the_readme_lightning_recipe_resumes_a_preempted_run_bitwise(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    data = torch.randn(150, *SIZE, generator=g), torch.randint(0, 5, (150,), generator=g)
+    recipe = compile(readme_block("### PTL with Lightning"), "README.md", "exec")
+
+    def script(directory: Path, limit: int | None = None) -> dict:
+        directory.mkdir(exist_ok=True)
+        monkeypatch.chdir(directory)
+        namespace = dict(
+            dataset=PreemptibleDataset(*data, limit=limit), epochs=3, build_network=TinyCNN, checkpoint_every=4
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Lightning's notes on a small run; no last.ckpt on a fresh start
+            exec(recipe, namespace)
+        return namespace
+
+    full = script(tmp_path / "full")
+    (callback,) = [c for c in full["trainer"].callbacks if isinstance(c, PTLCallback)]
+    assert list(callback.models) == ["net"]
+    # Batches of 64, 64, 22: step 4 (a checkpoint) is epoch 1's first batch; the job dies fetching its second.
+    with pytest.raises(_Preempted):
+        script(tmp_path / "preempted", limit=150 + 64)
+    assert torch.load("checkpoints/last.ckpt", weights_only=True)["bconv"]["batches_done"] == 1
+    resumed = script(tmp_path / "preempted")  # the same script, rerun
+    assert resumed["trainer"].global_step == full["trainer"].global_step == 9
+    assert _equal(_weights(full["model"]), _weights(resumed["model"]))
