@@ -21,7 +21,7 @@ try:
     from lightning.pytorch.utilities.model_helpers import is_overridden
 except ImportError as error:
     raise ImportError(
-        "bconv.integrations.lightning needs Lightning 2.2 or newer (the `lightning` package): "
+        "bconv.integrations.lightning needs Lightning 2.5 or newer (the `lightning` package): "
         'pip install "bconv[lightning]". The standalone `pytorch_lightning` package is not supported: '
         "its Trainer takes only its own Callback class."
     ) from error
