@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -319,6 +320,37 @@ def test_lightning_mid_epoch_resume_with_a_plain_dataloader_restarts_the_iterato
     assert first_epoch == [(1, 4, BATCH), (1, 5, BATCH)]  # batch 5 is a full one: the start of a permutation
     assert [i for e, b, i in resumed.seen if e == 1] != [i for e, b, i in full.seen if e == 1 and b >= 4]
     assert "rng" not in " ".join(torch.load(path, weights_only=True)).lower()
+
+
+@pytest.mark.slow  # four runs of two DDP processes each, every one importing torch and Lightning
+def test_under_ddp_every_rank_resumes_with_its_own_latent_state(tmp_path):
+    script, root = Path(__file__).with_name("_lightning_ddp.py"), Path(__file__).parents[1]  # this checkout's bconv
+
+    def run(phase: str) -> None:
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), phase],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    for phase in ("full", "stopped"):
+        run(phase)
+    checkpoint = torch.load(tmp_path / "stopped.ckpt", weights_only=True)
+    per_rank = checkpoint["bconv"]["latent_state_per_rank"]
+    assert len(per_rank) == 2 and not torch.equal(
+        per_rank[0]["net.ptl.cells.0.0"]["c_prev"], per_rank[1]["net.ptl.cells.0.0"]["c_prev"]
+    )  # two ranks, two histories
+    del checkpoint["bconv"]["latent_state_per_rank"]  # as if only rank 0's state had been written
+    torch.save(checkpoint, tmp_path / "rank0.ckpt")
+    for phase in ("resumed", "resumed_rank0"):
+        run(phase)
+    full, resumed, rank0 = (torch.load(tmp_path / f"{p}.pt", weights_only=True) for p in ("full", "resumed", "resumed_rank0"))
+    assert _equal(full, resumed)
+    assert not _equal(full, rank0)  # rank 1 resumed with rank 0's history: the run ends elsewhere
 
 
 # -- PTL models anywhere inside the LightningModule ---------------------------------------------

@@ -61,9 +61,9 @@ class PTLCallback(pl.Callback):
 
     PTL models are found anywhere inside the ``LightningModule`` (``self.net``, a student's backbone,
     a list of heads), and any other module holding BConv-Cells is reset, detached and checkpointed
-    too. Under DistributedDataParallel Lightning writes rank 0's checkpoint, so every rank resumes
-    with rank 0's latent state: exact with ``state_mode="pooled", sync_state=True`` (every rank holds
-    the same state), an approximation with per-rank states.
+    too. Under DistributedDataParallel the checkpoint that rank 0 writes holds every rank's latent
+    state, and each rank resumes with its own (a run resumed on another number of ranks takes rank
+    0's, with a warning).
 
     Args:
         log_every_n_steps: optimizer steps between two diagnostics; ``None`` turns it off. The
@@ -168,8 +168,11 @@ class PTLCallback(pl.Callback):
         mid_epoch = position is not None and position[1] < trainer.num_training_batches
         if position is not None and not mid_epoch:
             _mark_spent_loaders(checkpoint)
+        latent = _state.latent_state_dict(pl_module)  # plain values and tensors: weights_only loads it
         checkpoint[self.CHECKPOINT_KEY] = {
-            "latent_state": _state.latent_state_dict(pl_module),  # plain values and tensors: weights_only loads it
+            "latent_state": latent,
+            # Lightning writes rank 0's checkpoint only; every rank's own state goes into it.
+            "latent_state_per_rank": _gather_from_ranks(trainer, latent),
             "mid_epoch": mid_epoch,
             "epoch": position[0] if mid_epoch else None,
             "batches_done": position[1] if mid_epoch else None,
@@ -191,8 +194,19 @@ class PTLCallback(pl.Callback):
             # Lightning (2.6) resumes a checkpoint written at an epoch's last batch without on_train_epoch_start.
             _state.reset_state(pl_module)
             return
+        latent, per_rank = saved["latent_state"], saved.get("latent_state_per_rank")
+        if per_rank is not None and len(per_rank) == trainer.world_size:
+            latent = per_rank[trainer.global_rank]
+        elif per_rank is not None:
+            warnings.warn(
+                f"PTLCallback: the checkpoint holds the latent state of {len(per_rank)} ranks and this run has "
+                f"{trainer.world_size}: every rank resumes with rank 0's state (exact only with "
+                f"state_mode='pooled', sync_state=True, where all ranks hold the same state).",
+                UserWarning,
+                stacklevel=2,
+            )
         # Checked in full before anything changes; a model built otherwise gets BConvError listing why.
-        _state.load_latent_state_dict(pl_module, saved["latent_state"])
+        _state.load_latent_state_dict(pl_module, latent)
         self._restored_epoch = saved["epoch"]
         self._epoch_position = (saved["epoch"], saved["batches_done"])
 
@@ -232,6 +246,23 @@ class PTLCallback(pl.Callback):
             metrics.update({prefix + key: value for key, value in usage.as_dict().items()})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _gather_from_ranks(trainer: pl.Trainer, latent: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every rank's latent state, in rank order (``None`` in a single process).
+
+    Lightning calls ``on_save_checkpoint`` on every rank (``save_checkpoint`` is collective), so the
+    gather meets on all of them. The states travel on CPU: they are small, and a pickled CUDA tensor
+    would be rebuilt on the device of the rank that saved it.
+    """
+    if trainer.world_size < 2 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    on_cpu = {
+        name: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in cell.items()} for name, cell in latent.items()
+    }
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, on_cpu)
+    return gathered
 
 
 def _mark_spent_loaders(checkpoint: dict[str, Any]) -> None:
