@@ -6,7 +6,7 @@ Lightning's ``ddp`` strategy starts the second rank by running this script again
 
 PHASE ``full`` trains 3 epochs; ``stopped`` writes a checkpoint at optimizer step 4 (epoch 1, after its
 first of 3 batches per rank) and stops there; ``resumed`` goes on from that checkpoint,
-``resumed_rank0`` from a copy that holds rank 0's latent state only. Rank 0 saves the final weights
+``rank0`` from a copy that holds rank 0's latent state only. Rank 0 saves the final weights
 to ``OUT/PHASE.pt``.
 """
 
@@ -67,7 +67,7 @@ def main(out: Path, phase: str) -> None:
         callbacks=callbacks,
     )
     module = ShardedClassifier(options=dict(cell="v2"))  # per-sample state: each rank's own
-    ckpt = {"resumed": out / "stopped.ckpt", "resumed_rank0": out / "rank0.ckpt"}.get(phase)
+    ckpt = {"resumed": out / "stopped.ckpt", "rank0": out / "rank0.ckpt"}.get(phase)
     trainer.fit(module, ckpt_path=ckpt)
     if trainer.global_rank == 0 and phase != "stopped":
         torch.save(_weights(module), out / f"{phase}.pt")

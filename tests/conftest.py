@@ -29,6 +29,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: bitwise equality needs one thread count across runs, and a tiny CNN
+    on two shared cores runs many times faster on one thread than with two threads competing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def zoo_model(spec: str) -> torch.nn.Module:
     zoo, _, name = spec.partition(":")
     return build(ZooModel(zoo, name))

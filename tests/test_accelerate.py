@@ -20,17 +20,13 @@ class _Preempted(Exception):
     pass
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise equality needs one thread count across runs; and it is faster here
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dataset() -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(5)
-    return torch.utils.data.TensorDataset(torch.randn(150, *SIZE, generator=g), torch.randint(0, 5, (150,), generator=g))
+    x, y = torch.randn(150, *SIZE, generator=g), torch.randint(0, 5, (150,), generator=g)
+    return torch.utils.data.TensorDataset(x, y)
 
 
 def _run_recipe(time_to_checkpoint) -> dict:

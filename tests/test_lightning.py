@@ -29,14 +29,7 @@ SAMPLES, BATCH, EPOCHS = 44, 8, 3  # 6 batches an epoch, the last of 4 samples: 
 BATCHES = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Bitwise equality needs one thread count across runs; and a tiny CNN on two loaded cores runs
-    # a hundred times faster on one thread than with two threads competing.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dataset() -> TensorDataset:
@@ -259,7 +252,9 @@ def test_a_run_stopped_mid_epoch_resumes_bitwise_through_fit_ckpt_path(tmp_path,
     del saved["bconv"]
     torch.save(saved, tmp_path / "without_latent.pt")
     with pytest.warns(UserWarning, match="holds no latent state"):
-        plain = _fit(module_cls, ckpt_path=tmp_path / "without_latent.pt", seed=1, accumulate=accumulate, options=options)
+        plain = _fit(
+            module_cls, ckpt_path=tmp_path / "without_latent.pt", seed=1, accumulate=accumulate, options=options
+        )
     assert plain.seen == resumed.seen and not _equal(_weights(full), _weights(plain))
 
 
@@ -346,9 +341,9 @@ def test_under_ddp_every_rank_resumes_with_its_own_latent_state(tmp_path):
     )  # two ranks, two histories
     del checkpoint["bconv"]["latent_state_per_rank"]  # as if only rank 0's state had been written
     torch.save(checkpoint, tmp_path / "rank0.ckpt")
-    for phase in ("resumed", "resumed_rank0"):
+    for phase in ("resumed", "rank0"):
         run(phase)
-    full, resumed, rank0 = (torch.load(tmp_path / f"{p}.pt", weights_only=True) for p in ("full", "resumed", "resumed_rank0"))
+    full, resumed, rank0 = (torch.load(tmp_path / f"{p}.pt", weights_only=True) for p in ("full", "resumed", "rank0"))
     assert _equal(full, resumed)
     assert not _equal(full, rank0)  # rank 1 resumed with rank 0's history: the run ends elsewhere
 

@@ -112,7 +112,9 @@ class PTLCallback(pl.Callback):
                 f"modules). Wrap the network inside it with bconv.wrap_with_ptl, or remove the callback."
             )
         self.models = {name: m for name, m in pl_module.named_modules() if isinstance(m, PTLModel)}
-        keeps_graph = sorted({name for name, m in pl_module.named_modules() if isinstance(m, StatefulCell) and not m.detach})
+        keeps_graph = sorted(
+            {name for name, m in pl_module.named_modules() if isinstance(m, StatefulCell) and not m.detach}
+        )
         if keeps_graph and trainer.accumulate_grad_batches > 1 and not is_overridden("backward", pl_module):
             raise BConvError(
                 f"PTLCallback: the cells {keeps_graph[:4]}{' ...' if len(keeps_graph) > 4 else ''} keep their "
@@ -140,7 +142,9 @@ class PTLCallback(pl.Callback):
         _state.reset_state(pl_module)
         self._epoch_position = (trainer.current_epoch, 0)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._restored_epoch is not None:
             if self._restored_epoch != trainer.current_epoch:
                 # Lightning went on with another epoch than the checkpoint's: its history does not belong here.
@@ -163,7 +167,9 @@ class PTLCallback(pl.Callback):
 
     # -- the latent state in Lightning's checkpoint ----------------------------------------------
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         position = self._epoch_position
         mid_epoch = position is not None and position[1] < trainer.num_training_batches
         if position is not None and not mid_epoch:
@@ -178,7 +184,9 @@ class PTLCallback(pl.Callback):
             "batches_done": position[1] if mid_epoch else None,
         }
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         saved = checkpoint.get(self.CHECKPOINT_KEY)
         if not isinstance(saved, Mapping) or "latent_state" not in saved:
             warnings.warn(
@@ -258,7 +266,8 @@ def _gather_from_ranks(trainer: pl.Trainer, latent: dict[str, Any]) -> list[dict
     if trainer.world_size < 2 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
     on_cpu = {
-        name: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in cell.items()} for name, cell in latent.items()
+        name: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in cell.items()}
+        for name, cell in latent.items()
     }
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, on_cpu)
