@@ -82,3 +82,22 @@ def test_the_readme_accelerate_recipe_resumes_bitwise_and_unwraps_to_a_ptl_model
         _run_recipe(_preempt_after_checkpoint(4))
     without = _run_recipe(lambda: False)
     assert not _equal(full["model"], without["model"])
+
+
+def test_latent_state_reads_and_restores_the_cells_and_refuses_a_network_without_them():
+    with pytest.raises(ValueError, match="holds no BConv-Cell"):
+        bconv.LatentState(TinyCNN())  # at registration, not at the first checkpoint
+    model = bconv.wrap_with_ptl(TinyCNN(), input_size=SIZE, cell="v2")
+    model.train()
+    model(torch.randn(4, *SIZE))
+    latent = bconv.LatentState(model)
+    saved = latent.state_dict()
+    assert saved.keys() == model.latent_state_dict().keys()
+    model.reset_state()
+    latent.load_state_dict(saved)
+    assert all(
+        torch.equal(model.latent_state_dict()[k][n], saved[k][n]) for k in saved for n in ("c_prev", "y_prev")
+    )
+    with pytest.raises(bconv.BConvError, match="no state for the cells"):
+        latent.load_state_dict({k: v for k, v in list(saved.items())[1:]})
+    assert all(torch.equal(model.latent_state_dict()[k]["c_prev"], saved[k]["c_prev"]) for k in saved)  # unchanged

@@ -426,16 +426,22 @@ def test_a_batch_the_diagnostic_cannot_read_fails_at_the_first_step():
             x, y, _ = _dataset().tensors
             return DataLoader([{"image": a, "label": b} for a, b in zip(x, y)], batch_size=BATCH)
 
+        steps: list[int] = []
+
         def training_step(self, batch, batch_idx):
+            self.steps.append(batch_idx)
             return F.cross_entropy(self(batch["image"]), batch["label"])
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # without bconv.ladder_usage the callback warns first
         with pytest.raises(BConvError, match=r"type dict.*PTLCallback\(inputs=lambda batch"):
-            _trainer(PTLCallback(log_every_n_steps=1)).fit(DictBatches())
+            _trainer(PTLCallback(log_every_n_steps=1), logger=MemoryLogger()).fit(DictBatches())
+        assert not DictBatches.steps  # refused before the first step
         callback = PTLCallback(log_every_n_steps=1, inputs=lambda b: (b["image"], b["label"]))
-        _trainer(callback, max_epochs=1).fit(DictBatches())  # told where the input is, it trains
+        _trainer(callback, max_epochs=1, logger=MemoryLogger()).fit(DictBatches())  # told where the input is
+        _trainer(PTLCallback(log_every_n_steps=1), max_epochs=1).fit(DictBatches())  # no logger: nothing to read
+    assert len(DictBatches.steps) == 2 * BATCHES
 
 
 @pytest.mark.xfail(

@@ -66,8 +66,9 @@ class PTLCallback(pl.Callback):
     0's, with a warning).
 
     Args:
-        log_every_n_steps: optimizer steps between two diagnostics; ``None`` turns it off. The
-            diagnostic runs a few extra forwards (and a backward, given a target) on one batch.
+        log_every_n_steps: optimizer steps between two diagnostics; ``None`` turns it off, and so does a
+            Trainer without a logger. The diagnostic runs a few extra forwards (and a backward, given a
+            target) on one batch.
         inputs: maps a training batch to the PTL model's input, or to ``(input, target)``. The
             default takes a tensor batch as the input, and a tuple or list batch as
             ``(input, target)`` (``target`` ``None`` when the second item is not a tensor).
@@ -151,7 +152,7 @@ class PTLCallback(pl.Callback):
                 _state.reset_state(pl_module)
                 self._epoch_position = (trainer.current_epoch, batch_idx)
             self._restored_epoch = None
-        if self._step_before is None and self.log_every_n_steps is not None:
+        if self._step_before is None and self._logs(trainer):
             self._unpack(batch)  # a batch the diagnostic cannot read fails now, not after hours of training
         self._step_before = trainer.global_step
 
@@ -162,7 +163,7 @@ class PTLCallback(pl.Callback):
         if trainer.global_step == self._step_before:
             return  # gradients are still accumulating: the state's graph spans the window until its step
         _state.detach_state(pl_module)
-        if self.log_every_n_steps is not None and trainer.global_step % self.log_every_n_steps == 0:
+        if self._logs(trainer) and trainer.global_step % self.log_every_n_steps == 0:
             self._log_ladder_usage(trainer, batch)
 
     # -- the latent state in Lightning's checkpoint ----------------------------------------------
@@ -219,6 +220,10 @@ class PTLCallback(pl.Callback):
         self._epoch_position = (saved["epoch"], saved["batches_done"])
 
     # -- the ladder diagnostic -------------------------------------------------------------------
+
+    def _logs(self, trainer: pl.Trainer) -> bool:
+        # Without a logger the diagnostic's extra forwards would be spent on nothing.
+        return self.log_every_n_steps is not None and bool(trainer.loggers)
 
     def _unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.inputs is not None:
