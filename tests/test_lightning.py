@@ -166,7 +166,7 @@ def test_every_epoch_starts_from_zero_state_and_steps_see_a_detached_state():
     assert all(read == "detached" for epoch, batch, read in module.read_state if batch > 0)
 
 
-def test_without_the_callback_the_state_is_never_reset_nor_detached():
+def test_without_the_callback_the_kept_graph_breaks_the_second_step():
     """What the callback does is measured: the same module trained without it keeps history and graph."""
     torch.manual_seed(0)
     module = Classifier(options=dict(detach=False))
