@@ -26,12 +26,11 @@ except ImportError as error:
         "its Trainer takes only its own Callback class."
     ) from error
 
-import bconv
-
 from .. import state as _state
 from ..cells import StatefulCell
 from ..errors import BConvError
 from ..surgery import PTLModel
+from ..surgery.usage import LadderUsage, ladder_usage
 
 __all__ = ["PTLCallback"]
 
@@ -97,7 +96,7 @@ class PTLCallback(pl.Callback):
         self.inputs = inputs
         self.loss_fn = loss_fn
         self.models: dict[str, PTLModel] = {}
-        self.last_usage: dict[str, Any] = {}
+        self.last_usage: dict[str, LadderUsage] = {}
         self._epoch_position: tuple[int, int] | None = None  # (epoch, batches trained in it) of the latest epoch
         self._restored_epoch: int | None = None  # set by a mid-epoch checkpoint until its epoch goes on
         self._step_before: int | None = None
@@ -125,13 +124,6 @@ class PTLCallback(pl.Callback):
                 f"For truncated back-propagation through each accumulation window, override `backward` in "
                 f"{type(pl_module).__name__} with `loss.backward(retain_graph=True)` (the callback detaches the "
                 f"state after each optimizer step, so a graph spans one window); or wrap with detach=True."
-            )
-        if self.log_every_n_steps is not None and getattr(bconv, "ladder_usage", None) is None:
-            warnings.warn(
-                "PTLCallback: this bconv has no bconv.ladder_usage, so the ladder diagnostic is not logged "
-                "(log_every_n_steps=None silences this warning).",
-                UserWarning,
-                stacklevel=2,
             )
 
     # -- reset every epoch, detach after every optimizer step ------------------------------------
@@ -246,9 +238,8 @@ class PTLCallback(pl.Callback):
         return x, target
 
     def _log_ladder_usage(self, trainer: pl.Trainer, batch: Any) -> None:
-        ladder_usage = getattr(bconv, "ladder_usage", None)
-        if ladder_usage is None or not self.models:
-            return
+        if not self.models:
+            return  # cells outside any PTL model: reset, detached and checkpointed, but no ladder to measure
         x, target = self._unpack(batch)
         metrics: dict[str, float] = {}
         # Every rank computes it (a pooled, synced state all-reduces in a training forward); loggers write on rank 0.
