@@ -185,13 +185,10 @@ def test_with_gradient_accumulation_the_graph_spans_the_window_and_is_cut_at_its
 
 def test_accumulated_steps_give_the_truncated_backprop_gradients_of_a_plain_loop():
     """Lightning with accumulate_grad_batches=2 and detach=False equals the plain loop that sums two losses."""
-    # The paper's random final fusion: the ladder reaches the logits from the first step (bconv's identity
-    # start gives the state's gradient path a zero weight for the first steps of so short a run).
-    ACTIVE_LADDER = dict(detach=False, final_init="paper")
 
     def plain(detach_every_batch: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        module = TBPTTClassifier(options=ACTIVE_LADDER, shuffle=False)
+        module = TBPTTClassifier(options=dict(detach=False), shuffle=False)
         opt = module.configure_optimizers()["optimizer"]
         module.net.reset_state()
         batches = list(DataLoader(_dataset(), batch_size=BATCH))
@@ -208,14 +205,14 @@ def test_accumulated_steps_give_the_truncated_backprop_gradients_of_a_plain_loop
         return _weights(module)
 
     torch.manual_seed(0)
-    module = TBPTTClassifier(options=ACTIVE_LADDER, shuffle=False)
+    module = TBPTTClassifier(options=dict(detach=False), shuffle=False)
     trainer = _trainer(PTLCallback(log_every_n_steps=None), accumulate=2, max_epochs=1)
     module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     trainer.fit(module)
     lightning_weights, tbptt, one_step = _weights(module), plain(False), plain(True)
     assert all(torch.allclose(lightning_weights[k], tbptt[k], atol=1e-6) for k in tbptt)
     # The window's graph acts: cut after every batch instead, the same run ends measurably elsewhere.
-    assert max((lightning_weights[k] - one_step[k]).abs().max().item() for k in tbptt) > 1e-5
+    assert max((lightning_weights[k] - one_step[k]).abs().max().item() for k in tbptt) > 1e-4
 
 
 def test_a_graph_kept_across_accumulated_batches_without_retain_graph_is_refused_at_fit_start():
