@@ -14,7 +14,7 @@ from .errors import (
     WrappedModelError,
 )
 from ._version import __version__
-from .state import detach_state, latent_state_dict, load_latent_state_dict, reset_state
+from .state import LatentState, detach_state, latent_state_dict, load_latent_state_dict, reset_state
 from .surgery.anatomy import Anatomy, Head, anatomy
 from .surgery import PTLConfig, PTLModel, Stage, find_stages, load_ptl, unwrap_ptl, wrap_with_ptl
 from .surgery.usage import LadderUsage, ladder_usage
@@ -31,6 +31,7 @@ __all__ = [
     "detach_state",
     "latent_state_dict",
     "load_latent_state_dict",
+    "LatentState",
     "find_stages",
     "Stage",
     "anatomy",
