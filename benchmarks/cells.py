@@ -15,23 +15,23 @@ the command that reproduces the run. Every number it prints was measured in that
 
 Usage::
 
-    python benchmarks/cells.py                      # the two default configurations
-    python benchmarks/cells.py --channels 64 --size 56 --batch 32 --repeats 5
+    python -m benchmarks.cells                      # the two default configurations
+    python -m benchmarks.cells --channels 64 --size 56 --batch 32 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import shlex
 import statistics
-import sys
 import time
 
 import torch
 from torch import nn
 
 from bconv.cells import BConvCell, BConvCellV2
+
+from benchmarks.common import command, seeded
 
 # (channels, size, stride, batch): a ResNet-50 layer1-sized cell (64 ch, 56x56) and a
 # strided one between stages (128 ch, 28x28 -> 14x14); batch 16 keeps the run
@@ -59,7 +59,7 @@ def bench(
     channels: int, size: int, stride: int, batch: int, repeats: int, warmup: int, device: str
 ) -> dict[str, list[float]]:
     """Seconds per forward+backward step of each model, one entry per repeat."""
-    torch.manual_seed(0)
+    seeded(0)
     models = {
         "conv": nn.Conv2d(channels, 4 * channels, 3, stride, padding=1, bias=False),
         "v1": BConvCell(channels, channels, stride),
@@ -124,7 +124,7 @@ def main() -> None:
             f"{ms['conv']:>8.1f} {ms['v1']:>8.1f} {ms['v2']:>8.1f} | "
             f"{_ratio(t['v1'], t['conv']):>16} {_ratio(t['v2'], t['conv']):>16}"
         )
-    print("reproduce: python " + shlex.join(["benchmarks/cells.py", *sys.argv[1:]]))
+    print("reproduce: " + command("cells", None))
 
 
 if __name__ == "__main__":

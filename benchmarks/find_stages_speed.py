@@ -12,17 +12,15 @@ resolution. For each model, timed interleaved in one process (median over repeat
 bconv caches a model's anatomy; the cache is cleared before every timed discovery, so each one
 measures the whole work. Writes ``benchmarks/results/find_stages_speed.{md,json}``. Reproduce::
 
-    python benchmarks/find_stages_speed.py          # ResNet-50 at 224 and 600, RegNetY-32GF and EfficientNet-B7 at 600
-    python benchmarks/find_stages_speed.py --models torchvision:resnet50@224 --repeats 9
+    python -m benchmarks.find_stages_speed          # ResNet-50 at 224 and 600, RegNetY-32GF and EfficientNet-B7 at 600
+    python -m benchmarks.find_stages_speed --models torchvision:resnet50@224 --repeats 9
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +30,8 @@ from bconv import find_stages, unwrap_ptl, wrap_with_ptl
 from bconv._zoo import build, resolve
 from bconv.surgery import anatomy as anatomy_module
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import RESULTS, command as run_command
+
 DEFAULT = ["torchvision:resnet50@224", "torchvision:resnet50@600", "torchvision:regnet_y_32gf@600", "torchvision:efficientnet_b7@600"]
 
 
@@ -100,7 +99,7 @@ def main() -> None:
     for spec in args.models:
         rows.append(measure(spec, args.repeats))
         print(json.dumps(rows[-1]["ratio_to_forward"]), spec, flush=True)
-    command = "python benchmarks/find_stages_speed.py " + shlex.join(sys.argv[1:])
+    command = run_command("find_stages_speed", None)
     lines = [
         "# Discovery cost next to one real forward",
         "",

@@ -21,8 +21,8 @@ time ratios wrapped/hand-wired. Bar: <= 1.02.
 
 Writes ``benchmarks/results/overhead.md`` and ``.json``. Reproduce::
 
-    python benchmarks/overhead.py                          # the paper's backbones + EfficientNet-B0, ConvNeXt-T
-    python benchmarks/overhead.py --models torchvision:resnet50 --batch 16 --repeats 9 --device cuda
+    python -m benchmarks.overhead                          # the paper's backbones + EfficientNet-B0, ConvNeXt-T
+    python -m benchmarks.overhead --models torchvision:resnet50 --batch 16 --repeats 9 --device cuda
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from bconv import PTLModel, unwrap_ptl, wrap_with_ptl
 from bconv._flops import TotalFlopCounter
 from bconv._zoo import build, resolve, torchvision_input_size
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import RESULTS, seeded
+
 MODELS = ["torchvision:resnet50", "torchvision:densenet161", "torchvision:efficientnet_b0", "torchvision:convnext_tiny"]
 
 
@@ -90,7 +91,7 @@ def _memory(model, opt, x, y, device: torch.device) -> int:
 
 def measure(spec_name: str, batch: int, repeats: int, device: torch.device) -> dict:
     spec = resolve(spec_name)
-    torch.manual_seed(0)
+    seeded(0)
     plain = build(spec).to(device)
     if spec.zoo == "torchvision":
         input_size = torchvision_input_size(spec.name, plain)
@@ -173,7 +174,7 @@ class HandWiredPTLResNet(torch.nn.Module):
 
 def measure_hand_wired(batch: int, repeats: int, device: torch.device, size: int = 224) -> dict:
     """Train-step time of wrap_with_ptl(resnet50) over the same PTL ResNet-50 wired by hand."""
-    torch.manual_seed(0)
+    seeded(0)
     wrapped = wrap_with_ptl(build(resolve("torchvision:resnet50")), input_size=(3, size, size))
     wrapped.to(device)
     hand = HandWiredPTLResNet(wrapped).to(device)
@@ -224,7 +225,7 @@ def write(rows: list[dict], args: argparse.Namespace, device: torch.device, seco
     lines = [
         "# PTL overhead at default widths (every stage paired, cell v1)",
         "",
-        f"Made by `python benchmarks/overhead.py --models {' '.join(r['model'] for r in rows)} --batch {args.batch} "
+        f"Made by `python -m benchmarks.overhead --models {' '.join(r['model'] for r in rows)} --batch {args.batch} "
         f"--repeats {args.repeats} --hand-wired-repeats {args.hand_wired_repeats}"
         f"{f' --hand-wired-batch {args.hand_wired_batch}' if args.hand_wired_batch else ''} --device {device.type}"
         f"{f' --threads {args.threads}' if args.threads else ''}` in {seconds:.0f} s; torch {torch.__version__}, "

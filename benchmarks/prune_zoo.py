@@ -14,9 +14,9 @@ memory or time is a row, not the end of the run. Rows are appended to ``benchmar
 as they finish (a stopped run continues with ``--resume``); ``prune_zoo.md`` and ``prune_zoo.json`` are
 written from them at the end (or alone with ``--only-write``). Reproduce::
 
-    python benchmarks/prune_zoo.py                            # everything
-    python benchmarks/prune_zoo.py --resume                   # continue a stopped run
-    python benchmarks/prune_zoo.py --models torchvision:resnet18 timm:convnext_atto
+    python -m benchmarks.prune_zoo                            # everything
+    python -m benchmarks.prune_zoo --resume                   # continue a stopped run
+    python -m benchmarks.prune_zoo --models torchvision:resnet18 timm:convnext_atto
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from bconv._zoo import ZooModel, build, resolve, timm_families, torchvision_inpu
 from bconv.errors import BConvError
 from bconv.prune import cop_prune
 from bconv.surgery.anatomy import default_input_size
-from _isolated import RowLog, isolated
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks._isolated import RowLog, isolated
+from benchmarks.common import RESULTS, command as run_command
+
 ROWS = RESULTS / "prune_zoo.jsonl"
 SMALL = (3, 64, 64)
 # Not built: each needs more compute than the rest of the torchvision zoo together (see benchmarks/zoo.py).
@@ -132,7 +133,7 @@ def write(command: str, note: str = "", wall_s: float | None = None) -> dict:
     (RESULTS / "prune_zoo.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     lines = [
         "# COP pruning over the zoos: -50% FLOPs", "",
-        f"Command: `{command}`; rows collected by `python benchmarks/prune_zoo.py` (random weights, input 64x64 "
+        f"Command: `{command}`; rows collected by `python -m benchmarks.prune_zoo` (random weights, input 64x64 "
         f"unless the model needs its own size). Pruned = returned and measured; refused = bconv's own error, "
         f"model unchanged; error = anything else, the time limit or the process killed. Each model in a child "
         f"process of its own; torch {summary['torch']}, {summary['threads']} thread(s), {summary['platform']}"
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/prune_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = run_command("prune_zoo", argv)
     log = RowLog(ROWS)
     start = time.perf_counter()
     if not args.only_write:

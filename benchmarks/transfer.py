@@ -74,31 +74,26 @@ class, the final numbers on the whole test split). Every number written was meas
 Reproduce::
 
     pip install -e ".[bench]"
-    python benchmarks/transfer.py                        # digits, the committed results
-    python benchmarks/transfer.py --quick --out /tmp/t   # a smoke run of every condition, about a minute
-    python benchmarks/transfer.py --dataset fashion-mnist --ablation   # apt-get install dataset-fashion-mnist
-    python benchmarks/transfer.py --dataset cifar10 --data-dir ~/data --per-class 500
+    python -m benchmarks.transfer                        # digits, the committed results
+    python -m benchmarks.transfer --quick --out /tmp/t   # a smoke run of every condition, about a minute
+    python -m benchmarks.transfer --dataset fashion-mnist --ablation   # apt-get install dataset-fashion-mnist
+    python -m benchmarks.transfer --dataset cifar10 --data-dir ~/data --per-class 500
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
 import math
 import os
 import platform
-import shlex
 import statistics
-import struct
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -107,7 +102,10 @@ from bconv import wrap_with_ptl
 from bconv.distill import STDTrainer, pooled_features
 from bconv.rollback import Rollback
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import (FASHION_MNIST_DIR, RESULTS, Split, balanced_subset, command as run_command, crop_flip,
+                               evaluate, load_cifar10, load_digits, load_fashion_mnist, load_folder, mean_std, paired,
+                               per_class_counts, per_class_split, relabel, resize, retrieval_metrics, train_epochs)  # fmt: skip
+
 CONDITIONS = ("plain", "ptl_v1", "ptl_v2", "rollback", "std")
 SPLIT_SEED = 0  # the data split is fixed; run seeds vary initialisation, data order and augmentation
 #: the per-epoch test curves use at most this many test images per class (the final numbers use all)
@@ -126,17 +124,6 @@ BUDGET_REASON = (
 
 
 # ----------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class Split:
-    """Images ``x`` ``[N, C, H, W]`` (float) and labels ``y`` ``[N]`` (0..classes-1)."""
-
-    x: Tensor
-    y: Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
 
 
 @dataclass
@@ -164,165 +151,6 @@ class TransferData:
         return {k: len(getattr(self, k)) for k in names}
 
 
-def _per_class_split(y: Tensor, fractions: Sequence[float], seed: int) -> list[Tensor]:
-    """Indices of ``len(fractions)`` disjoint parts, each holding that fraction of every class."""
-    gen = torch.Generator().manual_seed(seed)
-    parts: list[list[Tensor]] = [[] for _ in fractions]
-    for c in torch.unique(y):
-        idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        bounds = [round(b * len(idx)) for b in _cumulative(fractions)]
-        for k, (lo, hi) in enumerate(zip([0, *bounds[:-1]], bounds)):
-            parts[k].append(idx[lo:hi])
-    return [torch.cat(p) for p in parts]
-
-
-def _cumulative(fractions: Sequence[float]) -> list[float]:
-    total, out = 0.0, []
-    for f in fractions:
-        total += f
-        out.append(total)
-    out[-1] = 1.0
-    return out
-
-
-def _cap(split: Split, per_class: int | None) -> Split:
-    """At most ``per_class`` images of each class (the first ones: splits are already shuffled)."""
-    if per_class is None:
-        return split
-    keep = torch.cat([torch.nonzero(split.y == c).flatten()[:per_class] for c in torch.unique(split.y)])
-    keep = keep.sort().values
-    return Split(split.x[keep], split.y[keep])
-
-
-def _relabel(x: Tensor, y: Tensor, classes: Sequence[int]) -> Split:
-    """The images of ``classes``, labelled by their position in ``classes``."""
-    mapping = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
-    mapping[torch.tensor(list(classes))] = torch.arange(len(classes))
-    keep = mapping[y] >= 0
-    return Split(x[keep], mapping[y[keep]])
-
-
-def _resize(x: Tensor, size: int) -> Tensor:
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-
-
-def load_digits(image_size: int) -> tuple[Tensor, Tensor, list[str]]:
-    """scikit-learn's bundled digits: ``[1797, 1, S, S]`` in [0, 1], labels, class names."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    digits = sklearn_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    return _resize(x, image_size), torch.tensor(digits.target, dtype=torch.long), [str(c) for c in range(10)]
-
-
-def load_cifar10(data_dir: Path, train: bool, image_size: int) -> tuple[Tensor, Tensor, list[str]]:
-    """torchvision's CIFAR-10 from a local copy (``data_dir/cifar-10-batches-py``); nothing is downloaded."""
-    from torchvision.datasets import CIFAR10
-
-    dataset = CIFAR10(str(data_dir), train=train, download=False)
-    x = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).float() / 255.0
-    return _resize(x, image_size), torch.tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
-
-
-def load_folder(data_dir: Path, image_size: int) -> tuple[Tensor, Tensor, list[str]]:
-    """``torchvision.datasets.ImageFolder(data_dir)``, RGB, resized to ``image_size`` x ``image_size``."""
-    from torchvision import transforms
-    from torchvision.datasets import ImageFolder
-
-    dataset = ImageFolder(str(data_dir), transform=transforms.Compose([
-        transforms.Resize((image_size, image_size)), transforms.ToTensor(),
-    ]))  # fmt: skip
-    if not len(dataset):
-        raise ValueError(f"no images found under {data_dir}")
-    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    return x, torch.tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
-
-
-#: where ``apt-get install dataset-fashion-mnist`` puts the files (``dpkg -L dataset-fashion-mnist``)
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
-#: the element type of an IDX file: its third magic byte -> a big-endian numpy dtype
-_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format), gzipped or not, as a numpy array.
-
-    The header is two zero bytes, a type byte, the number of dimensions, then each dimension as a
-    big-endian uint32; the data follow, big-endian.
-
-    Args:
-        path: the file; gzip is recognised by its magic bytes, not by the name.
-
-    Returns:
-        The array, shaped as the header says, in native byte order.
-
-    Raises:
-        ValueError: not an IDX file, or its size disagrees with its header.
-
-    Example::
-
-        >>> read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").shape
-        (10000,)
-    """
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_TYPES:
-        raise ValueError(f"{path} is not an IDX file: it starts with {raw[:4].hex()}, expected 0000 + a type byte "
-                         f"({', '.join(f'{t:02x}' for t in _IDX_TYPES)}) + the number of dimensions")  # fmt: skip
-    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
-    header = 4 + 4 * ndim
-    shape = struct.unpack(f">{ndim}I", raw[4:header]) if len(raw) >= header else None
-    if shape is None or len(raw) - header != int(np.prod(shape)) * dtype.itemsize:
-        raise ValueError(f"{path}: {len(raw)} bytes do not hold the {ndim}-d array of shape {shape} its header declares")
-    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def _idx_file(data_dir: Path, stem: str) -> Path:
-    for name in (f"{stem}.gz", stem):
-        if (data_dir / name).is_file():
-            return data_dir / name
-    raise SystemExit(
-        f"Fashion-MNIST not found: no {stem}[.gz] in {data_dir}. Install it with "
-        f"`apt-get install dataset-fashion-mnist` (it goes to {FASHION_MNIST_DIR}), or pass --data-dir DIR with "
-        f"the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-        f"t10k-labels-idx1-ubyte, gzipped or not)"
-    )
-
-
-def load_fashion_mnist(data_dir: Path, train: bool) -> tuple[Tensor, Tensor, list[str]]:
-    """Fashion-MNIST from its four IDX files: ``[N, 1, 28, 28]`` in [0, 1], labels, class names."""
-    prefix = "train" if train else "t10k"
-    images = read_idx(_idx_file(data_dir, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_idx_file(data_dir, f"{prefix}-labels-idx1-ubyte"))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{data_dir}: {prefix} images {images.shape} and labels {labels.shape} do not match "
-                         f"(expected [N, H, W] and [N])")  # fmt: skip
-    x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
-    return x, torch.from_numpy(labels.astype(np.int64)), list(FASHION_MNIST_CLASSES)
-
-
-def _per_class_counts(y: Tensor, counts: Sequence[int], seed: int) -> list[Tensor]:
-    """Indices of ``len(counts)`` disjoint parts holding exactly ``counts[k]`` images of every class."""
-    gen = torch.Generator().manual_seed(seed)
-    parts: list[list[Tensor]] = [[] for _ in counts]
-    for c in torch.unique(y):
-        idx = torch.nonzero(y == c).flatten()
-        if len(idx) < sum(counts):
-            raise SystemExit(f"class {int(c)} has {len(idx)} training images; the split needs {sum(counts)} "
-                             f"({' + '.join(map(str, counts))} per class)")  # fmt: skip
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        bounds = np.cumsum([0, *counts]).tolist()
-        for k in range(len(counts)):
-            parts[k].append(idx[bounds[k] : bounds[k + 1]])
-    return [torch.cat(p) for p in parts]
-
-
 def make_data(
     dataset: str,
     data_dir: Path | None,
@@ -345,7 +173,7 @@ def make_data(
     elif dataset == "fashion-mnist":
         x, y, names = load_fashion_mnist(data_dir or FASHION_MNIST_DIR, True)
         x_test, y_test, _ = load_fashion_mnist(data_dir or FASHION_MNIST_DIR, False)
-        x, x_test = _resize(x, image_size or 28), _resize(x_test, image_size or 28)
+        x, x_test = resize(x, image_size or 28), resize(x_test, image_size or 28)
     else:
         x, y, names = load_digits(image_size or 16) if dataset == "digits" else load_folder(data_dir, image_size or 32)
         x_test = y_test = None
@@ -353,22 +181,22 @@ def make_data(
         raise SystemExit(f"{dataset} has {len(names)} classes; the transfer setting needs at least 4 (2 + 2)")
     half = len(names) // 2
     source, target = list(range(half)), list(range(half, len(names)))
-    src, tgt = _relabel(x, y, source), _relabel(x, y, target)
+    src, tgt = relabel(x, y, source), relabel(x, y, target)
     if x_test is None:  # one pool: split it per class
-        s_train, s_test = _per_class_split(src.y, (0.8, 0.2), SPLIT_SEED)
-        t_train, t_val, t_test = _per_class_split(tgt.y, (0.4, 0.2, 0.4), SPLIT_SEED)
+        s_train, s_test = per_class_split(src.y, (0.8, 0.2), SPLIT_SEED)
+        t_train, t_val, t_test = per_class_split(tgt.y, (0.4, 0.2, 0.4), SPLIT_SEED)
         source_test, target_test = Split(src.x[s_test], src.y[s_test]), Split(tgt.x[t_test], tgt.y[t_test])
         split = "one pool split per class: source 80/20 train/test, target 40/20/40 train/val/test"
     else:  # the official test set is the test split
         s_train = torch.arange(len(src))
         if budget is not None:  # a limited labelled budget: the rest of the target's training images is unused
-            t_train, t_val = _per_class_counts(tgt.y, (budget, val_per_class), SPLIT_SEED)
+            t_train, t_val = per_class_counts(tgt.y, (budget, val_per_class), SPLIT_SEED)
             split = (f"source: all training images, official test; target: {budget} training + {val_per_class} "
                      f"validation images per class from the training images, official test")  # fmt: skip
         else:
-            t_train, t_val = _per_class_split(tgt.y, (0.8, 0.2), SPLIT_SEED)
+            t_train, t_val = per_class_split(tgt.y, (0.8, 0.2), SPLIT_SEED)
             split = "source: all training images, official test; target: training images 80/20 train/val, official test"
-        source_test, target_test = _relabel(x_test, y_test, source), _relabel(x_test, y_test, target)
+        source_test, target_test = relabel(x_test, y_test, source), relabel(x_test, y_test, target)
     splits = [
         Split(src.x[s_train], src.y[s_train]),
         source_test,
@@ -376,7 +204,7 @@ def make_data(
         Split(tgt.x[t_val], tgt.y[t_val]),
         target_test,
     ]
-    splits = [_cap(s, per_class) for s in splits]
+    splits = [balanced_subset(s, per_class) for s in splits]
     mean = splits[0].x.mean(dim=(0, 2, 3), keepdim=True)
     std = splits[0].x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     splits = [Split((s.x - mean) / std, s.y) for s in splits]
@@ -386,25 +214,6 @@ def make_data(
                   "and {val} per class for validation (--budget, --val-per-class).").format(budget=budget, val=val_per_class, scratch=2 * math.sqrt(6000 / budget))  # fmt: skip
     return TransferData(dataset, [names[c] for c in source], [names[c] for c in target], *splits,
                         augment=dataset != "digits", split=split, budget_reason=reason)  # fmt: skip
-
-
-def _augment(x: Tensor, gen: torch.Generator, pad: int = 4) -> Tensor:
-    """Random crop with ``pad`` pixels of zero padding and random horizontal flip, per image."""
-    flip = torch.rand(len(x), generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    offsets = torch.randint(0, 2 * pad + 1, (len(x), 2), generator=gen).tolist()
-    h, w = x.shape[-2:]
-    return torch.stack([p[:, i : i + h, j : j + w] for p, (i, j) in zip(padded, offsets)])
-
-
-def batches(split: Split, batch_size: int, gen: torch.Generator, augment: bool):
-    """One epoch of shuffled mini-batches ``(x, y)``; the last one may be smaller."""
-    order = torch.randperm(len(split), generator=gen)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        x = split.x[idx]
-        yield (_augment(x, gen) if augment else x), split.y[idx]
 
 
 # ----------------------------------------------------------------------------------------------- backbone
@@ -486,21 +295,7 @@ class Config:
 def _sgd(params, lr: float, cfg: Config) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 256) -> tuple[float, float]:
-    """``(accuracy %, mean cross-entropy)`` of ``model`` in eval mode (PTL: zero state)."""
-    model.eval()
-    correct, loss = 0, 0.0
-    for start in range(0, len(split), batch_size):
-        x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
-        logits = model(x)
-        correct += int((logits.argmax(1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-    return 100.0 * correct / len(split), loss / len(split)
-
-
-def train_epochs(
+def _fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     step: Callable[[Tensor, Tensor], None],
@@ -514,48 +309,25 @@ def train_epochs(
     snapshots: list[dict[str, Tensor]] | None = None,
     evaluate_last_only: bool = False,
 ) -> list[dict[str, float]]:
-    """``epochs`` epochs of ``step(x, y)`` under a cosine schedule; returns the evaluations after each epoch.
+    """``common.train_epochs`` under ``cfg``; returns the evaluations after each epoch.
 
-    A PTL model's state is reset at the start of every epoch (``cfg.reset == "epoch"``; ``"never"``: only
-    the fresh wrap starts from zeros) and detached after every step. With ``snapshots``, the weights after
-    every epoch are appended to it, to be evaluated on the test split once the lr is selected. With
-    ``evaluate_last_only``, ``evaluate_on`` is evaluated after the last epoch only (the lr selection reads
-    nothing else), and the other epochs' points start empty.
+    With ``snapshots``, the weights after every epoch are appended to it, to be evaluated on the test split
+    once the lr is selected. With ``evaluate_last_only``, ``evaluate_on`` is evaluated after the last epoch
+    only (the lr selection reads nothing else), and the other epochs' points start empty.
     """
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    ptl = hasattr(model, "reset_state")
-    curve = []
-    for epoch in range(epochs):
-        model.train()
-        if ptl and cfg.reset == "epoch":
-            model.reset_state()
-        for x, y in batches(train, cfg.batch_size, gen, augment):
-            step(x, y)
-            if ptl:
-                model.detach_state()
-        scheduler.step()
+
+    def after_epoch(epoch: int) -> dict[str, float]:
         if snapshots is not None:
             snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         point: dict[str, float] = {}
         if not evaluate_last_only or epoch == epochs - 1:
             for name, split in evaluate_on.items():
                 point[f"{name}_acc"], point[f"{name}_loss"] = evaluate(model, split)
-        curve.append(point)
-        if bar is not None:
-            bar.update(1)
-            if point:
-                bar.set_postfix(acc=f"{point[next(k for k in reversed(point) if k.endswith('_acc'))]:.1f}")
-    return curve
+        return point
 
-
-def _supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[Tensor, Tensor], None]:
-    def step(x: Tensor, y: Tensor) -> None:
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    return train_epochs(model, optimizer, train, epochs, gen, batch_size=cfg.batch_size,
+                        augment=crop_flip if augment else None, step=step, reset_state=cfg.reset == "epoch",
+                        after_epoch=after_epoch, bar=bar)  # fmt: skip
 
 
 def pretrain(data: TransferData, seed: int, cfg: Config, bar=None) -> tuple[dict[str, Tensor], float]:
@@ -564,8 +336,8 @@ def pretrain(data: TransferData, seed: int, cfg: Config, bar=None) -> tuple[dict
     model = SmallResNet(data.input_size[0], len(data.source_classes), cfg.width, cfg.blocks)
     optimizer = _sgd(model.parameters(), cfg.source_lr, cfg)
     gen = torch.Generator().manual_seed(seed)
-    curve = train_epochs(
-        model, optimizer, _supervised_step(model, optimizer), data.source_train, cfg.source_epochs, gen, cfg,
+    curve = _fit(
+        model, optimizer, None, data.source_train, cfg.source_epochs, gen, cfg,
         data.augment, {"source_test": data.source_test}, bar,
     )  # fmt: skip
     return copy.deepcopy(model.state_dict()), curve[-1]["source_test_acc"]
@@ -606,20 +378,20 @@ def finetune(
                               state_mode=cfg.state_mode)  # fmt: skip
     if condition in ("plain", "ptl_v1", "ptl_v2"):
         optimizer = _sgd(model.parameters(), lr, cfg)
-        return model, train_epochs(model, optimizer, _supervised_step(model, optimizer), epochs=cfg.epochs, **common)
+        return model, _fit(model, optimizer, None, epochs=cfg.epochs, **common)
     if condition == "std":
         if teacher is None:
             raise ValueError("the std condition needs a teacher (the ptl_v1 model of the same seed)")
         trainer = STDTrainer(model, teacher, lam=cfg.lam, input_size=data.input_size)
         optimizer = _sgd(trainer.parameters(), lr, cfg)
         step = lambda x, y: trainer.step(x, y, optimizer)  # noqa: E731
-        return model, train_epochs(model, optimizer, step, epochs=cfg.epochs, **common)
+        return model, _fit(model, optimizer, step, epochs=cfg.epochs, **common)
     if condition == "rollback":
         per_period = cfg.epochs // cfg.rollback_periods
         rollback = Rollback(model, input_size=data.input_size)
 
         def period(model: nn.Module, optimizer: torch.optim.Optimizer, index: int) -> list[dict[str, float]]:
-            return train_epochs(model, optimizer, _supervised_step(model, optimizer), epochs=per_period, **common)
+            return _fit(model, optimizer, None, epochs=per_period, **common)
 
         curves = rollback.run(
             period, cfg.rollback_periods, make_optimizer=lambda groups: _sgd(groups, lr, cfg),
@@ -637,45 +409,6 @@ def ladder_weight_ratio(model: nn.Module) -> float:
     weight = model.ptl.final_fuse.weight.detach().flatten(1)
     n = model.stages[-1].channels
     return float(weight[:, n:].norm() / weight[:, :n].norm())
-
-
-@torch.no_grad()
-def retrieval_metrics(features: Tensor, labels: Tensor, chunk: int = 512) -> dict[str, float]:
-    """Retrieval on one set: each item queries all the others (never itself), ranked by cosine similarity.
-
-    Args:
-        features: ``[N, D]``.
-        labels: ``[N]``; an item is relevant to a query when their labels are equal.
-        chunk: queries per block (memory ``chunk * N``).
-
-    Returns:
-        ``{"map": mean average precision %, "rank1": % of queries whose nearest other item is relevant}``,
-        over the queries that have at least one relevant item.
-
-    Example::
-
-        >>> retrieval_metrics(torch.tensor([[1.0, 0], [1, 0.1], [0, 1], [0.1, 1]]), torch.tensor([0, 0, 1, 1]))
-        {'map': 100.0, 'rank1': 100.0}
-    """
-    f = F.normalize(features.float(), dim=1)
-    n = len(f)
-    ranks = torch.arange(1, n, dtype=torch.float32)
-    ap_sum, top1_sum, queries = 0.0, 0.0, 0
-    for start in range(0, n, chunk):
-        q = torch.arange(start, min(start + chunk, n))
-        sim = f[q] @ f.T
-        sim[torch.arange(len(q)), q] = -float("inf")  # the query itself ranks last, then is dropped
-        order = sim.argsort(dim=1, descending=True)[:, :-1]
-        match = (labels[order] == labels[q, None]).float()
-        relevant = match.sum(1)
-        has = relevant > 0
-        precision = match.cumsum(1) / ranks
-        ap_sum += float(((precision * match).sum(1)[has] / relevant[has]).sum())
-        top1_sum += float(match[has, 0].sum())
-        queries += int(has.sum())
-    if not queries:
-        raise ValueError("no query has a relevant item: every label occurs once")
-    return {"map": 100.0 * ap_sum / queries, "rank1": 100.0 * top1_sum / queries}
 
 
 @torch.no_grad()
@@ -712,38 +445,6 @@ def evaluate_test(record: dict, model: nn.Module, snapshots: list[dict[str, Tens
 # ----------------------------------------------------------------------------------------------- the experiment
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def paired(values: Sequence[float], baseline: Sequence[float]) -> dict[str, float | int]:
-    """Per-seed differences ``values - baseline`` (same seeds, same order): mean, std, 95% t-interval.
-
-    Args:
-        values: one number per seed.
-        baseline: the baseline's numbers for the same seeds.
-
-    Returns:
-        ``mean``, ``std``, ``ci_low``, ``ci_high`` (a two-sided 95% t-interval over the seeds for the mean
-        difference), ``better`` and ``worse`` (seeds above / below the baseline).
-
-    Example::
-
-        >>> paired([91.0, 92.0, 93.0], [90.0, 90.0, 90.0])["mean"]
-        2.0
-    """
-    from scipy.stats import t
-
-    if len(values) != len(baseline) or len(values) < 2:
-        raise ValueError(f"paired differences need the same >= 2 seeds on both sides, got {len(values)} and "
-                         f"{len(baseline)}")  # fmt: skip
-    diffs = [a - b for a, b in zip(values, baseline)]
-    mean, std = _mean_std(diffs)
-    half = float(t.ppf(0.975, len(diffs) - 1)) * std / math.sqrt(len(diffs))
-    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half,
-            "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs)}  # fmt: skip
-
-
 def select_lr(runs: list[dict], condition: str) -> float:
     """The lr with the best mean final validation accuracy over seeds (ties: the lower mean validation loss)."""
     scores = {}
@@ -756,7 +457,7 @@ def select_lr(runs: list[dict], condition: str) -> float:
 def _summary(chosen: list[dict]) -> dict:
     """Final test accuracy, retrieval and the test curve over the seeds of one condition's chosen runs."""
     finals = [r["test_acc"] for r in chosen]
-    mean, std = _mean_std(finals)
+    mean, std = mean_std(finals)
     epochs = len(chosen[0]["curve"])
     per_epoch = [[r["curve"][e]["test_acc"] for r in chosen] for e in range(epochs)]
     out = {
@@ -774,7 +475,7 @@ def _summary(chosen: list[dict]) -> dict:
     }
     for metric in ("map", "rank1"):
         values = [r["retrieval"][metric] for r in chosen]
-        out[metric], (out[f"{metric}_mean"], out[f"{metric}_std"]) = values, _mean_std(values)
+        out[metric], (out[f"{metric}_mean"], out[f"{metric}_std"]) = values, mean_std(values)
     if "ladder_weight_ratio" in chosen[0]:
         out["ladder_weight_ratio_mean"] = statistics.fmean(r["ladder_weight_ratio"] for r in chosen)
     return out
@@ -982,7 +683,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
                  rollback_periods=args.rollback_periods, final_init=args.final_init, lrs=args.lrs,
                  seeds=args.seeds, pretrain=args.pretrain)  # fmt: skip
     data = make_data(args.dataset, args.data_dir, args.image_size, args.per_class, args.budget, args.val_per_class)
-    curve_test = _cap(data.target_test, CURVE_TEST_PER_CLASS)
+    curve_test = balanced_subset(data.target_test, CURVE_TEST_PER_CLASS)
     conditions = [c for c in CONDITIONS if c in args.conditions]  # a fixed order: std needs ptl_v1 first
     backbone = SmallResNet(data.input_size[0], len(data.target_classes), cfg.width, cfg.blocks)
     ptl_params = {v: _count(wrap_with_ptl(copy.deepcopy(backbone), cell=v[-2:], input_size=data.input_size).ptl)
@@ -1172,7 +873,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = shlex.join(["python", "benchmarks/transfer.py", *(sys.argv[1:] if argv is None else argv)])
+    command = run_command("transfer", argv)
     report = run(args, command)
     for c, r in report["results"].items():
         gain = f"; vs plain {_ci(r['test_acc_vs_plain'])}" if "test_acc_vs_plain" in r else ""

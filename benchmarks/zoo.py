@@ -9,7 +9,7 @@ weights; timm: ``pretrained_cfg["input_size"]``), the script measures:
   that found the stages (timm's ``feature_info`` or fx) and the stage count. A model refused with
   ``NoSpatialStagesError`` (plain ViT-like) counts as "no spatial stages", not as a failure;
 * **agreement** (timm models whose ``feature_info`` gave the stages): do the fx stages output the same
-  tensors? (the comparison of ``benchmarks/feature_info_agreement.py``);
+  tensors? (``benchmarks._agreement``, the comparison of ``benchmarks.feature_info_agreement``);
 * **preserve**: function preservation at init, the eval output of the wrapped model against the
   original's (bconv's hooks switched off) on one batch of 2; passes if ``torch.equal`` (exactly the same);
 * **train**: one SGD step on a dummy loss (mean square of the output), batch 2, train mode, then
@@ -27,9 +27,9 @@ and ``zoo.json``.
 Reproduce::
 
     pip install -e ".[bench]"
-    python benchmarks/zoo.py                                   # everything (see zoo.md for the wall time)
-    python benchmarks/zoo.py --resume                          # continue a stopped run
-    python benchmarks/zoo.py --models torchvision:resnet18 timm:test_convnext --out /tmp/zoo
+    python -m benchmarks.zoo                                   # everything (see zoo.md for the wall time)
+    python -m benchmarks.zoo --resume                          # continue a stopped run
+    python -m benchmarks.zoo --models torchvision:resnet18 timm:test_convnext --out /tmp/zoo
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,10 +48,10 @@ from bconv._zoo import ZooModel, build, resolve, timm_families, torchvision_inpu
 from bconv.errors import NoSpatialStagesError
 from bconv.surgery._hooks import bconv_hooks_suspended
 from bconv.surgery.anatomy import default_input_size, find_stages
-from _isolated import RowLog, isolated
-from feature_info_agreement import agreement
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks._agreement import agreement
+from benchmarks._isolated import RowLog, isolated
+from benchmarks.common import RESULTS, command as run_command
 
 # Not built, to keep the run short on two CPU cores: by the FLOP counts torchvision publishes with their
 # weights, each of these needs at least half the compute of all the torchvision classifiers measured here
@@ -300,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    command = shlex.join(["python", "benchmarks/zoo.py", *(sys.argv[1:] if argv is None else argv)])
+    command = run_command("zoo", argv)
     log = RowLog(args.out.with_suffix(".jsonl"))
     log.start(args.resume)
     done = log.done()

@@ -1,19 +1,19 @@
 """The benchmarks run end to end, on data the tests make themselves, writing to tmp_path only.
 
-``benchmarks/transfer.py --quick`` runs on scikit-learn's bundled digits (nothing to make), on a tiny
+``python -m benchmarks.transfer --quick`` runs on scikit-learn's bundled digits (nothing to make), on a tiny
 ImageFolder tree of PNGs, and on a fake local CIFAR-10 copy in torchvision's pickle format. A fake copy
 cannot match the md5 sums that torchvision's ``CIFAR10`` checks before it reads anything, so that test
 replaces only ``torchvision.datasets.cifar.check_integrity`` (with "the file exists"); everything else,
 opening and unpickling the batches, reshaping and the class names, is torchvision's own loading path.
-``benchmarks/zoo.py`` runs on a few small models; ``benchmarks/feature_info_agreement.py``'s comparison
+``benchmarks.zoo`` runs on a few small models; ``benchmarks.feature_info_agreement``'s comparison
 and its diagnosis on a network whose feature_info taps are each wrong in a known way.
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib
 import json
+import math
 import os
 import pickle
 import signal
@@ -28,17 +28,11 @@ from torch import nn
 
 from bconv import find_stages
 
-for _extra in ("sklearn", "matplotlib", "tqdm"):  # the bench extra: pip install -e ".[bench]"
+for _extra in ("sklearn", "matplotlib", "tqdm", "torchmetrics"):  # the bench extra: pip install -e ".[bench]"
     pytest.importorskip(_extra, reason='the benchmarks need the bench extra: pip install -e ".[test,bench]"')
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # zoo.py imports its sibling feature_info_agreement.py, as scripts do
-try:
-    transfer = importlib.import_module("transfer")
-    zoo = importlib.import_module("zoo")
-    agreement = importlib.import_module("feature_info_agreement")
-finally:
-    sys.path.remove(str(BENCHMARKS))
+from benchmarks import _agreement, common, transfer, zoo  # noqa: E402  (after the extras are checked)
+from benchmarks import feature_info_agreement as agreement  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +57,7 @@ def _check_report(report: dict, out: Path, conditions: list[str], epochs: int = 
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["results"] == report["results"]
     md = out.with_suffix(".md").read_text()
-    assert "python benchmarks/transfer.py" in md and "--quick" in md
+    assert "python -m benchmarks.transfer" in md and "--quick" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -125,7 +119,7 @@ def test_cifar10_is_read_from_a_local_copy_and_never_downloaded(tmp_path):
     _write_fake_cifar10(tmp_path)
     # The md5 sums of a fake copy do not match: torchvision refuses it rather than downloading.
     with pytest.raises(RuntimeError, match="not found or corrupted"):
-        transfer.load_cifar10(tmp_path, True, 32)
+        common.load_cifar10(tmp_path, True, 32)
 
 
 def test_transfer_quick_on_a_local_cifar10_copy(tmp_path, monkeypatch):
@@ -133,7 +127,7 @@ def test_transfer_quick_on_a_local_cifar10_copy(tmp_path, monkeypatch):
 
     first = _write_fake_cifar10(tmp_path)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
-    x, y, names = transfer.load_cifar10(tmp_path, True, 32)
+    x, y, names = common.load_cifar10(tmp_path, True, 32)
     assert x.shape == (100, 3, 32, 32) and names[5] == "dog"
     torch.testing.assert_close(x[0], torch.from_numpy(first).permute(2, 0, 1).float() / 255)
     out = tmp_path / "transfer"
@@ -147,11 +141,11 @@ def test_transfer_quick_on_a_local_cifar10_copy(tmp_path, monkeypatch):
 
 def test_per_class_split_is_disjoint_stratified_and_fixed():
     y = torch.arange(5).repeat_interleave(20)
-    parts = transfer._per_class_split(y, (0.4, 0.2, 0.4), seed=0)
+    parts = common.per_class_split(y, (0.4, 0.2, 0.4), seed=0)
     assert sorted(torch.cat(parts).tolist()) == list(range(100))
     for part, n in zip(parts, (8, 4, 8)):
         assert torch.bincount(y[part], minlength=5).tolist() == [n] * 5
-    again = transfer._per_class_split(y, (0.4, 0.2, 0.4), seed=0)
+    again = common.per_class_split(y, (0.4, 0.2, 0.4), seed=0)
     assert all(torch.equal(a, b) for a, b in zip(parts, again))
 
 
@@ -206,7 +200,7 @@ def test_read_idx_parses_the_header_and_big_endian_data(tmp_path, gz):
         raw = _idx_bytes(array, type_byte)
         path = tmp_path / f"a{type_byte}"  # no .gz suffix either way: gzip is recognised by its magic bytes
         path.write_bytes(gzip.compress(raw) if gz else raw)
-        read = transfer.read_idx(path)
+        read = common.read_idx(path)
         assert read.shape == array.shape and read.dtype.isnative
         np.testing.assert_array_equal(read, array)
 
@@ -215,34 +209,34 @@ def test_read_idx_refuses_what_is_not_idx(tmp_path):
     bad = tmp_path / "bad"
     bad.write_bytes(b"PK\x03\x04 a zip file")
     with pytest.raises(ValueError, match="not an IDX file"):
-        transfer.read_idx(bad)
+        common.read_idx(bad)
     truncated = tmp_path / "truncated"
     truncated.write_bytes(_idx_bytes(np.zeros((4, 28, 28), dtype=np.uint8))[:-1])
     with pytest.raises(ValueError, match=r"do not hold the 3-d array of shape \(4, 28, 28\)"):
-        transfer.read_idx(truncated)
+        common.read_idx(truncated)
 
 
 def test_fashion_mnist_is_read_from_its_idx_files(tmp_path):
     images = _write_fake_fashion_mnist(tmp_path)
-    x, y, names = transfer.load_fashion_mnist(tmp_path, train=True)
+    x, y, names = common.load_fashion_mnist(tmp_path, train=True)
     assert x.shape == (200, 1, 28, 28) and y.tolist() == list(range(10)) * 20
     torch.testing.assert_close(x[3, 0], torch.from_numpy(images[3]).float() / 255)
     assert names[5] == "Sandal" and names[9] == "Ankle boot"
-    x_test, y_test, _ = transfer.load_fashion_mnist(tmp_path, train=False)  # the plain (not gzipped) files
+    x_test, y_test, _ = common.load_fashion_mnist(tmp_path, train=False)  # the plain (not gzipped) files
     assert x_test.shape == (80, 1, 28, 28) and torch.bincount(y_test).tolist() == [8] * 10
 
 
 def test_fashion_mnist_missing_names_the_package(tmp_path):
     with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
-        transfer.load_fashion_mnist(tmp_path, train=True)
+        common.load_fashion_mnist(tmp_path, train=True)
     (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(np.zeros((1, 28, 28), dtype=np.uint8)))
     with pytest.raises(SystemExit, match="train-labels-idx1-ubyte"):  # names the file that is missing
-        transfer.load_fashion_mnist(tmp_path, train=True)
+        common.load_fashion_mnist(tmp_path, train=True)
 
 
 def test_fashion_mnist_defaults_to_the_debian_package():
     assert transfer.parse_args(["--dataset", "fashion-mnist"]).data_dir is None  # make_data falls back to:
-    assert transfer.FASHION_MNIST_DIR == Path("/usr/share/datasets/fashion-mnist")
+    assert common.FASHION_MNIST_DIR == Path("/usr/share/datasets/fashion-mnist")
 
 
 def test_labelled_budget_split_is_exact_disjoint_and_from_training_images_only(tmp_path):
@@ -298,7 +292,7 @@ def test_transfer_quick_on_fashion_mnist_idx_files(tmp_path):
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["results"] == results
     md = out.with_suffix(".md").read_text()
-    assert "python benchmarks/transfer.py --dataset fashion-mnist" in md and "**Labelled budget.** 10 labelled" in md
+    assert "python -m benchmarks.transfer --dataset fashion-mnist" in md and "**Labelled budget.** 10 labelled" in md
     assert "## Ablation" in md and "## Retrieval" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -310,23 +304,173 @@ def test_retrieval_metrics_match_a_hand_computed_ranking():
     labels = torch.tensor([0, 1, 0, 1])
     # query 0 ranks 1, 3, 2: its relevant item at rank 3, AP 1/3; query 1 ranks 0, 3, 2: rank 2, AP 1/2;
     # query 2 ranks 3, 1, 0: rank 3, AP 1/3; query 3 ranks 1, 0, 2: rank 1, AP 1 (the only rank-1 hit)
-    got = transfer.retrieval_metrics(features, labels, chunk=3)  # a chunk that does not divide 4
+    got = common.retrieval_metrics(features, labels, chunk=3)  # a chunk that does not divide 4
     assert got["map"] == pytest.approx(100 * (1 / 3 + 1 / 2 + 1 / 3 + 1) / 4, abs=1e-4)
     assert got["rank1"] == pytest.approx(25.0)
     with pytest.raises(ValueError, match="every label occurs once"):
-        transfer.retrieval_metrics(features, torch.arange(4))
+        common.retrieval_metrics(features, torch.arange(4))
+
+
+def test_retrieval_metrics_equal_torchmetrics_over_the_same_pairs():
+    from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(41, 6, generator=gen)
+    labels = torch.cat([torch.arange(5).repeat(8), torch.tensor([9])])  # label 9 once: a query with no relevant item
+    got = common.retrieval_metrics(features, labels, chunk=7)
+    # torchmetrics: one query per item, every other item a candidate, scored by cosine similarity
+    f = torch.nn.functional.normalize(features, dim=1)
+    query, item = torch.meshgrid(torch.arange(41), torch.arange(41), indexing="ij")
+    others = query != item
+    # + 2: the same ranking, all scores positive (torchmetrics counts a relevant item scored <= 0 as never retrieved)
+    preds, target, indexes = (f @ f.T + 2)[others], (labels[query] == labels[item])[others], query[others]
+    expected_map = RetrievalMAP(empty_target_action="skip")(preds, target, indexes=indexes)
+    expected_rank1 = RetrievalHitRate(top_k=1, empty_target_action="skip")(preds, target, indexes=indexes)
+    assert got["map"] == pytest.approx(100 * float(expected_map), abs=1e-4)
+    assert got["rank1"] == pytest.approx(100 * float(expected_rank1), abs=1e-4)
+    assert 0 < got["rank1"] < 100  # random features: some hits, some misses, so the comparison means something
+
+
+def test_detectable_difference_is_detected_with_the_stated_power():
+    n, std = 10, 1.5
+    d = common.detectable_difference(std, n)
+    # Simulate paired runs whose differences have that true mean and spread: 80% of t-tests reject.
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    diffs = rng.normal(d, std, size=(20000, n))
+    t = diffs.mean(1) / (diffs.std(1, ddof=1) / np.sqrt(n))
+    power = float(np.mean(np.abs(t) > stats.t.ppf(0.975, n - 1)))
+    assert power == pytest.approx(0.8, abs=0.015)
+    assert common.detectable_difference(2 * std, n) == pytest.approx(2 * d)  # linear in the spread
+    # Many seeds: the normal approximation (z_0.975 + z_0.8) * std / sqrt(n)
+    assert common.detectable_difference(std, 400) == pytest.approx(2.8016 * std / 20, rel=0.01)
+
+
+def test_seeded_fixes_every_global_generator_and_returns_a_fresh_one():
+    import random
+
+    draws = []
+    for extra in (0, 5):  # how much is drawn from the global generators does not move the data's stream
+        gen = common.seeded(7)
+        draws.append((torch.randn(3), np.random.rand(), random.random()))
+        torch.randn(extra)
+        draws[-1] += (torch.randn(3, generator=gen),)
+    for a, b in zip(*draws):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+class _Stateful(nn.Module):
+    """A linear classifier that counts the state calls a PTL model receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.resets = self.detaches = 0
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+    def reset_state(self):
+        self.resets += 1
+
+    def detach_state(self):
+        self.detaches += 1
+
+
+@pytest.mark.parametrize("schedule", ["epoch", "step"])
+def test_train_epochs_runs_the_cosine_and_the_state_duties(schedule):
+    model = _Stateful()
+    split = common.Split(torch.randn(10, 1, 2, 2), torch.arange(10) % 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    lrs = []
+    curve = common.train_epochs(model, optimizer, split, 3, torch.Generator().manual_seed(0), batch_size=4,
+                                schedule=schedule, after_epoch=lambda e: {"lr": optimizer.param_groups[0]["lr"]})
+    lrs = [p["lr"] for p in curve]
+    # 3 steps an epoch (4 + 4 + 2): cosine over 3 epochs, or over 9 steps
+    T = 3 if schedule == "epoch" else 9
+    done = [1, 2, 3] if schedule == "epoch" else [3, 6, 9]
+    assert lrs == pytest.approx([0.05 * (1 + math.cos(math.pi * k / T)) for k in done], abs=1e-12)
+    assert (model.resets, model.detaches) == (3, 9)
+    common.train_epochs(model, optimizer, split, 2, torch.Generator(), batch_size=4, reset_state=False)
+    assert (model.resets, model.detaches) == (3, 15)  # reset never: only detached
+    with pytest.raises(ValueError, match="'epoch' or 'step'"):
+        common.train_epochs(model, optimizer, split, 1, torch.Generator(), batch_size=4, schedule="cosine")
+
+
+def test_reestimate_bn_averages_over_the_images_with_zero_ptl_state():
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
+    x = torch.randn(64, 1, 6, 6) * 3 + 1
+    model.train()(x[:8])  # momentum 0.1 from one batch: far from the images' statistics
+    common.reestimate_bn(model, x, batch_size=16)
+    with torch.no_grad():
+        features = model[0](x)
+    torch.testing.assert_close(model[1].running_mean, features.mean((0, 2, 3)))
+    torch.testing.assert_close(model[1].running_var, features.var((0, 2, 3)), rtol=0.05, atol=0)
+    assert not model.training
+
+    class WithBN(_Stateful):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(1)
+
+        def forward(self, x):
+            return super().forward(self.bn(x))
+
+    stateful = WithBN()
+    common.reestimate_bn(stateful, x[:, :, :2, :2], batch_size=16)
+    assert stateful.resets == 64 // 16 + 1  # before every batch, and once at the end
+
+
+def test_no_benchmark_imports_another_and_nothing_edits_sys_path():
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    scripts = {p.stem for p in (root / "benchmarks").glob("*.py")}
+    shared = {"common", "_isolated", "_agreement", "__init__"}
+    for path in (root / "benchmarks").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+                if node.module == "benchmarks":
+                    names = [f"benchmarks.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                head, _, rest = name.partition(".")
+                assert head not in scripts, f"{path.name} imports {name} as a script"
+                if head == "benchmarks":
+                    assert rest in shared, f"{path.name} imports the benchmark {name}"
+    needle = ".".join(("sys", "path"))  # spelled so that this file does not hold it
+    for path in (root / "benchmarks").glob("*.py"):
+        assert needle not in path.read_text(), f"{path.name} edits the import path"
+    for path in (root / "tests").glob("*.py"):
+        for line in path.read_text().splitlines():
+            assert not (needle in line and "benchmark" in line.lower()), f"{path.name} reaches a benchmark: {line}"
+
+
+def test_a_benchmark_runs_as_a_module_from_the_repository_root():
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.transfer", "--help"], cwd=root, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "python -m benchmarks.transfer" in done.stdout
 
 
 def test_paired_interval_matches_scipys_paired_t_test():
     from scipy import stats
 
     a, b = [88.1, 87.4, 89.0, 86.2, 88.8], [87.0, 87.9, 88.1, 86.0, 87.5]
-    got = transfer.paired(a, b)
+    got = common.paired(a, b)
     ci = stats.ttest_rel(a, b).confidence_interval(0.95)
     assert (got["ci_low"], got["ci_high"]) == pytest.approx((ci.low, ci.high))
     assert (got["better"], got["worse"]) == (4, 1)
     with pytest.raises(ValueError, match="same >= 2 seeds"):
-        transfer.paired(a, b[:4])
+        common.paired(a, b[:4])
 
 
 # ----------------------------------------------------------------------------------------------- zoo
@@ -344,7 +488,7 @@ def test_zoo_on_a_few_models(tmp_path):
     assert rows["vit_h_14"]["status"] == "excluded" and "params_m" not in rows["vit_h_14"]  # never built
     assert summary["wrapped"] == 2 and summary["all_checks_ok"] == 2 and summary["no_spatial_stages"] == 1
     md = out.with_suffix(".md").read_text()
-    assert "python benchmarks/zoo.py --models" in md and "## Failures" in md
+    assert "python -m benchmarks.zoo --models" in md and "## Failures" in md
 
 
 def test_zoo_reports_a_failure_with_its_reason(monkeypatch):
@@ -415,7 +559,7 @@ def test_agreement_diagnoses_each_unmatched_tap():
     size = (3, 32, 32)
     fx_stages = find_stages(model, size, source="fx")
     assert [s.name for s in fx_stages] == ["stem", "block", "post"]
-    row = agreement.agreement(model, size, fx_stages, find_stages(model, size, source="feature_info"))
+    row = _agreement.agreement(model, size, fx_stages, find_stages(model, size, source="feature_info"))
     assert row["matched"] == "0/3" and not row["agree"]
     assert [w[:3] for w in row["why"]] == [
         [2, "stem.0", "not-last"], [4, "pre", "not-a-dominator"], [8, "norm", "rule-compatible"],
@@ -423,7 +567,7 @@ def test_agreement_diagnoses_each_unmatched_tap():
     assert "stem.1" in row["why"][0][3]
     # A tap fx does output is matched, and needs no diagnosis.
     model.feature_info = [dict(num_chs=16, reduction=4, module="block")]
-    row = agreement.agreement(model, size, fx_stages, find_stages(model, size, source="feature_info"))
+    row = _agreement.agreement(model, size, fx_stages, find_stages(model, size, source="feature_info"))
     assert row["matched"] == "1/1" and row["agree"] and "why" not in row
 
 
@@ -442,3 +586,32 @@ def test_agreement_summary_bounds_what_the_rule_can_reach(tmp_path):
     assert (summary["feature_info_stages_matched"], summary["feature_info_stages_compared"]) == (8, 11)
     md = (tmp_path / "fia.md").read_text()
     assert "## Why the unmatched feature_info taps differ" in md and "| c | 8 | y | not-last |" in md
+
+
+# ----------------------------------------------------------------------------------------------- prune
+
+
+def test_prune_quick_on_fashion_mnist_idx_files(tmp_path):
+    from benchmarks import prune
+
+    _write_fake_fashion_mnist(tmp_path / "fm")
+    out = tmp_path / "prune"
+    result = prune.main(["--quick", "--data-dir", str(tmp_path / "fm"), "--seeds", "0", "1", "--out", str(out)])
+    a = result["accuracy"]
+    rows = [r for r in a["rows"] if r["method"] != "unpruned"]
+    assert {(r["target"], r["method"]) for r in rows} == {(t, m) for t in (0.5, 0.9) for m in prune.METHODS}
+    for r in rows:  # every criterion reaches its parameter target (COP within 2%, the bisection within 1%)
+        assert abs(r["params"] - r["target"]) <= 0.02, r
+        assert 0 <= r["acc_bn"] <= 100 and 0 <= r["acc_ft"] <= 100
+    pair = next(p for p in a["summary"]["pairs"] if p["target"] == 0.9 and p["cop"] == "cop-smaller"
+                and p["other"] == "random" and p["key"] == "acc_ft")  # fmt: skip
+    diffs = [x["acc_ft"] - y["acc_ft"] for x, y in zip(
+        sorted((r for r in rows if r["method"] == "cop-smaller" and r["target"] == 0.9), key=lambda r: r["seed"]),
+        sorted((r for r in rows if r["method"] == "random" and r["target"] == 0.9), key=lambda r: r["seed"]))]
+    assert pair["mean"] == pytest.approx(sum(diffs) / 2) and pair["ci_low"] <= pair["mean"] <= pair["ci_high"]
+    assert {p["preset"] for p in a["summary"]["presets"]} == {"balanced", "smaller", "faster"}
+    assert result["speed"]["ratio"] > 0 and result["speed"]["model"] == "resnet18"
+    md = out.with_suffix(".md").read_text()
+    assert "python -m benchmarks.prune --quick" in md and "Paired differences" in md and "Preset ablation" in md
+    assert json.loads(out.with_suffix(".json").read_text())["accuracy"]["rows"] == a["rows"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ SMALL = (3, 32, 32)
 
 
 class Chain(nn.Module):
-    """conv1 (8 channels) -> conv2 -> pool -> fc: only conv1's channels are candidates (conv2 feeds the classifier)."""
+    """conv1 (8 channels) -> conv2 -> pool -> fc; with keep_feature_width=True only conv1's channels are candidates."""
 
     def __init__(self):
         super().__init__()
@@ -29,7 +29,7 @@ class Chain(nn.Module):
 
 def one_cut(model: nn.Module) -> list[int]:
     # 8 + 16 + 4 output channels: removing 1 of the 28 is 3.6%, so ratio 0.035 of "channels" is one cut.
-    result = cop_prune(model, SMALL, ratio=0.035, metric="channels")
+    result = cop_prune(model, SMALL, ratio=0.035, metric="channels", keep_feature_width=True)
     assert result.report.channels_before - result.report.channels_after == 1
     ((name, is_out, idxs),) = result.history
     assert name == "conv1" and is_out
@@ -58,22 +58,62 @@ def test_calibration_cuts_a_channel_whose_activation_duplicates_another():
         model.conv1.weight[6] = model.conv1.weight[1]
         model.conv1.bias[6] = model.conv1.bias[1]
     batches = [torch.randn(4, *SMALL) for _ in range(2)]
-    result = cop_prune(model, SMALL, ratio=0.035, metric="channels", calibration=batches)
+    result = cop_prune(model, SMALL, ratio=0.035, metric="channels", calibration=batches, keep_feature_width=True)
     assert result.history[0][2][0] in (1, 6)
 
 
-def test_resnet_residual_widths_stay_consistent_and_classifier_untouched():
+def test_resnet_residual_widths_stay_consistent_and_classes_kept():
     model = torchvision.models.resnet18(num_classes=10)
-    fc = model.fc.weight.detach().clone()
     result = cop_prune(model, SMALL, ratio=0.5, metric="flops")
     for block in [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]:
         identity = block.downsample[0].out_channels if block.downsample is not None else block.conv1.in_channels
         assert block.conv2.out_channels == block.bn2.num_features == identity
         assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels
-    assert torch.equal(model.fc.weight, fc)
+    assert model.fc.out_features == 10 and model.fc.in_features == model.layer4[1].conv2.out_channels
     assert model(torch.randn(2, *SMALL)).shape == (2, 10)
     assert any(w.after < w.before for w in result.report.layers)
     assert "fc" not in {w.name for w in result.report.layers}
+
+
+def test_classifier_input_is_pruned_by_default_as_in_the_released_code():
+    # COP scores the channels that feed the classifier against its weights (VGG's conv5_3, ResNet's last
+    # residual stream): ResNet-18 goes to -95% of its parameters, which the pooled width's lock kept at ~93%.
+    model = torchvision.models.resnet18(num_classes=10)
+    result = cop_prune(model, SMALL, ratio=0.95, metric="params")
+    assert abs(result.report.achieved - 0.95) <= 0.02
+    assert model.fc.out_features == 10 and model.fc.in_features < 512
+    assert model(torch.randn(2, *SMALL)).shape == (2, 10)
+
+
+def test_keep_feature_width_keeps_the_pooled_feature_for_std():
+    model = torchvision.models.resnet18(num_classes=10)
+    cop_prune(model, SMALL, ratio=0.5, metric="params", keep_feature_width=True)
+    assert (model.fc.in_features, model.fc.out_features) == (512, 10)
+    assert model.layer4[1].conv2.out_channels == 512
+    with pytest.raises(PruneTargetError, match="can be removed"):
+        cop_prune(torchvision.models.resnet18(num_classes=10), SMALL, ratio=0.95, metric="params",
+                  keep_feature_width=True)  # fmt: skip
+
+
+class ConvOut(nn.Module):
+    """conv1 -> bn -> relu -> conv2 -> mean: conv2 produces the output; conv1's channels are its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn(self.conv1(x)))).mean((2, 3))
+
+
+def test_output_layer_keeps_its_outputs_but_its_inputs_are_pruned():
+    model = ConvOut()
+    result = cop_prune(model, SMALL, ratio=0.3, metric="params")
+    assert model.conv2.out_channels == 8 and model.conv1.out_channels == model.conv2.in_channels < 16
+    assert abs(result.report.achieved - 0.3) <= 0.02
+    assert model(torch.randn(2, *SMALL)).shape == (2, 8)
 
 
 class TinySegmenter(nn.Module):
@@ -91,8 +131,8 @@ class TinySegmenter(nn.Module):
 def test_layer_producing_a_model_output_keeps_its_channels():
     model = TinySegmenter()
     report = cop_prune(model, SMALL, ratio=0.06, metric="channels").report  # 2 of 35 channels
-    assert model.head.out_channels == 3 and model.head.in_channels == 16
-    assert any(w.name == "body.0" and w.after < 16 for w in report.layers)
+    assert model.head.out_channels == 3 and model.head.in_channels == model.body[2].out_channels
+    assert report.channels_before - report.channels_after == 2 and "head" not in {w.name for w in report.layers}
     assert model(torch.randn(1, *SMALL))["out"].shape == (1, 3, 32, 32)
 
 
@@ -250,7 +290,7 @@ class Branchy(nn.Module):
 def test_layer_producing_the_output_is_kept_when_fx_cannot_find_the_head():
     model = Branchy()
     result = cop_prune(model, SMALL, ratio=0.3, metric="channels")
-    assert (model.head.in_features, model.head.out_features) == (16, 5)
+    assert model.head.out_features == 5 and model.head.in_features == model.conv2.out_channels
     assert model(torch.randn(2, *SMALL)).shape == (2, 5)
     assert result.report.channels_after < result.report.channels_before
 
@@ -323,7 +363,7 @@ def test_ptl_teacher_distilled_student_pruned_then_distilled_again():
     trainer = STDTrainer(student, teacher, input_size=SMALL)
     assert trainer.projection is None  # same pooled width: 512
     trainer.step(x, y, torch.optim.SGD(trainer.parameters(), lr=0.01))
-    result = cop_prune(student, SMALL, ratio=0.4, metric="flops")
+    result = cop_prune(student, SMALL, ratio=0.4, metric="flops", keep_feature_width=True)
     assert abs(result.report.achieved - 0.4) <= 0.02 and student.fc.in_features == 512
     trainer = STDTrainer(student, teacher, input_size=SMALL)
     assert trainer.projection is None  # the pruned student still distils without a projection
@@ -368,23 +408,10 @@ def test_torchvision_models_prune_to_half_flops(name):
     assert model(x).shape == shape
 
 
-def _benchmark(name: str):
-    """A script of benchmarks/ imported as a module (its directory on sys.path while it imports)."""
-    import importlib
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
-
-
 def test_zoo_benchmark_classifies_pruned_and_refused_models():
     from bconv._zoo import resolve
 
-    prune_zoo = _benchmark("prune_zoo")
+    from benchmarks import prune_zoo
     pruned = prune_zoo.measure(resolve("torchvision:squeezenet1_1"), "torchvision")
     assert pruned["status"] == "pruned" and pruned["forward"] == "same shape"
     assert abs(pruned["flops_removed"] - 0.5) <= 0.02
@@ -406,10 +433,154 @@ def test_every_zoo_model_is_pruned_to_target_or_refused_unchanged(spec, family):
     # Each model in a child process, as benchmarks/prune_zoo.py measures it (64x64 where the model allows).
     from bconv._zoo import resolve
 
-    prune_zoo, isolated = _benchmark("prune_zoo"), _benchmark("_isolated").isolated
+    from benchmarks import prune_zoo
+    from benchmarks._isolated import isolated
     row = isolated(prune_zoo.measure, resolve(spec), family, timeout=900)
     assert row["status"] in ("pruned", "refused"), row
     if row["status"] == "pruned":
         assert row["forward"] == "same shape" and abs(row["flops_removed"] - 0.5) <= 0.02, row
     else:
         assert row["unchanged"], row
+
+
+class DropBN(nn.Module):
+    """conv -> dropout -> bn -> fc: re-estimated statistics must be those eval runs (dropout off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.drop(self.conv(x))).mean((2, 3)))
+
+
+def test_reestimate_batchnorm_gives_the_eval_networks_statistics_and_restores_flags():
+    from bconv.prune import reestimate_batchnorm
+
+    model = DropBN().train()
+    model.bn.momentum = 0.3
+    batches = [torch.randn(8, *SMALL) for _ in range(3)]
+    with torch.no_grad():
+        h = torch.cat([model.conv(x) for x in batches])  # what the BN reads with dropout off
+    reestimate_batchnorm(model, ((x, torch.zeros(8)) for x in batches))
+    assert torch.allclose(model.bn.running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    per_batch_var = torch.stack([model.conv(x).var((0, 2, 3)) for x in batches]).mean(0).detach()
+    assert torch.allclose(model.bn.running_var, per_batch_var, atol=1e-5)  # torch's unbiased batch variances, averaged
+    assert model.training and model.drop.training and model.bn.training and model.bn.momentum == 0.3
+
+
+def test_reestimate_batchnorm_leaves_statistics_unchanged_on_error():
+    from bconv.prune import reestimate_batchnorm
+
+    model = DropBN().eval()
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.5)
+    with pytest.raises(ValueError, match="no batch"):
+        reestimate_batchnorm(model, [])
+    with pytest.raises(RuntimeError):
+        reestimate_batchnorm(model, [torch.randn(2, 5, 8, 8)])  # 5 channels: the conv refuses
+    assert torch.equal(model.bn.running_mean, torch.full((6,), 0.5)) and model.bn.momentum == 0.1
+    assert not model.training
+
+
+# --------------------------------------------------------------------------- COP as a Torch-Pruning importance
+
+
+def _metapruner_cut(model: nn.Module, importance) -> list[int]:
+    """One of conv1's 8 channels removed by MetaPruner (local ranking, conv2's and fc's own channels ignored)."""
+    import torch_pruning as tp
+
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, *SMALL), importance=importance, pruning_ratio=1 / 8,
+                                  ignored_layers=[model.conv2, model.fc])  # fmt: skip
+    pruner.step()
+    ((name, is_out, idxs),) = pruner.pruning_history()
+    assert name == "conv1" and is_out and model.conv1.out_channels == 7
+    return [int(i) for i in idxs]
+
+
+@pytest.mark.parametrize("source, copy", [(2, 5), (6, 1)])
+def test_cop_importance_in_metapruner_cuts_what_cop_prune_cuts(source, copy):
+    from bconv.prune import COPImportance
+
+    model = Chain()
+    with torch.no_grad():
+        model.conv2.weight[:, copy] = 2 * model.conv2.weight[:, source] + 0.1
+    twin = Chain()
+    twin.load_state_dict(model.state_dict())
+    cut = _metapruner_cut(model, COPImportance(example_inputs=torch.randn(1, *SMALL)))
+    assert cut[0] in (source, copy) and cut == one_cut(twin)
+    dead = Chain()
+    with torch.no_grad():
+        dead.conv2.weight[:, 3] = 0.0  # a dead channel goes first
+    assert _metapruner_cut(dead, COPImportance(beta=0.0)) == [3]
+
+
+def test_cop_importance_scores_channels_in_metapruner_global_iterative_on_torchvision():
+    import torch_pruning as tp
+
+    from bconv.prune import COPImportance
+
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(1, *SMALL)
+    params = sum(p.numel() for p in model.parameters())
+    pruner = tp.pruner.MetaPruner(model, x, importance=COPImportance(example_inputs=x), pruning_ratio=0.4,
+                                  global_pruning=True, iterative_steps=2, ignored_layers=[model.fc])  # fmt: skip
+    after = []
+    for _ in range(2):
+        pruner.step()
+        after.append(sum(p.numel() for p in model.parameters()))
+    assert params > after[0] > after[1]
+    assert model.fc.out_features == 10 and model(torch.randn(2, *SMALL)).shape == (2, 10)
+    reference = [m.out_channels for m in torchvision.models.resnet18().modules() if isinstance(m, nn.Conv2d)]
+    kept = [m.out_channels / r for m, r in zip([m for m in model.modules() if isinstance(m, nn.Conv2d)], reference)]
+    assert max(kept) - min(kept) > 0.1  # ranked globally, with COP's cost terms: layers lose different fractions
+
+
+def test_cop_importance_in_metapruner_on_a_timm_model_with_grouped_convolutions():
+    import torch_pruning as tp
+
+    from bconv.prune import PRESETS, COPImportance
+
+    model = zoo_model("timm:regnetx_002").eval()
+    x = torch.randn(1, 3, 64, 64)
+    shape = model(x).shape
+    groups = {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    pruner = tp.pruner.MetaPruner(model, x, importance=COPImportance(*PRESETS["faster"], example_inputs=x),
+                                  pruning_ratio=0.3, iterative_steps=2, ignored_layers=[model.get_classifier()])
+    for _ in range(2):
+        pruner.step()
+    assert model(x).shape == shape
+    for n, m in model.named_modules():
+        if n in groups:  # grouped convolutions keep their group count, every group pruned alike
+            assert m.groups == groups[n] and m.in_channels % m.groups == 0 == m.out_channels % m.groups
+
+
+def test_cop_importance_refuses_bad_arguments():
+    from bconv.prune import COPImportance
+
+    with pytest.raises(ValueError, match="example_inputs"):
+        COPImportance(beta=1.0)
+    with pytest.raises(ValueError, match="'pearson', 'cosine', 'inner'"):
+        COPImportance(beta=0.0, similarity="spearman")
+    with pytest.raises(ValueError, match="not all zero"):
+        COPImportance(0.0, 0.0, 0.0)
+
+
+def test_a_metapruner_pruned_model_saves_and_replays_from_torch_prunings_history(tmp_path):
+    import torch_pruning as tp
+
+    from bconv.prune import COPImportance
+
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(1, *SMALL)
+    pruner = tp.pruner.MetaPruner(model, x, importance=COPImportance(example_inputs=x), pruning_ratio=0.3,
+                                  ignored_layers=[model.fc])  # fmt: skip
+    pruner.step()
+    save_pruned(model, tmp_path / "p.pt", history=pruner.pruning_history(), input_size=SMALL)
+    loaded = load_pruned(torchvision.models.resnet18(num_classes=10), tmp_path / "p.pt")
+    assert torch.equal(model.eval()(x), loaded.eval()(x))
+    with pytest.raises(ValueError, match="history="):
+        save_pruned(model, tmp_path / "q.pt")

@@ -13,22 +13,28 @@ with the importance of the released COP code (see DESIGN.md §8):
 - selection is greedy and global, one channel at a time; only the rows of the correlation
   matrices that held the cut channel among their top-k, and the cost terms, are recomputed.
 
-Where bconv departs from the released code: coupled layers (every kernel that reads the same
-channels) average their redundancies; a channel whose consumer weights are constant (a dead
-channel) is the most redundant, not the least; every layer keeps a floor (``min_channels``,
-``max_fraction``, ``round_to``); the target is met within 2% of the metric or refused before
-anything is changed.
+As in the released code, the classifier keeps its classes and the channels that feed it are
+pruned (``keep_feature_width=True`` keeps the pooled width STD compares). Where bconv departs from
+it: coupled layers (every kernel that reads the same channels) average their redundancies; a
+channel whose consumer weights are constant (a dead channel) is the most redundant, not the least,
+and the other channels' scores stay the released ones; every layer keeps a floor
+(``min_channels``, ``max_fraction``, ``round_to``); the target is met within 2% of the metric or
+refused before anything is changed.
 
 The package, one part per file:
 
-- :mod:`.importance`: COP's redundancy of each channel (the formulas of DESIGN.md §8);
+- :mod:`.importance`: COP's score (the formulas of DESIGN.md §8), and :class:`COPImportance`, the
+  same score as a Torch-Pruning importance for ``tp.pruner.MetaPruner``;
 - :mod:`.planner`: the greedy, global selection over Torch-Pruning's channel groups;
 - :mod:`.adapter`: everything asked of Torch-Pruning (graph, groups, protections, measuring);
-- :mod:`.checkpoint`: :func:`save_pruned` / :func:`load_pruned`;
+- :mod:`.checkpoint`: :func:`save_pruned` / :func:`load_pruned` on Torch-Pruning's pruning history;
+- :mod:`.batchnorm`: :func:`reestimate_batchnorm`, to read after any pruning;
 - :mod:`.api`: :func:`cop_prune`, the one-call path; :mod:`.report`: what it returns and raises.
 """
 
-from .api import PRESETS, cop_prune
+from .api import cop_prune
+from .batchnorm import reestimate_batchnorm
+from .importance import PRESETS, COPImportance
 from .checkpoint import load_pruned, save_pruned
 from .report import LayerWidth, PruneError, PruneReport, PruneResult, PruneTargetError, format_report
 
@@ -43,4 +49,6 @@ __all__ = [
     "PruneError",
     "PruneTargetError",
     "PRESETS",
+    "COPImportance",
+    "reestimate_batchnorm",
 ]

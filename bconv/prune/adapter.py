@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch_pruning as tp
@@ -30,29 +32,55 @@ def _build_graph(model: nn.Module, x: Tensor) -> tp.DependencyGraph:
         ) from e
 
 
-def _protected_layers(
-    model: nn.Module, input_size: tuple[int, ...], graph: tp.DependencyGraph, extra: Sequence[str]
-) -> dict[str, str]:
-    """Module paths whose channels must not change, with the reason: what counts as the head.
+@dataclass
+class Protection:
+    """Module paths that pruning must leave alone, each with the reason shown in ``report.skipped``.
 
-    The classifier keeps its input and output width (so the pooled feature width, which STD
-    distils, is kept too), and every layer whose output channels reach a model output keeps them.
+    Attributes:
+        whole: neither input nor output channels change (attention, ``protect=``, and the classifier
+            when the pooled feature width is kept).
+        outputs: output channels stay; input channels may go as any consumer's do (every layer that
+            produces a model output, the classifier's classes included).
+    """
+
+    whole: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+def _protected_layers(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    graph: tp.DependencyGraph,
+    extra: Sequence[str],
+    keep_feature_width: bool = False,
+) -> Protection:
+    """What counts as the head, and what the caller protects.
+
+    As in the released COP code, the classifier keeps its classes but its input channels (the last
+    convolution's, VGG's dense layers', ResNet's last residual stream) are pruned like any consumer's;
+    ``keep_feature_width`` keeps the classifier whole, so the pooled feature that STD compares keeps its
+    width. Every layer whose output channels reach a model output keeps them.
     """
     from ..surgery.anatomy import anatomy
 
     # A caller's path keeps every layer inside it: protect=["layer4"] keeps the block whole.
-    protected = {
-        f"{name}.{sub}" if sub else name: "protected by the caller"
-        for name in extra
-        for sub, _ in model.get_submodule(name).named_modules()
-    }
+    protected = Protection(
+        whole={
+            f"{name}.{sub}" if sub else name: "protected by the caller"
+            for name in extra
+            for sub, _ in model.get_submodule(name).named_modules()
+        }
+    )
     try:
         # The network's anatomy, the one description PTL, STD and rollback read, says where its head is.
         classifier = anatomy(model, input_size, need_stages=False).head.classifier
     except TraceError:
         classifier = None
     if classifier is not None:
-        protected[classifier] = "the classifier"
+        if keep_feature_width:
+            protected.whole[classifier] = "the classifier, keep_feature_width=True"
+        else:
+            protected.outputs[classifier] = "the classifier's classes"
     # A model with no classifier (segmentation, features only) has its outputs protected below.
     # Attention keeps its widths: Torch-Pruning does not update head counts and head dims (timm's
     # Attention reshapes with self.num_heads), so pruning its projections breaks the forward.
@@ -69,7 +97,7 @@ def _protected_layers(
             continue  # an inner module keeps the heads
         for sub, layer in module.named_modules():
             if _is_layer(layer) or isinstance(layer, nn.MultiheadAttention):
-                protected.setdefault(f"{name}.{sub}" if sub else name, f"attention with {heads} heads")
+                protected.whole.setdefault(f"{name}.{sub}" if sub else name, f"attention with {heads} heads")
     # Walk back from every model output through parameter-free ops (add, interpolate, reshape, ...): the
     # first module with parameters on each path produces output channels.
     # Torch-Pruning adds an output node only where an op, not a module, ends the forward: the sinks of its
@@ -84,7 +112,7 @@ def _protected_layers(
         seen.add(node)
         module = node.module
         if isinstance(module, nn.Module) and module in names and any(True for _ in module.parameters(recurse=False)):
-            protected.setdefault(names[module], "produces a model output")
+            protected.outputs.setdefault(names[module], "produces a model output")
         else:
             stack.extend(node.inputs)
     return protected
@@ -141,20 +169,27 @@ def _is_layer(module: Any) -> bool:
     return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
 
 
-def _measure(model: nn.Module, x: Tensor, positions: dict[nn.Module, int] | None = None) -> tuple[dict[str, int], Any]:
-    """Params, FLOPs and channels, and the output, from one forward; ``positions`` receives each convolution's
-    and linear layer's output positions per sample (its FLOPs are 2 x weight x positions)."""
+@contextmanager
+def _recording_positions(model: nn.Module, positions: dict[nn.Module, int] | None) -> Iterator[None]:
+    """While inside, forwards add each convolution's and linear layer's output positions per sample to
+    ``positions`` (its FLOPs are 2 x weight x positions); nothing is recorded when it is None."""
     def hook(m: nn.Module, args: Any, out: Any) -> None:
-        if isinstance(out, Tensor) and positions is not None:
+        if isinstance(out, Tensor):
             positions[m] = positions.get(m, 0) + out.numel() // max(out.shape[0], 1) // _out_channels(m)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if _is_layer(m)] if positions is not None else []
     try:
-        with TotalFlopCounter() as counter:
-            out = model(x)
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _measure(model: nn.Module, x: Tensor, positions: dict[nn.Module, int] | None = None) -> tuple[dict[str, int], Any]:
+    """Params, FLOPs and channels, and the output, from one forward; ``positions`` receives each convolution's
+    and linear layer's output positions per sample."""
+    with _recording_positions(model, positions), TotalFlopCounter() as counter:
+        out = model(x)
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "flops": int(counter.get_total_flops()),

@@ -4,9 +4,8 @@ and the model put back as it was on any failure)."""
 from __future__ import annotations
 
 import copy
-import math
 import time
-from typing import Any, Iterable, Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,22 +15,15 @@ from ..surgery._checks import check_input_size, check_module_paths, refuse_wrapp
 from ..surgery._trace import dummy_input, eval_mode, model_error_message
 from ..surgery.anatomy import anatomy
 from .adapter import _build_graph, _check_forward, _measure, _out_channels, _output_shapes, _protected_layers, _restore
-from .planner import TOLERANCE, _Planner
+from .importance import PRESETS, COPImportance, Normalization, Similarity
+from .planner import TOLERANCE, Floors, _Planner
 from .report import LayerWidth, PruneError, PruneReport, PruneResult, PruneTargetError, _skipped_hint
 
-__all__ = ["cop_prune", "PRESETS"]
+__all__ = ["cop_prune"]
 
 Metric = Literal["flops", "params", "channels"]
 Prefer = Literal["balanced", "smaller", "faster"]
-
-PRESETS: dict[str, tuple[float, float, float]] = {
-    "balanced": (1.0, 1.0, 1.0),  # COP's ResNet-18 ImageNet recipe
-    "smaller": (1.0, 0.0, 3.0),  # COP's VGG16 CIFAR recipe: parameters weigh
-    "faster": (1.0, 3.0, 0.0),  # COP's ResNet-32 CIFAR recipe: FLOPs weigh
-}
 _METRICS = ("flops", "params", "channels")
-_SIMILARITIES = ("pearson", "cosine", "inner")
-_NORMALIZATIONS = ("max", "l1", "l2")
 
 
 def cop_prune(
@@ -45,13 +37,14 @@ def cop_prune(
     beta: float | None = None,
     gamma: float | None = None,
     top_k: int = 3,
-    similarity: Literal["pearson", "cosine", "inner"] = "pearson",
-    normalize: Literal["max", "l1", "l2"] = "max",
+    similarity: Similarity = "pearson",
+    normalize: Normalization = "max",
     min_channels: int = 1,
     max_fraction: float = 0.9,
     round_to: int = 1,
     stages: Sequence[str | int] | None = None,
     protect: Sequence[str] = (),
+    keep_feature_width: bool = False,
     calibration: Iterable[Tensor] | None = None,
 ) -> PruneResult:
     """Prune ``model``'s channels with COP until ``ratio`` of ``metric`` is removed.
@@ -68,8 +61,9 @@ def cop_prune(
         alpha, beta, gamma: override the preset's weight of redundancy, FLOPs and params.
         top_k: how many of a channel's largest correlations make its redundancy.
         similarity: ``"pearson"`` (COP's default), ``"cosine"`` or ``"inner"`` (inner product).
-        normalize: how each layer's correlation matrix is scaled once: so that its largest
-            entry (``"max"``), its mean row L1 norm (``"l1"``) or its mean row L2 norm (``"l2"``) is 1.
+        normalize: how each layer's correlation matrix (zero diagonal) is scaled once, as in the released
+            code: divided by its largest entry (``"max"``), by the sum of the matrix / 2 (``"l1"``) or by
+            its Frobenius norm (``"l2"``).
         min_channels: no layer keeps fewer channels than this (and never fewer than 1).
         max_fraction: the largest fraction of a layer's channels that may be removed.
         round_to: kept widths are multiples of this (the original width is always allowed).
@@ -77,6 +71,9 @@ def cop_prune(
             ``python -m bconv.inspect MODEL`` prints them. Default: every stage.
         protect: extra module paths whose channels must not change; a block's path (``layer4``) keeps every
             layer inside it. A path the model does not have is an error, not ignored.
+        keep_feature_width: keep the classifier's input width, the pooled feature that STD compares
+            between student and teacher (a bconv option). By default, as in the released code, the
+            classifier keeps its classes only and the channels that feed it are pruned like any others.
         calibration: optional input batches (an extension of COP, which is data-free): redundancy is
             then the correlation of the channels' activations (each layer's output, over samples and
             positions) instead of their consumer kernels. A few batches suffice.
@@ -99,16 +96,19 @@ def cop_prune(
         >>> print(format_report(result.report))
     """
     start = time.perf_counter()
-    weights = _check_arguments(ratio, metric, prefer, alpha, beta, gamma, top_k, similarity, normalize,
-                               min_channels, max_fraction, round_to)  # fmt: skip
+    _check_target(ratio, metric, prefer)
     input_size = check_input_size(input_size)
     refuse_wrapped(model, _PTL_REFUSAL)
     protect = check_module_paths(model, protect, "protect")
+    x = dummy_input(model, input_size)
+    preset = PRESETS[prefer]
+    weights = [p if w is None else w for w, p in zip((alpha, beta, gamma), preset)]
+    importance = COPImportance(*weights, top_k=top_k, similarity=similarity, normalize=normalize, example_inputs=x)
+    floors = Floors(min_channels, max_fraction, round_to)
     allowed = _stage_modules(model, input_size, stages)
     backup = copy.deepcopy(model)
     try:
         with eval_mode(model), torch.no_grad():
-            x = dummy_input(model, input_size)
             positions: dict[nn.Module, int] = {}
             try:
                 before, out = _measure(model, x, positions)
@@ -116,10 +116,10 @@ def cop_prune(
                 raise InputSizeError(model_error_message(model, x, e)) from e
             reference_shapes = _output_shapes(out)
         graph = _build_graph(model, x)
-        protected = _protected_layers(model, input_size, graph, protect)
+        protection = _protected_layers(model, input_size, graph, protect, keep_feature_width)
         try:
-            planner = _Planner(model, graph, positions, protected, allowed, weights, top_k, similarity, normalize,
-                               min_channels, max_fraction, round_to, calibration)  # fmt: skip
+            planner = _Planner(model, graph, importance=importance, floors=floors, positions=positions,
+                               protection=protection, allowed=allowed, calibration=calibration)  # fmt: skip
         except BConvError:
             raise
         except Exception as e:  # Torch-Pruning's groups of an op it mis-handles (seen: ZeroDivisionError, IndexError)
@@ -129,7 +129,6 @@ def cop_prune(
                 f"is unchanged."
             ) from e
         target = ratio
-        history: list[list[Any]] = []
         achieved = 0.0
         measured = before
         for _ in range(6):
@@ -143,7 +142,7 @@ def cop_prune(
                     f"can be removed. Pass ratio<={reachable:.3f}, or loosen the floors."
                     + _skipped_hint(planner.skipped)
                 )
-            history += planner.apply()
+            planner.apply()
             with eval_mode(model), torch.no_grad():
                 measured = _check_forward(model, x, reference_shapes)
             achieved = 1 - measured[metric] / before[metric]
@@ -174,34 +173,20 @@ def cop_prune(
         channels_before=before["channels"], channels_after=measured["channels"],
         layers=[LayerWidth(n, w, _out_channels(model.get_submodule(n))) for n, w in planner.widths_before.items()
                 if _out_channels(model.get_submodule(n)) != w],
-        alpha=weights[0], beta=weights[1], gamma=weights[2], skipped=planner.skipped,
+        alpha=importance.alpha, beta=importance.beta, gamma=importance.gamma, skipped=planner.skipped,
         input_size=input_size, seconds=time.perf_counter() - start,
     )  # fmt: skip
+    history = [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in graph.pruning_history()]
     return PruneResult(model=model, report=report, history=history)
 
 
-def _check_arguments(ratio, metric, prefer, alpha, beta, gamma, top_k, similarity, normalize,
-                     min_channels, max_fraction, round_to) -> tuple[float, float, float]:  # fmt: skip
+def _check_target(ratio: float, metric: str, prefer: str) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ValueError(f"ratio={ratio!r} must be a fraction of the metric to remove, strictly between 0 and 1")
     if metric not in _METRICS:
         raise ValueError(f"metric={metric!r} is not one of {', '.join(map(repr, _METRICS))}")
     if prefer not in PRESETS:
         raise ValueError(f"prefer={prefer!r} is not one of {', '.join(map(repr, PRESETS))}")
-    if similarity not in _SIMILARITIES:
-        raise ValueError(f"similarity={similarity!r} is not one of {', '.join(map(repr, _SIMILARITIES))}")
-    if normalize not in _NORMALIZATIONS:
-        raise ValueError(f"normalize={normalize!r} is not one of {', '.join(map(repr, _NORMALIZATIONS))}")
-    for name, value in (("top_k", top_k), ("min_channels", min_channels), ("round_to", round_to)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    if not isinstance(max_fraction, (int, float)) or not 0 < max_fraction <= 1:
-        raise ValueError(f"max_fraction={max_fraction!r} must be in (0, 1]: the largest fraction of a layer removed")
-    preset = PRESETS[prefer]
-    chosen = tuple(float(p if v is None else v) for v, p in zip((alpha, beta, gamma), preset))
-    if any(w < 0 or not math.isfinite(w) for w in chosen) or not any(chosen):
-        raise ValueError(f"(alpha, beta, gamma)={chosen} must be finite, >= 0 and not all zero")
-    return chosen  # type: ignore[return-value]
 
 
 _PTL_REFUSAL = (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -17,29 +17,55 @@ from .report import PruneResult
 __all__ = ["save_pruned", "load_pruned"]
 
 
-def save_pruned(result: PruneResult, path: str) -> None:
-    """Store a pruned model's weights and its pruning history (plain types, no pickled model).
+def save_pruned(
+    result: PruneResult | nn.Module,
+    path: str,
+    *,
+    history: Sequence[Sequence[Any]] | None = None,
+    input_size: Sequence[int] | None = None,
+) -> None:
+    """Store a pruned model's weights and its Torch-Pruning history (plain types, no pickled model).
+
+    The history is Torch-Pruning's own (``DependencyGraph.pruning_history()``: ``[layer, is_output_channels,
+    indices]`` per operation), so a model pruned by ``tp.pruner.MetaPruner`` is saved the same way.
 
     Args:
-        result: what :func:`cop_prune` returned (``result.model`` may have been fine-tuned since).
+        result: what :func:`cop_prune` returned (``result.model`` may have been fine-tuned since), or a
+            model pruned by Torch-Pruning, with ``history`` and ``input_size``.
         path: file to write; it loads with ``torch.load(path, weights_only=True)``.
+        history: for a model: ``pruner.pruning_history()`` of the MetaPruner that pruned it.
+        input_size: for a model: ``(C, H, W)`` of the input that traces it.
+
+    Raises:
+        ValueError: a model without its ``history`` or ``input_size``.
 
     Example::
 
         >>> save_pruned(result, "pruned.pt")
+        >>> save_pruned(model, "pruned.pt", history=pruner.pruning_history(), input_size=(3, 224, 224))
         >>> model = load_pruned(torchvision.models.resnet18(), "pruned.pt")
     """
+    if isinstance(result, PruneResult):
+        model, history, input_size = result.model, result.history, result.report.input_size
+    else:
+        model = result
+        if history is None or input_size is None:
+            raise ValueError(
+                "save_pruned(model, path) needs history= (pruner.pruning_history() of the Torch-Pruning pruner "
+                "that pruned it) and input_size= (C, H, W); or pass the PruneResult of cop_prune"
+            )
     torch.save({
         "format": "bconv.prune/1",
-        "model_class": type(result.model).__name__,
-        "input_size": list(result.report.input_size),
-        "history": [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in result.history],
-        "state_dict": result.model.state_dict(),
+        "model_class": type(model).__name__,
+        "input_size": [int(s) for s in input_size],
+        "history": [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in history],
+        "state_dict": model.state_dict(),
     }, path)  # fmt: skip
 
 
 def load_pruned(model: nn.Module, path: str) -> nn.Module:
-    """Replay a saved pruning history on a freshly built original ``model`` and load the weights.
+    """Replay a saved pruning history (Torch-Pruning's ``load_pruning_history``) on a freshly built original
+    ``model`` and load the weights.
 
     Everything is checked before ``model`` is touched: the file, its fields, the model class, the
     module paths and weight names, and the replay itself (on a copy of ``model``, with the pruned
@@ -115,13 +141,7 @@ _SAME_NETWORK = (
 def _replay(model: nn.Module, data: dict[str, Any]) -> None:
     with eval_mode(model):
         graph = _build_graph(model, dummy_input(model, data["input_size"]))
-        for name, is_out, idxs in data["history"]:
-            module = model.get_submodule(name)
-            pruner = graph.get_pruner_of_module(module)
-            if pruner is None:
-                raise CheckpointError(f"`{name}` is no layer Torch-Pruning can prune")
-            fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
-            graph.get_pruning_group(module, fn, idxs).prune(record_history=False)
+        graph.load_pruning_history(data["history"])  # Torch-Pruning replays its own history
 
 
 def _read(path: str) -> dict[str, Any]:

@@ -1,21 +1,42 @@
-"""COP's importance: how redundant each channel is (DESIGN.md §8).
+"""COP's importance: how redundant each channel is, and what it costs (DESIGN.md §8).
 
 Redundancy is data-free: for each spatial tap of the kernel that consumes a layer's channels,
 every input channel is a vector over the consumer's filters; the |Pearson| correlation of every
 pair, averaged over the taps, with a zero diagonal, normalised once; ``r_i`` is the mean of
-channel i's ``top_k`` largest correlations. Only the rows that held a cut channel among their
-top-k are recomputed after a cut.
+channel i's ``top_k`` largest correlations. The cost terms are log2 of the params ``P`` and FLOPs
+``F`` of the layers a channel group touches, over the largest group's:
+
+    imp_i = alpha (1 - r_i) + beta (1 - log2 F / max log2 F) + gamma (1 - log2 P / max log2 P)
+
+and the lowest goes first. :class:`COPImportance` is this score as a Torch-Pruning importance;
+``cop_prune``'s greedy planner (``planner.py``) uses the same functions and, after each cut,
+recomputes only the rows that held the cut channel among their top-k.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+from typing import Any, Iterable, Literal
 
 import numpy as np
 import torch
+import torch_pruning as tp
 from torch import Tensor, nn
 
 from ..surgery._trace import eval_mode
+from .adapter import _all_groups, _depthwise, _is_layer, _out_channels, _recording_positions
+
+__all__ = ["COPImportance", "PRESETS"]
+
+Similarity = Literal["pearson", "cosine", "inner"]
+Normalization = Literal["max", "l1", "l2"]
+SIMILARITIES = ("pearson", "cosine", "inner")
+NORMALIZATIONS = ("max", "l1", "l2")
+PRESETS: dict[str, tuple[float, float, float]] = {
+    "balanced": (1.0, 1.0, 1.0),  # COP's ResNet-18 ImageNet recipe
+    "smaller": (1.0, 0.0, 3.0),  # COP's VGG16 CIFAR recipe: parameters weigh
+    "faster": (1.0, 3.0, 0.0),  # COP's ResNet-32 CIFAR recipe: FLOPs weigh
+}
 
 # Work cap for one consumer's correlation matrix (taps x filters x channels^2): a Linear that reads a
 # flattened 7x7 map (VGG's classifier) would otherwise cost tens of GFLOPs for one matrix.
@@ -23,36 +44,49 @@ _CORRELATION_BUDGET = 2e9
 
 
 def _similarity(w: Tensor, kind: str, normalize: str) -> Tensor:
-    """COP's n x n redundancy matrix from a consumer kernel ``w`` of shape [taps, filters, n]."""
+    """COP's normalised n x n redundancy matrix from a consumer kernel ``w`` of shape [taps, filters, n].
+
+    The released code (``prune_common.get_correlation``, ``get_cosine_sim``, ``get_inner_product``,
+    ``get_normalized_feature``), for each tap t and input channels i, j seen as vectors over the filters:
+
+        pearson:  |sum_o (w_oi - mean_i)(w_oj - mean_j)| / filters / (std_i std_j + 1e-8)   (population std)
+        cosine:   |<w_i, w_j>| / (|w_i| |w_j| + 1e-8)
+        inner:    |<w_i, w_j>|
+
+    averaged over the taps; the diagonal is zeroed and the matrix divided once by its largest entry
+    (``"max"``), by the sum of the whole matrix / 2 (``"l1"``) or by its Frobenius norm (``"l2"``).
+
+    A dead channel (constant consumer weights at every tap: zero std, zero norm) has a zero row and
+    column here, as in the released code, where it then counts as unique and is never cut. bconv
+    gives it the largest redundancy, 1, in its own row only, after normalising: the scale and every
+    other channel's redundancy are what the released code computes.
+    """
     w = w.float()
+    filters = w.shape[1]
     if kind == "pearson":
         z = w - w.mean(dim=1, keepdim=True)
-        scale = z.pow(2).mean(dim=1).sqrt()  # population std, as the released code
-        z = z / (scale.unsqueeze(1) + 1e-8)
-        sim = torch.einsum("toi,toj->tij", z, z) / w.shape[1]
+        scale = z.pow(2).mean(dim=1).sqrt()  # population std, as np.std
+        sim = torch.einsum("toi,toj->tij", z, z) / filters / (scale.unsqueeze(2) * scale.unsqueeze(1) + 1e-8)
     elif kind == "cosine":
         scale = w.norm(dim=1)
-        z = w / (scale.unsqueeze(1) + 1e-8)
-        sim = torch.einsum("toi,toj->tij", z, z)
+        sim = torch.einsum("toi,toj->tij", w, w) / (scale.unsqueeze(2) * scale.unsqueeze(1) + 1e-8)
     else:
         scale = w.norm(dim=1)
         sim = torch.einsum("toi,toj->tij", w, w)
-    sim = sim.abs()
-    # A dead channel (constant consumer weights: zero std, zero norm) correlates with nothing, which
-    # the released code reads as "unique, keep". It carries no information: make it the most redundant.
-    dead = scale <= 1e-6 * scale.amax(dim=1, keepdim=True).clamp_min(1e-30)
-    if dead.any():
-        full = torch.ones(()) if kind != "inner" else sim.amax()
-        sim = torch.where(dead.unsqueeze(2), full, sim)
-    m = sim.mean(dim=0)
+    m = sim.abs().mean(dim=0)
     m.fill_diagonal_(0)
     if normalize == "max":
-        scale_m = m.max()
+        norm = m.max()
     elif normalize == "l1":
-        scale_m = m.sum(dim=1).mean()
+        norm = m.sum() / 2
     else:
-        scale_m = m.norm(dim=1).mean()
-    return m / scale_m if scale_m > 0 else m
+        norm = m.norm()
+    m = m / norm if norm > 0 else m
+    dead = (scale <= 1e-6 * scale.amax(dim=1, keepdim=True).clamp_min(1e-30)).all(dim=0)
+    if dead.any():
+        m[dead] = 1.0
+        m.fill_diagonal_(0)
+    return m
 
 
 _CALIBRATION_SAMPLES = 8192  # activation vectors kept per layer (positions x samples, drawn evenly)
@@ -109,31 +143,185 @@ def _consumer_kernel(module: nn.Module, idxs: list[int], root_idxs: list[int], n
     return sel.permute(2, 0, 1)
 
 
+def _group_matrices(
+    outs: list[tuple[Any, Any]], ins: list[tuple[Any, Any]], n: int, similarity: str, normalize: str
+) -> list[Tensor]:
+    """The normalised n x n matrices of a Torch-Pruning group's n channels, one per consumer kernel.
+
+    ``outs`` and ``ins`` are the group's ``(module, item)`` pairs whose output / input channels it prunes.
+    Depthwise and grouped consumers are skipped as in COP. A group that no dense kernel reads (a layer
+    whose output is the model's) correlates its producers' filters instead.
+    """
+    matrices = []
+    for m, it in ins:
+        if _is_layer(m):
+            w = _consumer_kernel(m, list(it.idxs), list(it.root_idxs), n)
+            if w is not None:
+                matrices.append(_similarity(w, similarity, normalize))
+    if not matrices:
+        for m, it in outs:
+            if _is_layer(m) and not _depthwise(m) and len(it.idxs) == n and max(it.idxs) < _out_channels(m):
+                w = m.weight.detach()
+                w = w.transpose(0, 1) if getattr(m, "transposed", False) else w
+                w = w.reshape(w.shape[0], -1)[torch.tensor(list(it.idxs))]
+                matrices.append(_similarity(w.t().unsqueeze(0), similarity, normalize))
+                break
+    # A consumer read through a mapping Torch-Pruning widened (split, reshape) gives no per-channel matrix.
+    return [m for m in matrices if m.shape[0] == n]
+
+
+def _cost_terms(params: np.ndarray, flops: np.ndarray, beta: float, gamma: float) -> np.ndarray:
+    """``beta (1 - rf) + gamma (1 - rp)`` for each group, from its params and FLOPs at the current widths."""
+    lp = np.log2(np.maximum(params, 2.0))
+    lf = np.log2(np.maximum(flops, 2.0))
+    return beta * (1 - lf / lf.max()) + gamma * (1 - lp / lp.max())
+
+
+def _check_weights(alpha: float, beta: float, gamma: float) -> tuple[float, float, float]:
+    chosen = tuple(float(w) for w in (alpha, beta, gamma))
+    if any(w < 0 or not math.isfinite(w) for w in chosen) or not any(chosen):
+        raise ValueError(f"(alpha, beta, gamma)={chosen} must be finite, >= 0 and not all zero")
+    return chosen  # type: ignore[return-value]
+
+
 class _Redundancy:
     """One consumer's normalised matrix and each row's current top-k (updated row by row on a cut)."""
 
     def __init__(self, matrix: Tensor, top_k: int):
         self.m = matrix.numpy().astype(np.float32)
+        self.alive = np.ones(self.m.shape[0], dtype=np.float32)
         self.k = max(1, min(top_k, self.m.shape[0] - 1))
         self.r = np.zeros(self.m.shape[0])
         self.kth = np.zeros(self.m.shape[0], dtype=np.float32)
         self._rows(np.arange(self.m.shape[0]))
 
     def _rows(self, rows: np.ndarray) -> None:
-        # After partitioning the negated rows, the first k entries are the k largest and entry k-1 the
-        # k-th largest itself (ndarray.mean/min cost more in call overhead than the partition here).
-        top = np.partition(-self.m[rows], self.k - 1, axis=1)
+        # Cut channels count as 0 (masked here rather than written into the matrix: zeroing a column of a
+        # 2048 x 2048 matrix is 2048 cache misses per cut). After partitioning the negated rows, the first k
+        # entries are the k largest and entry k-1 the k-th largest itself.
+        top = np.partition(-(self.m[rows] * self.alive), self.k - 1, axis=1)
         self.r[rows] = -top[:, : self.k].sum(axis=1) / self.k  # exactly ndarray.mean's float32 result
         self.kth[rows] = -top[:, self.k - 1]
 
     def cut(self, j: int, alive: np.ndarray, total: np.ndarray) -> None:
         """Remove channel j; ``total`` (the sum of r over the group's consumers) follows the changed rows."""
-        col = self.m[:, j]
-        # Only rows that held j among their top-k change; zeroing an entry that is 0 changes nothing.
+        self.alive[j] = 0
+        # Only rows that held j among their top-k change. The matrix is symmetric, so row j (contiguous) reads
+        # as column j, except in a dead channel's row (all 1 there): its r stays 1 while k channels remain.
+        col = self.m[j]
         rows = np.flatnonzero((col > 0) & (col >= self.kth) & alive)
-        self.m[j, :] = 0
-        self.m[:, j] = 0
         if len(rows):
             old = self.r[rows]
             self._rows(rows)
             total[rows] += self.r[rows] - old
+
+
+class COPImportance(tp.importance.Importance):
+    """COP's importance of every channel of a Torch-Pruning group, for ``tp.pruner.MetaPruner``.
+
+    ``imp_i = alpha (1 - r_i) + beta (1 - rf) + gamma (1 - rp)``: ``r_i`` is channel i's redundancy in
+    the kernels that consume the group (averaged over them, see the module docstring), ``rf`` and ``rp``
+    the log2 FLOPs and params of every convolution and linear layer the group touches, at their current
+    widths, over the largest group's in the network. Low scores are pruned first. Within one layer only
+    ``r`` orders the channels; across layers (``global_pruning=True``) the cost terms weigh in as in COP.
+
+    MetaPruner ranks once per step, where COP's own selection recomputes ``r`` after every cut:
+    ``iterative_steps`` brings the two closer, and :func:`~bconv.prune.cop_prune` is COP's greedy
+    selection itself.
+
+    Args:
+        alpha, beta, gamma: the weights of redundancy, FLOPs and params (``PRESETS`` holds the
+            released recipes: ``COPImportance(*PRESETS["faster"], example_inputs=x)``).
+        top_k: how many of a channel's largest correlations make its redundancy.
+        similarity: ``"pearson"`` (COP's default), ``"cosine"`` or ``"inner"`` (inner product).
+        normalize: ``"max"``, ``"l1"`` or ``"l2"``: how each matrix is scaled (see ``_similarity``).
+        example_inputs: the input you give MetaPruner; needed when ``beta > 0``, to count each layer's
+            output positions (FLOPs). Read once, on the first call.
+
+    Example::
+
+        >>> x = torch.randn(1, 3, 224, 224)
+        >>> imp = COPImportance(example_inputs=x)
+        >>> pruner = tp.pruner.MetaPruner(model, x, importance=imp, pruning_ratio=0.5, global_pruning=True,
+        ...                               ignored_layers=[model.fc])
+        >>> pruner.step()
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        *,
+        top_k: int = 3,
+        similarity: Similarity = "pearson",
+        normalize: Normalization = "max",
+        example_inputs: Tensor | None = None,
+    ) -> None:
+        self.alpha, self.beta, self.gamma = _check_weights(alpha, beta, gamma)
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity={similarity!r} is not one of {', '.join(map(repr, SIMILARITIES))}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize={normalize!r} is not one of {', '.join(map(repr, NORMALIZATIONS))}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r} must be an integer >= 1")
+        if self.beta > 0 and example_inputs is None:
+            raise ValueError(
+                f"beta={self.beta:g} weighs FLOPs, which need the input size: pass example_inputs= (the input "
+                f"you give MetaPruner), or beta=0"
+            )
+        self.top_k, self.similarity, self.normalize = top_k, similarity, normalize
+        self.example_inputs = example_inputs
+        self._positions: dict[nn.Module, int] | None = None
+        self._scale: tuple[Any, float, float] | None = None  # (shapes, max log2 params, max log2 FLOPs)
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> Tensor:
+        graph = group._DG
+        n = len(group[0].idxs)
+        outs, ins = _split(group, graph)
+        r = np.zeros(n)
+        matrices = _group_matrices(outs, ins, n, self.similarity, self.normalize)
+        if matrices:
+            r = np.mean([_Redundancy(m, self.top_k).r for m in matrices], axis=0)
+        imp = self.alpha * (1 - r)
+        if self.beta or self.gamma:
+            p, f = self._costs([m for m, _ in outs + ins if _is_layer(m)], graph)
+            _, max_lp, max_lf = self._largest(graph)
+            lp, lf = math.log2(max(p, 2.0)), math.log2(max(f, 2.0))
+            imp = imp + self.beta * (1 - lf / max_lf) + self.gamma * (1 - lp / max_lp)
+        return torch.as_tensor(imp, dtype=torch.float32)
+
+    def _costs(self, layers: list[nn.Module], graph: Any) -> tuple[float, float]:
+        if self._positions is None:
+            self._positions = _output_positions(graph.model, self.example_inputs) if self.beta else {}
+        unique = list(dict.fromkeys(layers))
+        params = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in unique)
+        flops = sum(2 * m.weight.numel() * self._positions.get(m, 0) for m in unique)
+        return float(params), float(flops)
+
+    def _largest(self, graph: Any) -> tuple[Any, float, float]:
+        """log2 of the largest group's params and FLOPs, recomputed when a layer's width has changed."""
+        shapes = tuple(tuple(m.weight.shape) for m in graph.module2node if _is_layer(m))
+        if self._scale is None or self._scale[0] != shapes:
+            costs = [self._costs([m for m, _ in sum(_split(g, graph), []) if _is_layer(m)], graph)
+                     for _, g, _ in _all_groups(graph.model, graph) if g is not None]  # fmt: skip
+            costs = costs or [(2.0, 2.0)]
+            self._scale = (shapes, math.log2(max(max(p for p, _ in costs), 2.0)),
+                           math.log2(max(max(f for _, f in costs), 2.0)))  # fmt: skip
+        return self._scale
+
+
+def _split(group: Any, graph: Any) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]:
+    """A group's ``(module, item)`` pairs whose output channels, and whose input channels, it prunes."""
+    outs = [(it.dep.target.module, it) for it in group if graph.is_out_channel_pruning_fn(it.dep.handler)]
+    ins = [(it.dep.target.module, it) for it in group if graph.is_in_channel_pruning_fn(it.dep.handler)]
+    return outs, ins
+
+
+def _output_positions(model: nn.Module, x: Any) -> dict[nn.Module, int]:
+    """Each convolution's and linear layer's output positions per sample, from one forward of ``x``."""
+    positions: dict[nn.Module, int] = {}
+    with _recording_positions(model, positions), eval_mode(model), torch.no_grad():
+        model(*x) if isinstance(x, (list, tuple)) else model(x)
+    return positions

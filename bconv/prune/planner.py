@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Iterable
 
 import numpy as np
 import torch
-from torch import nn
+import torch_pruning as tp
+from torch import Tensor, nn
 
-from .adapter import _all_groups, _depthwise, _has, _in_channels, _inside, _is_layer, _out_channels, _taps
-from .importance import _activations, _consumer_kernel, _Redundancy, _similarity
+from .adapter import Protection, _all_groups, _depthwise, _has, _in_channels, _inside, _is_layer, _out_channels, _taps
+from .importance import COPImportance, _activations, _cost_terms, _group_matrices, _Redundancy, _similarity, _split
 from .report import PruneError, PruneTargetError, _skipped_hint
 
 TOLERANCE = 0.02  # the target is met within this fraction of the metric
@@ -66,13 +67,61 @@ class _Group:
         self.cuts += self.ch_groups
 
 
-class _Planner:
-    """The greedy COP selection on Torch-Pruning's groups, with a linear cost model of the network."""
+@dataclass(frozen=True)
+class Floors:
+    """How far any one layer may be narrowed.
 
-    def __init__(self, model, graph, positions, protected, allowed, weights, top_k, similarity, normalize,
-                 min_channels, max_fraction, round_to, calibration=None):  # fmt: skip
+    Attributes:
+        min_channels: no layer keeps fewer channels than this (and never fewer than 1).
+        max_fraction: the largest fraction of a layer's channels that may be removed.
+        round_to: kept widths are multiples of this (the original width is always allowed).
+    """
+
+    min_channels: int = 1
+    max_fraction: float = 0.9
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("min_channels", "round_to"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if isinstance(self.max_fraction, bool) or not isinstance(self.max_fraction, (int, float)) \
+                or not 0 < self.max_fraction <= 1:
+            raise ValueError(f"max_fraction={self.max_fraction!r} must be in (0, 1]: the largest fraction of a "
+                             f"layer removed")  # fmt: skip
+
+
+class _Planner:
+    """The greedy COP selection on Torch-Pruning's groups, with a linear cost model of the network.
+
+    Args:
+        model, graph: the network and Torch-Pruning's dependency graph of it.
+        importance: COP's weights and similarity (its ``alpha``, ``beta``, ``gamma``, ``top_k``,
+            ``similarity``, ``normalize``).
+        floors: how far each layer may be narrowed.
+        positions: each convolution's and linear layer's output positions per sample (FLOPs).
+        protection: the layers left whole, and those whose output channels stay.
+        allowed: module paths whose output channels may be pruned (the chosen stages), None for all.
+        calibration: input batches whose activations replace the consumer kernels, or None.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        graph: tp.DependencyGraph,
+        *,
+        importance: COPImportance,
+        floors: Floors,
+        positions: dict[nn.Module, int],
+        protection: Protection,
+        allowed: list[str] | None = None,
+        calibration: Iterable[Tensor] | None = None,
+    ) -> None:
         self.model, self.graph = model, graph
-        self.alpha, self.beta, self.gamma = weights
+        self.alpha, self.beta, self.gamma = importance.alpha, importance.beta, importance.gamma
+        similarity, normalize, top_k = importance.similarity, importance.normalize, importance.top_k
+        min_channels, max_fraction, round_to = floors.min_channels, floors.max_fraction, floors.round_to
         self.skipped: list[tuple[str, str]] = []
         self.applied_cuts = 0
         names = graph._module2name
@@ -92,7 +141,8 @@ class _Planner:
         a_in: list[np.ndarray] = []
         a_out: list[np.ndarray] = []
         extra: list[float] = []
-        protected_modules = {model.get_submodule(p) for p in protected if _has(model, p)}
+        whole = {model.get_submodule(p): why for p, why in protection.whole.items() if _has(model, p)}
+        outputs = {model.get_submodule(p): why for p, why in protection.outputs.items() if _has(model, p)}
         seen_roots: set[nn.Module] = set()
         all_groups = []
         for root, group, failure in _all_groups(model, graph):
@@ -109,13 +159,14 @@ class _Planner:
                 continue
             root_name = names.get(root, "?")
             n = len(group[0].idxs)
-            outs = [(it.dep.target.module, it) for it in group if graph.is_out_channel_pruning_fn(it.dep.handler)]
-            ins = [(it.dep.target.module, it) for it in group if graph.is_in_channel_pruning_fn(it.dep.handler)]
+            outs, ins = _split(group, graph)
             touched = {m for m, _ in outs + ins if isinstance(m, nn.Module) and m in names}
             seen_roots |= {m for m, _ in outs if _is_layer(m)}
-            hit = [names.get(m, "?") for m in touched if m in protected_modules]
+            # A protected output keeps its output channels only: the layers that feed it stay prunable.
+            hit = [(m, whole[m]) for m in touched if m in whole]
+            hit += [(m, outputs[m]) for m, _ in outs if isinstance(m, nn.Module) and m in outputs]
             if hit:
-                self.skipped.append((root_name, f"touch `{hit[0]}` ({protected.get(hit[0], 'protected')})"))
+                self.skipped.append((root_name, f"touch `{names.get(hit[0][0], '?')}` ({hit[0][1]})"))
                 continue
             if allowed is not None and not all(_inside(names[m], allowed) for m, _ in outs if m in names):
                 self.skipped.append((root_name, "produced outside the chosen stages"))
@@ -133,25 +184,12 @@ class _Planner:
             if floor >= units:
                 self.skipped.append((root_name, "are at their floor already"))
                 continue
-            consumers = []
             if activations is not None and root in activations:
                 a = activations[root][:, torch.tensor(list(group[0].idxs))]
-                consumers.append(_Redundancy(_similarity(a.unsqueeze(0), similarity, normalize), top_k))
-            for m, it in ([] if consumers else ins):
-                if _is_layer(m):
-                    w = _consumer_kernel(m, list(it.idxs), list(it.root_idxs), n)
-                    if w is not None:
-                        consumers.append(_Redundancy(_similarity(w, similarity, normalize), top_k))
-            if not consumers:  # nothing reads these channels through a dense kernel: correlate the filters
-                for m, it in outs:
-                    if _is_layer(m) and not _depthwise(m) and len(it.idxs) == n and max(it.idxs) < _out_channels(m):
-                        w = m.weight.detach()
-                        w = w.transpose(0, 1) if getattr(m, "transposed", False) else w
-                        w = w.reshape(w.shape[0], -1)[torch.tensor(list(it.idxs))]
-                        consumers.append(_Redundancy(_similarity(w.t().unsqueeze(0), similarity, normalize), top_k))
-                        break
-            # A consumer read through a mapping Torch-Pruning widened (split, reshape) gives no per-channel matrix.
-            consumers = [c for c in consumers if c.m.shape[0] == n]
+                matrices = [_similarity(a.unsqueeze(0), similarity, normalize)]
+            else:
+                matrices = _group_matrices(outs, ins, n, similarity, normalize)
+            consumers = [_Redundancy(m, top_k) for m in matrices]
             g = _Group(root, root_name, n, ch_groups, q, floor, consumers)
             row_in, row_out = np.zeros(len(layers)), np.zeros(len(layers))
             per_channel = 0.0
@@ -229,10 +267,7 @@ class _Planner:
         return 1 - self.estimated(before)[metric] / before[metric]
 
     def _cost_terms(self) -> np.ndarray:
-        p, f = self.p, self.f
-        lp = np.log2(np.maximum(self.touch @ p, 2.0))
-        lf = np.log2(np.maximum(self.touch @ f, 2.0))
-        return self.beta * (1 - lf / lf.max()) + self.gamma * (1 - lp / lp.max())
+        return _cost_terms(self.touch @ self.p, self.touch @ self.f, self.beta, self.gamma)
 
     def run(self, metric: str, target: float, before: dict[str, int]) -> bool:
         """Cut greedily until the estimated reduction of ``metric`` reaches ``target``; False if floors stop it."""
@@ -275,9 +310,9 @@ class _Planner:
                 return int(gi)
         return int(order[0])
 
-    def apply(self) -> list[list[Any]]:
-        """Prune the planned, not yet applied channels from the model with Torch-Pruning."""
-        history = []
+    def apply(self) -> None:
+        """Prune the planned, not yet applied channels from the model with Torch-Pruning (which records each
+        removal in its graph's ``pruning_history()``)."""
         for g in self.groups:
             todo = ~g.alive_ch & ~g.applied
             if not todo.any():
@@ -295,7 +330,5 @@ class _Planner:
                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Pass protect=['{g.root_name}'] "
                     f"or stages=[...] without it; the model is unchanged."
                 ) from e
-            history.append([g.root_name, True, idxs])
             g.applied |= todo
             self.applied_cuts += len(idxs)
-        return history

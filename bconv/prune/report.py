@@ -60,7 +60,7 @@ class PruneReport:
 class PruneResult:
     """``model`` (the same object, pruned in place), its ``report`` and the pruning ``history``.
 
-    ``history`` lists Torch-Pruning's operations in order: ``[root layer, is_output_channels,
+    ``history`` is Torch-Pruning's ``DependencyGraph.pruning_history()``: ``[root layer, is_output_channels,
     channel indices at that moment]``; :func:`save_pruned` stores it, :func:`load_pruned` replays it.
     """
 

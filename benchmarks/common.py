@@ -1,0 +1,522 @@
+"""What every benchmark shares: data, seeding, the training loop, evaluation, retrieval and paired statistics.
+
+Benchmarks are modules of the ``benchmarks`` package, run from the repository root as
+``python -m benchmarks.NAME``; they import this module and never each other.
+
+* **Data**: :class:`Split` (images and labels in memory), :func:`read_idx` and :func:`load_fashion_mnist`
+  (the IDX files of ``apt-get install dataset-fashion-mnist``, gzipped or not, read from disk),
+  :func:`load_digits` (scikit-learn's bundled digits), :func:`load_cifar10` (a local copy through
+  torchvision, never downloaded), :func:`load_folder` (an ImageFolder tree), and label-balanced subsets:
+  :func:`per_class_split` (fractions of every class), :func:`per_class_counts` (exact counts per class),
+  :func:`balanced_subset` (at most n per class).
+* **Seeding**: :func:`seeded` seeds torch, numpy and ``random`` and returns the generator that orders
+  and augments the data, so a run is fixed by its seed.
+* **Training**: :func:`batches` (one shuffled epoch, optionally augmented: :func:`crop_flip`,
+  :func:`shift`), :func:`train_epochs` (any step under a cosine schedule; a PTL model's state is reset
+  every epoch and detached every step).
+* **Evaluation**: :func:`evaluate` (accuracy and cross-entropy in eval mode), :func:`reestimate_bn`
+  (BatchNorm running statistics recomputed on training images, torch's ``update_bn``),
+  :func:`retrieval_metrics` (mAP and rank-1, each item querying all the others; checked against
+  torchmetrics' ``RetrievalMAP`` and ``RetrievalHitRate`` in ``tests/test_benchmarks.py``).
+* **Statistics**: :func:`paired` (per-seed differences with a 95% t-interval) and
+  :func:`detectable_difference` (the smallest paired difference a run of that size and spread detects).
+* **Records**: :func:`command` (the ``python -m`` line that reproduces a run) and :func:`environment`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import platform
+import random
+import shlex
+import statistics
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "RESULTS", "Split", "balanced_subset", "batches", "command",
+    "crop_flip", "detectable_difference", "environment", "evaluate", "load_cifar10", "load_digits",
+    "load_fashion_mnist", "load_folder", "mean_std", "paired", "per_class_counts", "per_class_split", "read_idx",
+    "reestimate_bn", "relabel", "resize", "retrieval_metrics", "seeded", "shift", "train_epochs",
+]  # fmt: skip
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Split:
+    """Images ``x`` ``[N, C, H, W]`` (float) and labels ``y`` ``[N]`` (0..classes-1)."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, index: Tensor) -> Split:
+        return Split(self.x[index], self.y[index])
+
+
+def resize(x: Tensor, size: int) -> Tensor:
+    """``x`` resized (bilinear) to ``size`` x ``size``; unchanged when it already is."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def load_digits(image_size: int = 8) -> tuple[Tensor, Tensor, list[str]]:
+    """scikit-learn's bundled digits: ``[1797, 1, S, S]`` in [0, 1], labels, class names."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    return resize(x, image_size), torch.tensor(digits.target, dtype=torch.long), [str(c) for c in range(10)]
+
+
+def load_cifar10(data_dir: Path, train: bool, image_size: int = 32) -> tuple[Tensor, Tensor, list[str]]:
+    """torchvision's CIFAR-10 from a local copy (``data_dir/cifar-10-batches-py``); nothing is downloaded."""
+    from torchvision.datasets import CIFAR10
+
+    dataset = CIFAR10(str(data_dir), train=train, download=False)
+    x = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).float() / 255.0
+    return resize(x, image_size), torch.tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
+
+
+def load_folder(data_dir: Path, image_size: int) -> tuple[Tensor, Tensor, list[str]]:
+    """``torchvision.datasets.ImageFolder(data_dir)``, RGB, resized to ``image_size`` x ``image_size``."""
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(data_dir), transform=transforms.Compose([
+        transforms.Resize((image_size, image_size)), transforms.ToTensor(),
+    ]))  # fmt: skip
+    if not len(dataset):
+        raise ValueError(f"no images found under {data_dir}")
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return x, torch.tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
+
+
+#: where ``apt-get install dataset-fashion-mnist`` puts the files (``dpkg -L dataset-fashion-mnist``)
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+#: the element type of an IDX file: its third magic byte -> a big-endian numpy dtype
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format), gzipped or not, as a numpy array.
+
+    The header is two zero bytes, a type byte, the number of dimensions, then each dimension as a
+    big-endian uint32; the data follow, big-endian.
+
+    Args:
+        path: the file; gzip is recognised by its magic bytes, not by the name.
+
+    Returns:
+        The array, shaped as the header says, in native byte order.
+
+    Raises:
+        ValueError: not an IDX file, or its size disagrees with its header.
+
+    Example::
+
+        >>> read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").shape
+        (10000,)
+    """
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path} is not an IDX file: it starts with {raw[:4].hex()}, expected 0000 + a type byte "
+                         f"({', '.join(f'{t:02x}' for t in _IDX_TYPES)}) + the number of dimensions")  # fmt: skip
+    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", raw[4:header]) if len(raw) >= header else None
+    if shape is None or len(raw) - header != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{path}: {len(raw)} bytes do not hold the {ndim}-d array of shape {shape} its header declares")
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_file(data_dir: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise SystemExit(
+        f"Fashion-MNIST not found: no {stem}[.gz] in {data_dir}. Install it with "
+        f"`apt-get install dataset-fashion-mnist` (it goes to {FASHION_MNIST_DIR}), or pass --data-dir DIR with "
+        f"the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        f"t10k-labels-idx1-ubyte, gzipped or not)"
+    )
+
+
+def load_fashion_mnist(data_dir: Path | None, train: bool) -> tuple[Tensor, Tensor, list[str]]:
+    """Fashion-MNIST from its four IDX files: ``[N, 1, 28, 28]`` in [0, 1], labels, class names.
+
+    Args:
+        data_dir: the folder of the IDX files; ``None``: where the Debian package puts them.
+        train: the 60,000 training images, or the 10,000 test images.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else FASHION_MNIST_DIR
+    prefix = "train" if train else "t10k"
+    images = read_idx(_idx_file(data_dir, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_idx_file(data_dir, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{data_dir}: {prefix} images {images.shape} and labels {labels.shape} do not match "
+                         f"(expected [N, H, W] and [N])")  # fmt: skip
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+    return x, torch.from_numpy(labels.astype(np.int64)), list(FASHION_MNIST_CLASSES)
+
+
+def relabel(x: Tensor, y: Tensor, classes: Sequence[int]) -> Split:
+    """The images of ``classes``, labelled by their position in ``classes``."""
+    mapping = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
+    mapping[torch.tensor(list(classes))] = torch.arange(len(classes))
+    keep = mapping[y] >= 0
+    return Split(x[keep], mapping[y[keep]])
+
+
+def per_class_split(y: Tensor, fractions: Sequence[float], seed: int) -> list[Tensor]:
+    """Indices of ``len(fractions)`` disjoint parts, each holding that fraction of every class."""
+    gen = torch.Generator().manual_seed(seed)
+    parts: list[list[Tensor]] = [[] for _ in fractions]
+    bounds_of = np.cumsum(fractions)
+    bounds_of[-1] = 1.0
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        bounds = [round(float(b) * len(idx)) for b in bounds_of]
+        for k, (lo, hi) in enumerate(zip([0, *bounds[:-1]], bounds)):
+            parts[k].append(idx[lo:hi])
+    return [torch.cat(p) for p in parts]
+
+
+def per_class_counts(y: Tensor, counts: Sequence[int], seed: int) -> list[Tensor]:
+    """Indices of ``len(counts)`` disjoint parts holding exactly ``counts[k]`` images of every class.
+
+    Raises:
+        SystemExit: a class has fewer than ``sum(counts)`` images.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    parts: list[list[Tensor]] = [[] for _ in counts]
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        if len(idx) < sum(counts):
+            raise SystemExit(f"class {int(c)} has {len(idx)} training images; the split needs {sum(counts)} "
+                             f"({' + '.join(map(str, counts))} per class)")  # fmt: skip
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        bounds = np.cumsum([0, *counts]).tolist()
+        for k in range(len(counts)):
+            parts[k].append(idx[bounds[k] : bounds[k + 1]])
+    return [torch.cat(p) for p in parts]
+
+
+def balanced_subset(split: Split, per_class: int | None) -> Split:
+    """At most ``per_class`` images of each class, the first ones in order (``None``: all of them)."""
+    if per_class is None:
+        return split
+    keep = torch.cat([torch.nonzero(split.y == c).flatten()[:per_class] for c in torch.unique(split.y)])
+    return split.take(keep.sort().values)
+
+
+# ----------------------------------------------------------------------------------------------- seeding
+
+
+def seeded(seed: int) -> torch.Generator:
+    """Seed torch's, numpy's and Python's global generators with ``seed`` and return a fresh generator.
+
+    The global generators initialise what is built next (a classifier, a ladder); the returned generator
+    orders and augments the data, so the data stream of a seed does not depend on how many parameters
+    were drawn before it.
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+Augment = Callable[[Tensor, torch.Generator], Tensor]
+
+
+def crop_flip(x: Tensor, gen: torch.Generator, pad: int = 4) -> Tensor:
+    """Random crop with ``pad`` pixels of zero padding and random horizontal flip, per image."""
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    offsets = torch.randint(0, 2 * pad + 1, (len(x), 2), generator=gen).tolist()
+    h, w = x.shape[-2:]
+    return torch.stack([p[:, i : i + h, j : j + w] for p, (i, j) in zip(padded, offsets)])
+
+
+def shift(x: Tensor, gen: torch.Generator) -> Tensor:
+    """The whole batch rolled by one random shift of -1, 0 or 1 pixel along each spatial axis."""
+    dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
+    return torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+
+
+def batches(split: Split, batch_size: int, gen: torch.Generator, augment: Augment | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of shuffled mini-batches ``(x, y)``; the last one may be smaller."""
+    order = torch.randperm(len(split), generator=gen)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x = split.x[idx]
+        yield (augment(x, gen) if augment is not None else x), split.y[idx]
+
+
+def _cross_entropy_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[Tensor, Tensor], None]:
+    def step(x: Tensor, y: Tensor) -> None:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def train_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: Split,
+    epochs: int,
+    gen: torch.Generator,
+    *,
+    batch_size: int,
+    augment: Augment | None = None,
+    step: Callable[[Tensor, Tensor], None] | None = None,
+    schedule: str = "epoch",
+    reset_state: bool = True,
+    after_epoch: Callable[[int], dict | None] | None = None,
+    bar=None,
+) -> list[dict]:
+    """``epochs`` epochs of mini-batch steps under a cosine schedule from the optimizer's learning rates to 0.
+
+    Args:
+        model: the model; put in train mode at the start of every epoch. A model with ``reset_state`` (a
+            PTL model) has its state reset at the start of every epoch (unless ``reset_state=False``: only
+            a fresh wrap starts from zeros) and detached after every step.
+        optimizer: its learning rates are the schedule's start.
+        train: the training images.
+        epochs: passes over ``train``.
+        gen: orders (and augments) the data.
+        batch_size: images per step (the last step of an epoch may have fewer).
+        augment: applied to each batch with ``gen``.
+        step: ``step(x, y)`` trains on one batch; default: cross-entropy of ``model(x)``, one optimizer step.
+        schedule: ``"epoch"``: the cosine steps once per epoch; ``"step"``: once per step.
+        reset_state: reset a PTL model's state every epoch.
+        after_epoch: called with the epoch's index after it; what it returns is collected.
+        bar: a tqdm bar advanced by one per epoch (its postfix shows the last ``*_acc`` returned).
+
+    Returns:
+        What ``after_epoch`` returned for each epoch (``{}`` without it).
+    """
+    step = step or _cross_entropy_step(model, optimizer)
+    per_epoch = math.ceil(len(train) / batch_size)
+    if schedule not in ("epoch", "step"):
+        raise ValueError(f"schedule must be 'epoch' or 'step', got {schedule!r}")
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * (per_epoch if schedule == "step" else 1))
+    stateful = hasattr(model, "reset_state")
+    curve = []
+    for epoch in range(epochs):
+        model.train()
+        if stateful and reset_state:
+            model.reset_state()
+        for x, y in batches(train, batch_size, gen, augment):
+            step(x, y)
+            if stateful:
+                model.detach_state()
+            if schedule == "step":
+                scheduler.step()
+        if schedule == "epoch":
+            scheduler.step()
+        point = (after_epoch(epoch) if after_epoch is not None else None) or {}
+        curve.append(point)
+        if bar is not None:
+            bar.update(1)
+            accs = [k for k in point if k.endswith("_acc")]
+            if accs:
+                bar.set_postfix(acc=f"{point[accs[-1]]:.1f}")
+    return curve
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 256) -> tuple[float, float]:
+    """``(accuracy %, mean cross-entropy)`` of ``model`` in eval mode (a PTL model: zero state)."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, len(split), batch_size):
+        x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
+        logits = model(x)
+        correct += int((logits.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+    return 100.0 * correct / len(split), loss / len(split)
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int = 256) -> None:
+    """Recompute every BatchNorm's running statistics as the plain average over ``x`` (torch's ``update_bn``).
+
+    A few hundred steps of momentum 0.1 leave running statistics that depend on the last batches a seed
+    happened to draw; eval then measures them as much as the weights. A PTL model's state is reset before
+    every batch, so its ladder sees what it sees in eval (zero state), and once more at the end. ``model``
+    ends in eval mode.
+    """
+    stateful = hasattr(model, "reset_state")
+
+    def inputs() -> Iterator[Tensor]:
+        for start in range(0, len(x), batch_size):
+            if stateful:
+                model.reset_state()
+            yield x[start : start + batch_size]
+
+    torch.optim.swa_utils.update_bn(inputs(), model)
+    if stateful:
+        model.reset_state()
+    model.eval()
+
+
+@torch.no_grad()
+def retrieval_metrics(features: Tensor, labels: Tensor, chunk: int = 512) -> dict[str, float]:
+    """Retrieval on one set: each item queries all the others (never itself), ranked by cosine similarity.
+
+    Equal to torchmetrics' ``RetrievalMAP`` and ``RetrievalHitRate(top_k=1)`` over the same pairs
+    (``empty_target_action="skip"``), computed a block of queries at a time.
+
+    Args:
+        features: ``[N, D]``.
+        labels: ``[N]``; an item is relevant to a query when their labels are equal.
+        chunk: queries per block (memory ``chunk * N``).
+
+    Returns:
+        ``{"map": mean average precision %, "rank1": % of queries whose nearest other item is relevant}``,
+        over the queries that have at least one relevant item.
+
+    Example::
+
+        >>> retrieval_metrics(torch.tensor([[1.0, 0], [1, 0.1], [0, 1], [0.1, 1]]), torch.tensor([0, 0, 1, 1]))
+        {'map': 100.0, 'rank1': 100.0}
+    """
+    f = F.normalize(features.float(), dim=1)
+    n = len(f)
+    ranks = torch.arange(1, n, dtype=torch.float32)
+    ap_sum, top1_sum, queries = 0.0, 0.0, 0
+    for start in range(0, n, chunk):
+        q = torch.arange(start, min(start + chunk, n))
+        sim = f[q] @ f.T
+        sim[torch.arange(len(q)), q] = -float("inf")  # the query itself ranks last, then is dropped
+        order = sim.argsort(dim=1, descending=True)[:, :-1]
+        match = (labels[order] == labels[q, None]).float()
+        relevant = match.sum(1)
+        has = relevant > 0
+        precision = match.cumsum(1) / ranks
+        ap_sum += float(((precision * match).sum(1)[has] / relevant[has]).sum())
+        top1_sum += float(match[has, 0].sum())
+        queries += int(has.sum())
+    if not queries:
+        raise ValueError("no query has a relevant item: every label occurs once")
+    return {"map": 100.0 * ap_sum / queries, "rank1": 100.0 * top1_sum / queries}
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired(values: Sequence[float], baseline: Sequence[float]) -> dict[str, float | int]:
+    """Per-seed differences ``values - baseline`` (same seeds, same order): mean, std, 95% t-interval.
+
+    Args:
+        values: one number per seed.
+        baseline: the baseline's numbers for the same seeds.
+
+    Returns:
+        ``mean``, ``std``, ``ci_low``, ``ci_high`` (a two-sided 95% t-interval over the seeds for the mean
+        difference), ``better`` and ``worse`` (seeds above / below the baseline), ``n``.
+
+    Example::
+
+        >>> paired([91.0, 92.0, 93.0], [90.0, 90.0, 90.0])["mean"]
+        2.0
+    """
+    from scipy.stats import t
+
+    if len(values) != len(baseline) or len(values) < 2:
+        raise ValueError(f"paired differences need the same >= 2 seeds on both sides, got {len(values)} and "
+                         f"{len(baseline)}")  # fmt: skip
+    diffs = [a - b for a, b in zip(values, baseline)]
+    mean, std = mean_std(diffs)
+    half = float(t.ppf(0.975, len(diffs) - 1)) * std / math.sqrt(len(diffs))
+    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": len(diffs),
+            "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs)}  # fmt: skip
+
+
+def detectable_difference(std: float, n: int, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The smallest true mean difference a two-sided paired t-test over ``n`` seeds detects with ``power``.
+
+    Solves the noncentral-t power equation for the effect size d (in units of the per-seed difference's
+    standard deviation ``std``): P(|T| > t_{1-alpha/2, n-1}) = power, T ~ nct(n-1, d * sqrt(n)).
+
+    Args:
+        std: standard deviation of the per-seed differences (as observed).
+        n: seeds.
+        power: the probability of detecting it.
+        alpha: the test's level.
+
+    Returns:
+        The difference, in the units of ``std``.
+
+    Example::
+
+        >>> round(detectable_difference(1.0, 10), 1)  # 10 seeds detect about 1 std of the differences
+        1.0
+    """
+    from scipy.optimize import brentq
+    from scipy.stats import nct, t
+
+    if n < 2:
+        raise ValueError(f"a paired t-test needs at least 2 seeds, got {n}")
+    crit = float(t.ppf(1 - alpha / 2, n - 1))
+
+    def shortfall(d: float) -> float:
+        nc = d * math.sqrt(n)
+        wrong_side = float(nct.cdf(-crit, n - 1, nc))  # scipy gives NaN where it is far below 1e-9
+        return float(nct.sf(crit, n - 1, nc)) + (0.0 if math.isnan(wrong_side) else wrong_side) - power
+
+    high = 1.0
+    while shortfall(high) < 0:  # widen until the power is reached (nct is unstable far beyond it)
+        high *= 2
+    return std * brentq(shortfall, 0.0, high)
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+
+def command(module: str, argv: Sequence[str] | None) -> str:
+    """The shell line that reproduces a run: ``python -m benchmarks.<module> ARGS`` (``argv`` None: sys.argv)."""
+    return shlex.join(["python", "-m", f"benchmarks.{module}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def environment() -> dict:
+    """Where a run ran: torch, threads, CPUs, platform and the 1-minute load average now."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "platform": platform.platform(), "load": os.getloadavg()[0]}  # fmt: skip
