@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import BConvError
 from .config import PTLConfig
-from .ptl import PTLModel, unwrap_ptl, wrap_with_ptl
+from .ptl import PTLModel, check_ladder_version, unwrap_ptl, wrap_with_ptl
 
 __all__ = ["load_ptl"]
 
@@ -36,7 +36,8 @@ def load_ptl(
 
     Raises:
         bconv.BConvError: the state dict carries no PTL config (a checkpoint written before bconv
-            recorded it, or not a PTL model's); the checkpoint's stages are not stages of ``model``.
+            recorded it, or not a PTL model's); it was written by the earlier ladder (bconv 0.1); the
+            checkpoint's stages are not stages of ``model``.
         RuntimeError: torch's own error when the weights do not fit (another architecture); the network is
             handed back unwrapped.
 
@@ -47,6 +48,7 @@ def load_ptl(
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"load_ptl needs a state dict (a mapping); got {type(state_dict).__name__}")
+    check_ladder_version(state_dict)
     stored = state_dict.get(_KEY)
     if stored is None or (isinstance(stored, torch.Tensor) and stored.numel() == 0):  # none, or a hand-built wrapper's
         raise BConvError(_no_config_message(state_dict))

@@ -3,14 +3,19 @@
 Given the chosen stages s_1..s_n with outputs x_1..x_n (DESIGN.md §3, paper Eq. 3)::
 
     y_1 = Cell_1(image)                        # strided from the image to r_1
-    z_i = Fuse_i(cat(x_i, y_i))                # 1x1 conv, i = 1..n-1
+    z_i = Fuse_i(cat(x_i, y_i))                # Conv1x1(bias) -> BN -> ReLU, i = 1..n-1
     y_{i+1} = Cell_{i+1}(z_i)                  # stride r_{i+1}/r_i: a chain of stride-2 cells
-    out = FinalFuse(cat(x_n, y_n))             # 1x1 conv back to x_n's channels, replaces x_n
+    out = x_n + proj(y_n)                      # replaces x_n; y_n starts at exactly 0
 
-The ladder reads the backbone through forward hooks and feeds back only at the last paired
-stage, so the rest of the network (pooling, head) is the user's own and the wrapped model
-returns what the original returned. FinalFuse starts as ``[identity | 0]``: a freshly
-wrapped model computes exactly what the original computed.
+Every fusion is the released code's ``Conv1x1(bias) -> BatchNorm -> ReLU`` and every convolution
+of the branch starts from ``kaiming_normal_(fan_in)`` (ZJULearning/PTL, DESIGN.md §3). The ladder
+reads the backbone through forward hooks and feeds back only at the last paired stage, so the rest
+of the network (pooling, head) is the user's own and the wrapped model returns what the original
+returned. The final fusion is the paper's 1x1 conv over ``cat(x_n, y_n)`` with its ``x_n`` part fixed
+to the identity, and the last cell's candidate weights start at zero, so that cell outputs exactly 0
+at first: a freshly wrapped model computes exactly what the original computed, while the gradient
+``proj^T g`` reaches the ladder from the first step (see :class:`FinalFusion`).
+``final_init="paper"`` gives the released code's ``out = Fuse(cat(x_n, y_n))`` instead.
 
 The ladder checks itself at every forward: once the image has reached it, every paired stage
 must run, in order, or the forward raises (never a backbone-only output). Each stage's output
@@ -23,6 +28,7 @@ final fusion, with the cell output of the first pass.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
@@ -44,7 +50,7 @@ from .anatomy import anatomy
 from .config import PTLConfig, mismatch_message
 from .stages import Stage, default_input_size
 
-__all__ = ["PTLModel", "PTLLadder", "wrap_with_ptl", "unwrap_ptl", "CELLS"]
+__all__ = ["PTLModel", "PTLLadder", "Fusion", "FinalFusion", "wrap_with_ptl", "unwrap_ptl", "CELLS"]
 
 CELLS: dict[str, type[StatefulCell]] = {"v1": BConvCell, "v2": BConvCellV2}
 _FINAL_INITS = ("identity", "paper")
@@ -54,13 +60,99 @@ def _width(fraction: float, channels: int) -> int:
     return max(8, round(fraction * channels))
 
 
+class Fusion(nn.Sequential):
+    """The released code's fusion: ``Conv1x1(bias) -> BatchNorm -> ReLU`` (ZJULearning/PTL, ``mgn_ptl.py``).
+
+    The BatchNorm keeps the fused signal at unit scale whatever the scale of the backbone's features, so
+    the ladder neither vanishes beside them nor swamps them (DESIGN.md §3).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            collections.OrderedDict(
+                conv=nn.Conv2d(in_channels, out_channels, 1, bias=True),
+                bn=nn.BatchNorm2d(out_channels),
+                relu=nn.ReLU(),
+            )
+        )
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+
+class FinalFusion(nn.Module):
+    r"""The last fusion, whose output replaces the last paired stage's output ``x``.
+
+    ``final_init="identity"`` (bconv's default), the paper's 1x1 conv over ``cat(x, y)`` with its ``x``
+    part fixed to the identity::
+
+        out = x + proj(y)           # proj: Conv1x1(y's channels -> x's), kaiming_normal_(fan_in), no bias
+
+    and the last cell's candidate weights (the ``g`` rows of its gate conv) start at zero, so with no
+    history that cell outputs exactly 0 (:meth:`~bconv.cells.BConvCell.silence_`): a freshly wrapped model
+    computes exactly what the original computed. The ladder is awake from the first step: the gradient
+    reaching ``y`` is ``proj^T g``, of the order of the stage output's own gradient ``g``, and the silenced
+    candidate weights, with the fan-in of a 3x3 conv, grow at the rate of any conv layer. Unlike a zero
+    scale or a zero BatchNorm weight on a fusion's output, nothing multiplies the ladder's path by zero;
+    and since the ``x`` part is fixed, the ladder adds no trainable layer on the backbone's own features:
+    with the cells' output zeroed the model is the plain backbone. The contribution is bounded like
+    the cell's output (``|y| < 1``), so it cannot swamp the stage's features.
+
+    ``final_init="paper"``: ``out = Fusion(cat(x, y))``, the released code's randomly initialised, normalised
+    reduction layer (its BatchNorm weight drawn from N(1, 0.02), as ``MGN_PTL._init_reduction`` does).
+    """
+
+    def __init__(self, channels: int, cell_channels: int, residual: bool) -> None:
+        super().__init__()
+        self.channels, self.cell_channels, self.residual = channels, cell_channels, residual
+        if residual:
+            self.proj = nn.Conv2d(cell_channels, channels, 1, bias=False)
+        else:
+            self.fuse = Fusion(channels + cell_channels, channels)
+            with torch.no_grad():
+                self.fuse.bn.weight.normal_(1.0, 0.02)
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels + self.cell_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.channels
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = y.to(x.dtype)
+        if self.residual:
+            return x + self.proj(y)
+        return self.fuse(torch.cat([x, y], dim=1))
+
+    def extra_repr(self) -> str:
+        return "out = x + proj(y)" if self.residual else "out = fuse(cat(x, y))"
+
+
+def released_init(module: nn.Module) -> None:
+    """``kaiming_normal_(mode="fan_in")`` on every convolution of ``module``, as the released code initialises
+    the PTL branch (``PTL.init_param``); biases and BatchNorm keep PyTorch's defaults."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in")
+
+
 class PTLLadder(nn.Module):
     """The injected modules: one chain of cells and one fusion per paired stage, and the final fusion.
 
     Attributes:
         cells: ``cells[i]`` takes the image (``i == 0``) or ``z_{i-1}`` to stage ``i``'s resolution.
-        fuses: ``fuses[i]`` (``i < n - 1``) is the 1x1 conv ``cat(x_i, y_i) -> z_i``.
-        final_fuse: the 1x1 conv ``cat(x_n, y_n) -> x_n``'s channels.
+        fuses: ``fuses[i]`` (``i < n - 1``) is the :class:`Fusion` ``cat(x_i, y_i) -> z_i``.
+        final_fuse: the :class:`FinalFusion` ``(x_n, y_n) -> x_n``'s channels.
+        zero_cells: when ``True``, the cells do not run and the final fusion sees zeros in place of the
+            last cell's output: the ladder minus its cells (an ablation: :func:`bconv.ladder_usage`
+            compares with it; with the default ``final_init`` the model is then the plain backbone).
     """
 
     def __init__(
@@ -83,16 +175,16 @@ class PTLLadder(nn.Module):
             cells.append(_cell_chain(cell, channels, width, s.reduction // reduction, cell_kwargs))
             if i < len(stages) - 1:
                 fused = _width(fuse_width, s.channels)
-                fuses.append(nn.Conv2d(s.channels + width, fused, 1, bias=False))
+                fuses.append(Fusion(s.channels + width, fused))
                 channels, reduction = fused, s.reduction
         self.cells = nn.ModuleList(cells)
         self.fuses = nn.ModuleList(fuses)
         last = stages[-1].channels
-        self.final_fuse = nn.Conv2d(last + _width(cell_width, last), last, 1, bias=False)
+        self.final_fuse = FinalFusion(last, _width(cell_width, last), residual=final_init == "identity")
+        released_init(self)
         if final_init == "identity":
-            with torch.no_grad():
-                self.final_fuse.weight.zero_()
-                self.final_fuse.weight[:, :last, 0, 0].copy_(torch.eye(last))
+            self.cells[-1][-1].silence_()  # the last cell outputs 0 until it learns: out == x_n exactly
+        self.zero_cells = False
         # Where each stage's output is read (set by wrap_with_ptl; named in errors).
         self.tap_names = self.stage_names
         self._reset_pass()
@@ -167,25 +259,33 @@ class PTLLadder(nn.Module):
         self._refuse_reentrant_checkpoint(f"stage `{self.stage_names[i]}`")
         nhwc = self.layouts[i] == "NHWC"
         x = out.permute(0, 3, 1, 2) if nhwc else out
+        last = i == len(self.fuses)
         with _own_saved_tensors():
-            y = self.cells[i](self._image if i == 0 else self._z)
-            if y.shape[-2:] != x.shape[-2:]:
-                # Stages made with unpadded convs (Inception) are a few pixels off the cells' ceil(H / 2).
-                y = F.adaptive_avg_pool2d(y, x.shape[-2:])
-            y = y.to(x.dtype)
-            fused = torch.cat([x, y], dim=1)
-            if i < len(self.fuses):
-                self._z = self.fuses[i](fused)
+            if self.zero_cells:  # the ablation: no cell runs (nor touches its state), the fusion sees zeros
+                y = x.new_zeros((x.shape[0], self.final_fuse.in_channels - x.shape[1], *x.shape[-2:]))
+            else:
+                y = self.cells[i](self._image if i == 0 else self._z)
+                if y.shape[-2:] != x.shape[-2:]:
+                    # Stages made with unpadded convs (Inception) are a few pixels off the cells' ceil(H / 2).
+                    y = F.adaptive_avg_pool2d(y, x.shape[-2:])
+                y = y.to(x.dtype)
+            if not last:
+                if not self.zero_cells:
+                    self._z = self.fuses[i](torch.cat([x, y], dim=1))
                 self._next += 1
                 return None
             self._reset_pass()
-            result = self.final_fuse(fused)
+            result = self.final_fuse(x, y)
         if result.requires_grad and not torch.compiler.is_compiling():
             # A checkpoint whose region goes on past this stage recomputes this output in backward: it
             # replays the final fusion with this y, so the cells never run (nor touch their state) again.
             self._replay_y = y.detach()
             self._unreached += 1
             result.register_hook(self._reached)
+        return self._output(result, nhwc)
+
+    @staticmethod
+    def _output(result: torch.Tensor, nhwc: bool) -> torch.Tensor:
         return result.permute(0, 2, 3, 1) if nhwc else result
 
     def _reached(self, grad: torch.Tensor) -> None:
@@ -211,8 +311,8 @@ class PTLLadder(nn.Module):
                 f"forward's ladder output has shape {tuple(y.shape)}: call backward after each training forward."
             )
         with _own_saved_tensors():
-            result = self.final_fuse(torch.cat([x, y.to(x.dtype)], dim=1))
-        return result.permute(0, 2, 3, 1) if nhwc else result
+            result = self.final_fuse(x, y)
+        return self._output(result, nhwc)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -377,6 +477,7 @@ class PTLModel(nn.Module):
             raise BConvError(mismatch_message(saved, self.config))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:
+        check_ladder_version(state_dict, prefix)  # before any tensor of this model is touched
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         key = prefix + "_extra_state"
         if key not in state_dict and key in missing_keys:
@@ -423,6 +524,30 @@ class PTLModel(nn.Module):
             if inspect.ismethod(value) and isinstance(modules.get("ptl"), PTLLadder):
                 return _checked(value, modules["ptl"])  # forward_features(x) & co. skip the network's __call__
             return value
+
+
+# A key only the earlier ladder (bconv 0.1: plain 1x1 fusions without BatchNorm) wrote: its final fusion was
+# a bare Conv2d, where the current one is FinalFusion(fuse=Fusion(conv, bn, relu), scale).
+_EARLIER_LADDER_KEY = "ptl.final_fuse.weight"
+
+
+def check_ladder_version(state_dict: Mapping[str, Any], prefix: str = "") -> None:
+    """Refuse a checkpoint written by the earlier ladder with a message that says what to do.
+
+    Raises:
+        bconv.BConvError: ``state_dict`` holds the earlier ladder's plain 1x1 fusions.
+    """
+    if prefix + _EARLIER_LADDER_KEY not in state_dict:
+        return
+    backbone = prefix + "model."
+    raise BConvError(
+        "this checkpoint was written by bconv's earlier PTL ladder (bconv 0.1: plain 1x1 fusions, no "
+        "BatchNorm), which this bconv no longer builds: that ladder stayed dormant or destabilised "
+        "fine-tuning (DESIGN.md §3). Nothing was loaded. Its backbone weights still load into the wrapped "
+        "network: `wrapped.model.load_state_dict({k[len(p):]: v for k, v in sd.items() if k.startswith(p)})` "
+        f"with p = {backbone!r}, and the new ladder is then trained from its function-preserving start; to "
+        "keep using the old ladder as it is, load the checkpoint with bconv 0.1."
+    )
 
 
 def _checked(method: Any, ladder: PTLLadder) -> Any:
@@ -515,8 +640,8 @@ def wrap_with_ptl(
         cell: ``"v1"`` (paper Eq. 1) or ``"v2"`` (paper Fig. 1 right).
         input_size: ``(C, H, W)`` used to find the stages (default: the model's own, or 3x224x224).
         cell_width: cell output channels as a fraction of the paired stage's channels (at least 8).
-            The default 1/8 puts the overhead near the paper's: ResNet-50 25.6M -> 32.0M parameters
-            (paper: 28M -> 35M), DenseNet-161 28.7M -> 38.6M (paper: 32M -> 42M).
+            At the default 1/8: ResNet-50 25.6M -> 27.8M parameters, DenseNet-161 28.7M -> 33.7M; with
+            ``final_init="paper"`` 32.0M and 38.6M (paper: 28M -> 35M, 32M -> 42M).
         fuse_width: channels of each intermediate fusion ``z_i``, as a fraction of stage ``i``'s channels.
         state_mode: ``"per_sample"`` (the paper's: one state slot per batch position) or ``"pooled"``
             (the batch mean, independent of batch size; see :class:`bconv.cells.StatefulCell`).
@@ -526,8 +651,10 @@ def wrap_with_ptl(
             kept across batches until ``detach_state()`` (k-step truncated back-propagation).
         on_size_change: what a cell does when the input resolution changes in training: ``"reset"``
             (forget its state with a warning) or ``"raise"``.
-        final_init: ``"identity"``: the final fusion starts as ``[identity | 0]``, so the wrapped model
-            computes exactly what the original did (default); ``"paper"``: PyTorch's default random init.
+        final_init: ``"identity"`` (default): ``out = x_n + proj(y_n)`` with the last cell silenced (its
+            candidate weights start at zero), so the wrapped model computes exactly what the original did
+            and the ladder gets gradients from the first step; ``"paper"``: the released code's randomly
+            initialised, normalised ``Fuse(cat(x_n, y_n))`` replaces ``x_n``.
         source: how to find stages (see :func:`bconv.find_stages`).
         leaf_modules: module classes fx should not trace through.
 
