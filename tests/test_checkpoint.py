@@ -151,8 +151,8 @@ def test_a_checkpoint_in_todays_format_loads_into_a_wrapper_built_by_hand():
     # Strict loading still reports what it always reported.
     with pytest.raises(RuntimeError, match="Unexpected key.*bogus"):
         twin.load_state_dict({**old, "bogus": torch.zeros(1)})
-    del old["ptl.final_fuse.weight"]
-    with pytest.raises(RuntimeError, match="Missing key.*ptl.final_fuse.weight"):
+    del old["ptl.final_fuse.fuse.conv.weight"]
+    with pytest.raises(RuntimeError, match="Missing key.*ptl.final_fuse.fuse.conv.weight"):
         twin.load_state_dict(old)
 
 
