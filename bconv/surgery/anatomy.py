@@ -2,8 +2,8 @@
 
 ``anatomy(model)`` traces the network with torch.fx once, propagates shapes on meta tensors at two
 input sizes (so layouts, channels and reductions are measured and no real convolution runs), and
-returns an :class:`Anatomy`: the stages (as :func:`bconv.find_stages` reports them), the stem (the
-first stage's modules) and the :class:`Head` (everything after the deepest stage: global pooling,
+returns an :class:`Anatomy`: the stages (as :func:`bconv.find_stages` reports them), the stem (its own
+block even where it is folded into the first stage) and the :class:`Head` (everything after the deepest stage: global pooling,
 the classifier, the pooled feature width). PTL (``wrap_with_ptl``), distillation
 (``pooled_features``, ``STDTrainer``), rolling back (``Rollback``) and pruning all read it, so
 none of them decides again, with rules of its own, where the head begins.
@@ -49,7 +49,10 @@ from ._stages import (
 )
 from ._trace import Traced, eval_mode, propagate_shapes, trace
 
-__all__ = ["Anatomy", "Head", "Stage", "Source", "anatomy", "find_stages", "default_input_size", "UnsupportedModelError"]
+__all__ = [
+    "Anatomy", "Head", "Stage", "Source", "anatomy", "find_stages", "stem_modules", "default_input_size",
+    "UnsupportedModelError",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,8 @@ class Anatomy:
 
     Attributes:
         stages: the stages, from the input (see :class:`bconv.Stage`).
-        stem: the modules of the first stage: the network's stem, up to the first stage's end.
+        stem: the network's stem: the modules of the first stage that come before its own block (see
+            :func:`stem_modules`), or all of them when the first stage is the stem itself.
         head: see :class:`Head`.
         input_size: ``(C, H, W)`` of the measurement.
         shapes_from: ``"meta"`` (meta tensors: no real compute) or ``"real"`` (a model that meta tensors
@@ -310,13 +314,46 @@ def _measure(
     head = _head(model, traced, chain, stages)
     return Anatomy(
         stages=tuple(stages),
-        stem=stages[0].modules if stages else (),
+        stem=stem_modules(model, stages[0]) if stages else (),
         head=head,
         input_size=input_size,
         shapes_from=traced.shapes_from if traced is not None else "meta",
         layout_measured=traced.alt_input_size is not None if traced is not None else True,
         stages_error=stages_error,
     )
+
+
+def stem_modules(model: nn.Module, first: Stage) -> tuple[str, ...]:
+    """The modules of ``model``'s stem, given its first stage.
+
+    A stage ends where the resolution drops, so a stem that does not drop it below the first stage's
+    (a CIFAR ResNet's stride-1 conv, ConvNeXt's and Swin's patchify stems, EfficientNet's ``conv_stem``
+    before ``blocks.0``) ends inside the first stage, whose modules then hold the stem and the stage's own
+    block: the container module that the stage is named by (``layer1``, ``stages.0``, ``features.1``). The
+    stem is what comes before that block. Where the first stage has no such block (torchvision's ResNet
+    stage ``relu`` is ``conv1, bn1, relu``; a VGG's first stage ends at a ReLU), the first stage is the stem.
+
+    Args:
+        model: the network the stage's module paths are relative to.
+        first: its first stage.
+
+    Returns:
+        Module paths, in the stage's order.
+
+    Example::
+
+        >>> stem_modules(model, find_stages(model)[0])  # timm's efficientnet_b0: stage blocks.0
+        ('conv_stem', 'bn1')
+    """
+    modules = dict(model.named_modules())
+    own = next((i for i, m in enumerate(first.modules) if first.name == m or first.name.startswith(m + ".")), None)
+    if not own:  # None, or the stage's block comes first: nothing precedes it
+        return first.modules
+    block, before = modules[first.modules[own]], first.modules[:own]
+    is_container = next(block.children(), None) is not None and next(block.parameters(), None) is not None
+    if is_container and any(next(modules[m].parameters(), None) is not None for m in before):
+        return before
+    return first.modules
 
 
 # --------------------------------------------------------------------------- kinds of networks bconv refuses
