@@ -14,7 +14,8 @@ import bconv
 from bconv import BConvError, ladder_usage, wrap_with_ptl
 from bconv.surgery.ptl import FinalFusion, Fusion
 
-from _finetune import SmallNet, fresh_pretrained, target_split, train
+from benchmarks.ladder import SmallNet, fresh_pretrained, target_split, train
+
 from conftest import TinyCNN, zoo_model
 
 LEARNING_RATES = (0.01, 0.03, 0.1)
