@@ -294,6 +294,8 @@ def write(result: dict, out: Path) -> None:
     if "accuracy" in result:
         a, cfg = result["accuracy"], result["accuracy"]["config"]
         s = a["summary"]
+        if a.get("partial"):
+            lines += [f"**{a['partial']}**", ""]
         lines += [
             "## (a) Accuracy: Fashion-MNIST, VGG-style widths " + ", ".join(map(str, cfg["widths"])), "",
             f"{len(a['seeds'])} seeds. Each seed trains the network {cfg['epochs']} epoch(s) on {cfg['train_images']} "
@@ -364,9 +366,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--speed-threads", type=int, default=1,
                    help="torch threads of the speed part (one: no waits for a second core on a shared machine)")
     p.add_argument("--out", type=Path, default=RESULTS / "prune", help="results path without suffix")
+    p.add_argument("--report-from", type=Path, default=None, metavar="ROWS",
+                   help="only write the report of an interrupted run from the seeds it finished (its .rows.json), "
+                        "marked partial")  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result: dict = {"command": command("prune", argv), "environment": environment(), "png": args.out.name + ".png"}
+    if args.report_from is not None:
+        return report_partial(args, result)
     if args.part in ("accuracy", "both"):
         cfg = QUICK if args.quick else FULL
         train, test = load(args.data_dir)
@@ -382,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
             ablation += a
             # Each finished seed is kept, so an interrupted run leaves what it measured (never the report).
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.with_suffix(".rows.json").write_text(json.dumps({"rows": rows, "ablation": ablation}, indent=1))
+            args.out.with_suffix(".rows.json").write_text(json.dumps(
+                {"command": result["command"], "seeds": args.seeds, "rows": rows, "ablation": ablation}, indent=1))
         summary = summarise(rows, ablation)
         result["accuracy"] = {"config": cfg, "seeds": args.seeds, "test_images": len(test), "channel_ratios": ratios,
                               "rows": rows, "ablation": ablation, "summary": summary,
@@ -395,6 +403,26 @@ def main(argv: list[str] | None = None) -> dict:
     result["environment"]["load_after"] = environment()["load"]
     write(result, args.out)
     args.out.with_suffix(".rows.json").unlink(missing_ok=True)
+    return result
+
+
+def report_partial(args: argparse.Namespace, result: dict) -> dict:
+    """The report of the seeds an interrupted run finished, saying which seeds of which command it holds."""
+    saved = json.loads(args.report_from.read_text())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows, ablation = saved["rows"], saved["ablation"]
+    cfg = QUICK if args.quick else FULL
+    seeds = sorted({r["seed"] for r in rows})
+    asked = saved.get("seeds", [0, 1, 2, 3, 4])
+    run = saved.get("command", "python -m benchmarks.prune")
+    summary = summarise(rows, ablation)
+    result["accuracy"] = {"config": cfg, "seeds": seeds, "test_images": 10 * cfg["test_per_class"], "rows": rows,
+                          "ablation": ablation, "summary": summary,
+                          "verdict": verdict(summary) if summary["pairs"] else "",
+                          "partial": f"PARTIAL: `{run}` was stopped after {len(seeds)} of its {len(asked)} seeds "
+                                     f"(finished: {seeds}); these are the finished seeds' rows, not the full run."}
+    plot(summary, args.out.with_suffix(".png"))
+    write(result, args.out)
     return result
 
 

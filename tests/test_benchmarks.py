@@ -667,3 +667,12 @@ def test_prune_quick_on_fashion_mnist_idx_files(tmp_path):
     assert "python -m benchmarks.prune --quick" in md and "Paired differences" in md and "Preset ablation" in md
     assert json.loads(out.with_suffix(".json").read_text())["accuracy"]["rows"] == a["rows"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not out.with_suffix(".rows.json").exists()  # a finished run leaves no partial rows
+    # An interrupted run's finished seeds are reported as such, never as the full run.
+    rows = tmp_path / "interrupted.rows.json"
+    rows.write_text(json.dumps({"command": "python -m benchmarks.prune", "seeds": [0, 1, 2, 3, 4],
+                                "rows": [r for r in a["rows"] if r["seed"] == 0],
+                                "ablation": [r for r in a["ablation"] if r["seed"] == 0]}))  # fmt: skip
+    partial = prune.main(["--report-from", str(rows), "--quick", "--out", str(tmp_path / "partial")])
+    assert partial["accuracy"]["seeds"] == [0] and not partial["accuracy"]["summary"]["pairs"]
+    assert "PARTIAL: `python -m benchmarks.prune` was stopped after 1 of its 5 seeds" in (tmp_path / "partial.md").read_text()
