@@ -32,8 +32,9 @@ SIZE_CHANGE_POLICIES = ("reset", "raise")
 
 def _usable_in_training(value: Tensor) -> Tensor:
     """``value``, or a normal copy of it if it is an inference tensor (made under ``torch.inference_mode()``):
-    autograd cannot save an inference tensor, so the next training step would fail inside torch."""
-    if not value.is_inference():
+    autograd cannot save an inference tensor, so the next training step would fail inside torch. A compiled
+    forward is traced, and dynamo does not trace ``is_inference``: it keeps the plain path."""
+    if torch.compiler.is_compiling() or not value.is_inference():
         return value
     with torch.inference_mode(False):
         return value.clone()
