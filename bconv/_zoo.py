@@ -17,7 +17,10 @@ from torch import nn
 
 from .errors import UnknownModelError
 
-__all__ = ["ZooModel", "resolve", "build", "torchvision_names", "timm_names", "timm_families", "UnknownModelError"]
+__all__ = [
+    "ZooModel", "resolve", "build", "torchvision_names", "torchvision_all_names", "timm_names", "timm_families",
+    "UnknownModelError",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,16 @@ def torchvision_names() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=None)
+def torchvision_all_names() -> tuple[str, ...]:
+    """Every model torchvision knows (``torchvision.models.list_models()``): the classifiers, then segmentation,
+    detection, video, optical flow and quantization models, which ``resolve`` finds as well."""
+    import torchvision
+
+    classifiers = torchvision_names()
+    return classifiers + tuple(n for n in torchvision.models.list_models() if n not in set(classifiers))
+
+
+@lru_cache(maxsize=None)
 def timm_names() -> tuple[str, ...]:
     import timm
 
@@ -51,7 +64,7 @@ def resolve(spec: str) -> ZooModel:
         UnknownModelError: with the closest names of the zoos searched.
     """
     zoo, _, name = spec.rpartition(":")
-    zoos = {"torchvision": torchvision_names, "timm": timm_names}
+    zoos = {"torchvision": torchvision_all_names, "timm": timm_names}
     if zoo and zoo not in zoos:
         raise UnknownModelError(f"unknown zoo {zoo!r} in {spec!r}: use torchvision:NAME or timm:NAME")
     searched = [zoo] if zoo else ["torchvision", "timm"]
@@ -70,9 +83,14 @@ def build(model: ZooModel | str, **kwargs) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's init-weights FutureWarnings
         if model.zoo == "torchvision":
+            import inspect
+
             import torchvision
 
-            return torchvision.models.get_model(model.name, weights=None, **kwargs)
+            builder = torchvision.models.get_model_builder(model.name)
+            if "weights_backbone" in inspect.signature(builder).parameters:
+                kwargs.setdefault("weights_backbone", None)  # segmentation and detection models load one by default
+            return builder(weights=None, **kwargs)
         import timm
 
         return timm.create_model(model.name, pretrained=False, **kwargs)

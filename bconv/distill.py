@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from .errors import ClassifierNotFoundError
 from .surgery._hooks import original_network
 from .surgery._trace import dummy_input, eval_mode
+from .surgery._checks import check_input_size
 from .surgery.anatomy import anatomy
-from .surgery.stages import default_input_size
 
 __all__ = [
     "std_loss",
@@ -300,7 +300,7 @@ class STDTrainer:
         self.teacher_width: int | None = None
         self.projection: nn.Module | None = projection if isinstance(projection, nn.Module) else None
         if projection in ("auto", "linear"):
-            size = tuple(input_size) if input_size is not None else default_input_size(original_network(student)[0])
+            size = check_input_size(input_size, original_network(student)[0])
             self.student_width, self.teacher_width = self._width(student, size), self._width(teacher, size)
             if projection == "linear" or self.student_width != self.teacher_width:
                 param = next(student.parameters())

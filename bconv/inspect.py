@@ -21,8 +21,7 @@ from ._zoo import UnknownModelError, build, resolve, torchvision_input_size
 from .errors import BConvError
 from .surgery.plan import Plan, ptl_plan
 from .surgery.ptl import wrap_with_ptl
-from .surgery.anatomy import Head, anatomy
-from .surgery.stages import Stage, default_input_size
+from .surgery.anatomy import Head, Stage, anatomy, default_input_size
 
 __all__ = ["main", "format_table", "format_head", "format_plan"]
 

@@ -22,7 +22,7 @@ from torch import nn
 from .cells import StatefulCell
 from .errors import BConvError
 
-__all__ = ["reset_state", "detach_state", "latent_state_dict", "load_latent_state_dict"]
+__all__ = ["reset_state", "detach_state", "latent_state_dict", "load_latent_state_dict", "LatentState"]
 
 
 def _cells(model: nn.Module, what: str) -> list[tuple[str, StatefulCell]]:
@@ -157,3 +157,36 @@ def load_latent_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
         )
     for name, cell in cells.items():
         cell.load_latent_state(state_dict[name])
+
+
+class LatentState:
+    """The cells' latent state of ``model`` as a checkpointable object (``state_dict``/``load_state_dict``).
+
+    Frameworks that checkpoint any object with these two methods take it as it is: Hugging Face
+    Accelerate's ``accelerator.register_for_checkpointing``, Lightning Fabric's ``fabric.save``, the
+    ``Stateful`` objects of ``torch.distributed.checkpoint``. It holds no copy: ``state_dict()`` reads
+    the cells when the checkpoint is written, ``load_state_dict()`` restores them.
+
+    Args:
+        model: a PTL model, or any network that holds one. Give the unwrapped model
+            (``accelerator.unwrap_model(model)``), so that the keys do not depend on the wrapper.
+
+    Raises:
+        ValueError: ``model`` holds no cell.
+
+    Example::
+
+        >>> accelerator.register_for_checkpointing(bconv.LatentState(accelerator.unwrap_model(model)))
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        _cells(model, "LatentState")  # refuse a network without cells now, not at the first checkpoint
+        self.model = model
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """:func:`latent_state_dict` of the model."""
+        return latent_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """:func:`load_latent_state_dict` into the model (checked first: on error nothing changes)."""
+        load_latent_state_dict(self.model, state_dict)

@@ -12,7 +12,7 @@ import math
 import torch
 
 from bconv.surgery._trace import propagate_shapes, trace
-from bconv.surgery.stages import _group_modules, _main_chain, _runs
+from bconv.surgery._stages import group_modules, main_chain, stage_runs
 
 __all__ = ["agreement", "diagnose"]
 
@@ -68,8 +68,8 @@ def diagnose(model: torch.nn.Module, input_size: tuple[int, ...], unmatched: lis
     traced = trace(model)
     x = _input(input_size)
     propagate_shapes(traced, model, input_size)
-    chain = _main_chain(traced)
-    runs = _runs(traced, chain)
+    chain = main_chain(traced)
+    runs = stage_runs(traced, chain)
     recorder = _Values(traced.graph_module, set(chain))
     with torch.no_grad():
         recorder.run(x)
@@ -87,7 +87,7 @@ def diagnose(model: torch.nn.Module, input_size: tuple[int, ...], unmatched: lis
         elif last in found:
             out.append([s.reduction, s.name, "rule-compatible", "the last dominator at its reduction"])
         else:
-            after = _group_modules(spans, [traced.index(tap), traced.index(last)])[1]
+            after = group_modules(spans, [traced.index(tap), traced.index(last)])[1]
             shown = ", ".join(after[:3]) + (f" and {len(after) - 3} more" if len(after) > 3 else "")
             out.append([s.reduction, s.name, "not-last", f"followed at the same resolution by {shown or 'unnamed ops'}"])
     return out

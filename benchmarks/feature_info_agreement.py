@@ -38,7 +38,7 @@ import torch
 from bconv import find_stages
 from bconv._zoo import build, timm_families, ZooModel
 from bconv.errors import NoSpatialStagesError
-from bconv.surgery.stages import _feature_info
+from bconv.surgery._stages import feature_info_entries
 
 from benchmarks._agreement import agreement
 from benchmarks.common import RESULTS
@@ -69,7 +69,7 @@ def measure(family: str, name: str) -> dict:
         fx_stages = None
         row["fx"] = "error"
         row["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    usable = _feature_info(model)
+    usable = feature_info_entries(model)
     if isinstance(usable, str):
         row["feature_info"] = "none"
         row["feature_info_reason"] = usable

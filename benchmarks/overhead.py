@@ -163,7 +163,7 @@ class HandWiredPTLResNet(torch.nn.Module):
         z = fuses[2](torch.cat([x, cells[2](z)], 1))
         x = net.layer3(x)
         z = fuses[3](torch.cat([x, cells[3](z)], 1))
-        x = self.ptl.final_fuse(torch.cat([net.layer4(x), cells[4](z)], 1))
+        x = self.ptl.final_fuse(net.layer4(x), cells[4](z))  # x + proj(y), or the released Fuse(cat(x, y))
         return net.fc(torch.flatten(net.avgpool(x), 1))
 
     def detach_state(self) -> None:
@@ -175,7 +175,7 @@ class HandWiredPTLResNet(torch.nn.Module):
 def measure_hand_wired(batch: int, repeats: int, device: torch.device, size: int = 224) -> dict:
     """Train-step time of wrap_with_ptl(resnet50) over the same PTL ResNet-50 wired by hand."""
     seeded(0)
-    wrapped = wrap_with_ptl(build(resolve("torchvision:resnet50")), input_size=(3, size, size), final_init="paper")
+    wrapped = wrap_with_ptl(build(resolve("torchvision:resnet50")), input_size=(3, size, size))
     wrapped.to(device)
     hand = HandWiredPTLResNet(wrapped).to(device)
     x = torch.randn(batch, 3, size, size, device=device)

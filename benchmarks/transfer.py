@@ -1,83 +1,82 @@
-"""Fine-tuning experiment: does PTL improve fine-tuning of a pre-trained backbone?
+"""The transfer protocol: can a small, fair experiment tell whether PTL, STD and rolling back help?
 
-The PTL paper reports that PTL improves fine-tuning (CIFAR-10 error 5.92% -> 5.62% with DenseNet-100,
-PTL-v2 5.38%). This script tests the claim in a transfer setting, with every condition on the same
-backbone, data, schedule and seeds, and each condition's learning rate tuned on a validation split.
+The PTL paper reports that PTL improves fine-tuning (CIFAR-10 error 5.92% -> 5.62% with DenseNet-100).
+This benchmark fine-tunes one pre-trained backbone on a new task under every condition, with rules fixed
+before any result, so that a difference it reports is one the run could detect, and one it does not report
+is bounded by a power statement.
 
-**Transfer setting.** The classes of the dataset are split in two halves: the backbone is pre-trained
-on the first half (the source task), then fine-tuned on the second half (the target task), as PTL is
-meant to be used. Digits: pre-train on 0-4, fine-tune on 5-9.
+**Data and split rules** (fixed before any result, kept from the first Fashion-MNIST experiment). Fashion-MNIST
+(``apt-get install dataset-fashion-mnist``; its four IDX files are read from disk, nothing is downloaded):
+the backbone is pre-trained once (3 epochs) on the first five classes (T-shirt/top, Trouser, Pullover, Dress,
+Coat; all 30,000 training images), then fine-tuned on the other five (Sandal, Shirt, Sneaker, Bag, Ankle boot) with a
+labelled budget of ``--budget`` 20 training and ``--val-per-class`` 100 validation images per class, drawn once
+(split seed 0) from the target's training images; the official 5,000 test images of the target classes are the
+test split. ``BUDGET_REASON`` says why 20. Images are normalised with the source training set's statistics;
+random crop (4-pixel padding) and horizontal flip in training. ``--dataset digits|cifar10|folder`` runs the
+same protocol on other data.
 
-**Data** (``--dataset``), all loaded into memory, scaled to [0, 1] and normalised per channel with the
-source training set's statistics:
+**Schedule.** Every condition trains ``--epochs`` 48 epochs (4 steps of batch 32 each at 20 labels per class:
+the order at which plain fine-tuning was measured to plateau) under a cosine schedule, with SGD (momentum 0.9,
+Nesterov, weight decay 5e-4: the released rolling-back optimizer, for every condition). Evaluation is in
+eval mode (a PTL model: zero state), after the BatchNorm running statistics are re-estimated on the labelled
+training images (``benchmarks.common.reestimate_bn``; without it most of the seed spread is the running
+statistics' last batches), on a copy, so training is never touched.
 
-* ``digits`` (default): scikit-learn's bundled handwritten digits (1797 8x8 grey images, nothing is
-  downloaded), upsampled to 16x16 (bilinear) so the third stage still has 4x4 pixels. One pool, split
-  per class with a fixed seed: source 80% train / 20% test; target 40% train / 20% val / 40% test.
-* ``fashion-mnist [--data-dir DIR]``: Zalando's Fashion-MNIST (70,000 28x28 grey images, 10 classes), read
-  from its four IDX files (gzipped or not), by default where ``apt-get install dataset-fashion-mnist`` puts
-  them (``/usr/share/datasets/fashion-mnist``). Source: T-shirt/top, Trouser, Pullover, Dress, Coat, all
-  30,000 training images; target: Sandal, Shirt, Sneaker, Bag, Ankle boot with a limited labelled budget,
-  ``--budget`` (default 20) training and ``--val-per-class`` (default 100) validation images per class drawn
-  from the target's training images (``BUDGET_REASON`` says why 20); test: the official 5,000 test images of
-  the target classes. Random crop (4-pixel zero padding) and horizontal flip in training. Defaults for it:
-  1 pre-training epoch (938 steps) done once for all seeds (``--pretrain once``), 12 fine-tuning epochs and
-  the lr grid 0.01 0.03 0.1, so that the whole run fits an hour on 2 cores shared with other jobs.
-* ``cifar10 --data-dir DIR``: torchvision's ``CIFAR10(DIR, download=False)`` (``DIR/cifar-10-batches-py``).
-  The official test set is the test split; 20% of the target classes' training images per class are
-  the validation split. Random crop (4-pixel zero padding) and horizontal flip in training.
-* ``folder --data-dir DIR``: ``torchvision.datasets.ImageFolder(DIR)`` (``DIR/<class>/<image>``, at least 4
-  classes), images resized to ``--image-size`` (default 32); classes in sorted order, the first half is the
-  source. Split as digits; crop and flip as CIFAR-10.
+**Learning rates.** Each condition has its own grid (``Protocol.grids``). Tuning runs every lr of the grid on
+the 3 tuning seeds and reads only the validation split; the lr with the best mean final validation accuracy
+is chosen (ties: lower mean validation loss). When the chosen lr is an edge of the grid, the grid is extended
+one step beyond it (the 1-3-10 sequence) and tuned again, up to ``max_extensions`` times per side; a choice
+still at an edge after that is reported as such. Then every condition runs at its chosen lr on 20 fresh
+evaluation seeds (at least 10: ``--eval-seeds``), which alone see the test split.
 
-**Backbone.** A small ResNet (``SmallResNet``): a 3x3 conv stem, then three stages of basic residual
-blocks at strides 1, 2, 2 (``width``, ``2*width``, ``4*width`` channels), global average pooling and a
-linear classifier. ``bconv.find_stages`` finds its three stages (``layer1``, ``layer2``, ``layer3``), where
-PTL pairs its cells (library defaults: ``cell_width=fuse_width=1/8``, identity-initialised final fusion;
-``--final-init paper`` for the paper's random init). The results report how much the fine-tuned final
-fusion draws on the ladder (``ladder_weight_ratio``).
-
-**Pre-training** (once per seed, the same for every condition of that seed; ``--pretrain once``, the
-default for Fashion-MNIST: the first seed's backbone for every seed, so the seeds vary fine-tuning only): SGD (momentum 0.9, weight
-decay 5e-4, lr 0.05, cosine schedule), batch 32, ``--source-epochs`` epochs, on the source training split.
-
-**Conditions** (fine-tuning from the seed's pre-trained backbone with a new, seeded classifier):
+**Conditions** (a run seed fixes the classifier's initialisation, the ladder's, the data order and the
+augmentation; the pre-trained backbone is the same for all):
 
 * ``plain``: fine-tune the whole backbone;
-* ``ptl_v1``, ``ptl_v2``: ``wrap_with_ptl(backbone, cell="v1"|"v2")``, everything trained;
-  ``reset_state()`` at the start of every epoch, ``detach_state()`` after every step; evaluated in eval
-  mode (zero state, as in the paper);
-* ``rollback``: ``bconv.rollback.Rollback.run`` over ``--rollback-periods`` periods that split the same
-  epoch budget; lr ``lr`` for rolled-back stages and the head, ``lr/10`` for kept stages, ``10*lr`` for the
-  head in the first period (the released code's ratios around its 0.01), a fresh optimizer and cosine
-  schedule per period;
-* ``std``: a plain backbone trained with ``bconv.distill.STDTrainer`` (lam 0.8), the teacher being the
-  ``ptl_v1`` model of the same seed trained at ``ptl_v1``'s selected learning rate.
+* ``ptl_v1``: ``wrap_with_ptl(backbone, cell="v1")`` with bconv's default, function-preserving start;
+* ``ptl_v1_paper``: the same with the released code's start (``final_init="paper"``: the final fusion is a
+  randomly initialised, normalised layer over ``cat(x_n, y_n)``);
+* ``ptl_v2``: the v2 cell, bconv's default start;
+* ``control``: ``ptl_v1_paper`` with the ladder frozen at zero (``model.ptl.zero_cells = True``: the final
+  fusion sees zeros in place of the last cell's output), everything else as in PTL: the extra trainable
+  layer without the ladder. ``ptl_v1_paper - control`` is what the ladder adds. (With the default start,
+  the ladder zeroed is the plain backbone itself, so ``ptl_v1 - plain`` is already the ladder's effect);
+* ``std``: a plain backbone trained with ``bconv.distill.STDTrainer`` (lambda 0.8), the teacher being the
+  ``ptl_v1`` model of the same seed at ``ptl_v1``'s chosen lr; its own grid, higher (its mean-reduced L1 term
+  slows the student: issue 19 measured its backbone moving 0.45x and its classifier 0.2x as fast as plain's at
+  equal lr);
+* ``rollback``: ``bconv.rollback.Rollback.run`` with ``--rollback-periods`` periods of ``--epochs`` epochs
+  each (each period a whole fine-tuning run, as the method assumes), the released lr ratios around the tuned
+  lr (kept blocks lr/10, head 10*lr in the first period), the stem a block of its own.
 
-Every condition uses SGD (momentum 0.9, weight decay 5e-4), batch 32, a cosine schedule over
-``--epochs`` epochs, the same data order and augmentation per seed, and each learning rate of ``--lrs``.
-**Learning-rate tuning, the same for every condition:** each condition's lr is the one with the best mean
-final validation accuracy over the seeds (ties: lower mean validation loss); the test split is never used
-to choose. The validation split is evaluated after the last epoch (of every rollback period), the test split
-only afterwards, for the selected lr's runs, from the weights saved after every epoch. The reported numbers are the test accuracies of the selected lr, with the paired
-per-seed differences against plain and their 95% t-interval over the seeds, and retrieval on the target
-test set from ``bconv.distill.pooled_features`` (each test image queries all the others by cosine
-similarity; mAP and rank-1, the paper's ReID metrics).
+**Ablation** (``--ablation``, on the evaluation seeds at ``ptl_v1``'s chosen lr): bconv's departures from the
+paper undone one at a time: the state reset never instead of every epoch; the batch-pooled state.
 
-**Ablation** (``--ablation``): ptl_v1 at its selected lr, on the same seeds, with one change each: the
-state reset never instead of every epoch, the other ``state_mode`` (``pooled``), the other ``final_init``.
+**Reports** (``benchmarks/results/transfer_<dataset>.{md,json,png}``): per condition the test accuracy over
+the evaluation seeds; paired per-seed differences against ``plain`` and against ``control`` with 95%
+t-intervals; the smallest difference the run could detect (80% power, two-sided paired t at 0.05, from the
+observed spread of the differences); retrieval mAP and rank-1 on the test split
+(``bconv.distill.pooled_features``, each test image querying all others by cosine similarity); for PTL
+models the ladder's share of the replaced stage output and of the logits and the effect of the carried state
+(``bconv.ladder_usage``, on the first 32 training images after training); the plateau check (plain at its
+lr for twice the epochs on the tuning seeds); the test accuracy every 4 epochs (on the first 50 test images of
+each class; the final numbers on all) with the band over seeds; CPU time per condition. Every number written
+is measured in that run.
 
-Writes ``benchmarks/results/transfer.json``, ``.md`` and ``.png`` (``transfer_<dataset>`` for the other
-datasets; test accuracy per epoch, mean and min-max band over the seeds, on at most 50 test images per
-class, the final numbers on the whole test split). Every number written was measured in that run.
+**Cost.** 29 to 35 runs of 48 epochs a condition (9 tuning runs, 3 more per grid extension, 20 evaluation
+runs; rolling back: 4 periods each), about 250 runs in all with the ablation and the plateau check. The model (a
+three-stage ResNet of width 16 on 28x28 images, 4 steps an epoch) is small enough for the whole run to fit well
+within an hour on two cores with two worker processes (``--estimate`` times one run of each condition and
+extrapolates), which is why the run affords 20 evaluation seeds rather than the floor of 10, and v2. Evaluation
+is what costs beside training, so the curves read a subset and tuning runs read the validation split every 12
+epochs only.
 
 Reproduce::
 
-    pip install -e ".[bench]"
-    python -m benchmarks.transfer                        # digits, the committed results
-    python -m benchmarks.transfer --quick --out /tmp/t   # a smoke run of every condition, about a minute
-    python -m benchmarks.transfer --dataset fashion-mnist --ablation   # apt-get install dataset-fashion-mnist
-    python -m benchmarks.transfer --dataset cifar10 --data-dir ~/data --per-class 500
+    pip install -e ".[bench]"; apt-get install dataset-fashion-mnist
+    python -m benchmarks.transfer --ablation                      # the committed results, two worker processes
+    python -m benchmarks.transfer --estimate                      # time one run per condition, extrapolate
+    python -m benchmarks.transfer --quick --data-dir DIR --out /tmp/t   # a smoke run in seconds
 """
 
 from __future__ import annotations
@@ -86,40 +85,48 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
 import os
-import platform
 import statistics
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import bconv
 from bconv import wrap_with_ptl
 from bconv.distill import STDTrainer, pooled_features
 from bconv.rollback import Rollback
 
 from benchmarks.common import (FASHION_MNIST_DIR, RESULTS, Split, balanced_subset, command as run_command, crop_flip,
-                               evaluate, load_cifar10, load_digits, load_fashion_mnist, load_folder, mean_std, paired,
-                               per_class_counts, per_class_split, relabel, resize, retrieval_metrics, train_epochs)  # fmt: skip
+                               detectable_difference, environment, evaluate, load_cifar10, load_digits,
+                               load_fashion_mnist, load_folder, mean_std, paired, per_class_counts, per_class_split,
+                               reestimate_bn, relabel, resize, retrieval_metrics, seeded, train_epochs)  # fmt: skip
 
-CONDITIONS = ("plain", "ptl_v1", "ptl_v2", "rollback", "std")
+CONDITIONS = ("plain", "ptl_v1", "ptl_v1_paper", "control", "ptl_v2", "std", "rollback")
+PTL = {"ptl_v1": ("v1", "identity"), "ptl_v1_paper": ("v1", "paper"), "control": ("v1", "paper"),
+       "ptl_v2": ("v2", "identity")}  # fmt: skip
+#: the ablation of bconv's departures from the paper: name -> (what changes, wrap/train options)
+VARIANTS = {"reset never": ("the state is reset never instead of every epoch", {"reset": False}),
+            "state pooled": ("state_mode per_sample -> pooled", {"state_mode": "pooled"})}  # fmt: skip
 SPLIT_SEED = 0  # the data split is fixed; run seeds vary initialisation, data order and augmentation
-#: the per-epoch test curves use at most this many test images per class (the final numbers use all)
-CURVE_TEST_PER_CLASS = 50
-#: Fashion-MNIST's labelled target budget per class, and validation images per class (see BUDGET_REASON)
+USAGE_BATCH = 32  # ladder_usage is measured on the first this-many labelled training images
+CURVE_TEST_PER_CLASS = 50  # the per-epoch test curve reads this many test images per class (the final numbers: all)
 BUDGET, VAL_PER_CLASS = 20, 100
 BUDGET_REASON = (
     "{budget} labelled training images per target class (and {val} more per class for validation, from the "
-    "target's training images), fixed before any result was seen, from an a-priori estimate rather than a pilot run. The reason: on the five target classes "
-    "(footwear, bags, shirts) a small CNN trained on all 6000 images per class errs on about 2% of the test "
-    "images (published baselines); learning curves of image classifiers fall roughly as n^-1/2, which puts training from scratch on "
-    "{budget} per class near {scratch:.0f}% error (2% x sqrt(6000/{budget})), and transfer from the related source classes is expected to recover "
-    "most but not all of that: plain fine-tuning should land around 85-90%, with room above it for a method "
-    "that helps and below it for one that hurts."
+    "target's training images), fixed before any result was seen, from an a-priori estimate rather than a pilot "
+    "run. The reason: on the five target classes (footwear, bags, shirts) a small CNN trained on all 6000 images "
+    "per class errs on about 2% of the test images (published baselines); learning curves of image classifiers "
+    "fall roughly as n^-1/2, which puts training from scratch on {budget} per class near {scratch:.0f}% error "
+    "(2% x sqrt(6000/{budget})), and transfer from the related source classes is expected to recover most but "
+    "not all of that: plain fine-tuning should land around 85-90%, with room above it for a method that helps "
+    "and below it for one that hurts."
 )
 
 
@@ -161,8 +168,13 @@ def make_data(
 ) -> TransferData:
     """Load ``dataset`` and split it into the source and target tasks (see the module docstring).
 
-    ``budget`` and ``val_per_class`` (both or neither, official test sets only): the target task's
-    labelled images per class for training and for validation, drawn from its training images.
+    Args:
+        dataset: ``fashion-mnist``, ``digits``, ``cifar10`` or ``folder``.
+        data_dir: where its files are (default for Fashion-MNIST: the Debian package's folder).
+        image_size: resize to this (default: the dataset's own; digits 16).
+        per_class: at most this many images per class in every split.
+        budget, val_per_class: (official test sets only) the target task's labelled images per class for
+            training and for validation, drawn from its training images.
     """
     if dataset not in ("digits", "fashion-mnist") and data_dir is None:
         raise SystemExit(f"--dataset {dataset} needs --data-dir DIR")
@@ -185,7 +197,7 @@ def make_data(
     if x_test is None:  # one pool: split it per class
         s_train, s_test = per_class_split(src.y, (0.8, 0.2), SPLIT_SEED)
         t_train, t_val, t_test = per_class_split(tgt.y, (0.4, 0.2, 0.4), SPLIT_SEED)
-        source_test, target_test = Split(src.x[s_test], src.y[s_test]), Split(tgt.x[t_test], tgt.y[t_test])
+        source_test, target_test = src.take(s_test), tgt.take(t_test)
         split = "one pool split per class: source 80/20 train/test, target 40/20/40 train/val/test"
     else:  # the official test set is the test split
         s_train = torch.arange(len(src))
@@ -197,21 +209,17 @@ def make_data(
             t_train, t_val = per_class_split(tgt.y, (0.8, 0.2), SPLIT_SEED)
             split = "source: all training images, official test; target: training images 80/20 train/val, official test"
         source_test, target_test = relabel(x_test, y_test, source), relabel(x_test, y_test, target)
-    splits = [
-        Split(src.x[s_train], src.y[s_train]),
-        source_test,
-        Split(tgt.x[t_train], tgt.y[t_train]),
-        Split(tgt.x[t_val], tgt.y[t_val]),
-        target_test,
-    ]
+    splits = [src.take(s_train), source_test, tgt.take(t_train), tgt.take(t_val), target_test]
     splits = [balanced_subset(s, per_class) for s in splits]
     mean = splits[0].x.mean(dim=(0, 2, 3), keepdim=True)
     std = splits[0].x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     splits = [Split((s.x - mean) / std, s.y) for s in splits]
     reason = ""
     if budget is not None:
-        reason = (BUDGET_REASON if dataset == "fashion-mnist" else "{budget} labelled training images per target class "
-                  "and {val} per class for validation (--budget, --val-per-class).").format(budget=budget, val=val_per_class, scratch=2 * math.sqrt(6000 / budget))  # fmt: skip
+        template = BUDGET_REASON if dataset == "fashion-mnist" else (
+            "{budget} labelled training images per target class and {val} per class for validation "
+            "(--budget, --val-per-class).")  # fmt: skip
+        reason = template.format(budget=budget, val=val_per_class, scratch=2 * math.sqrt(6000 / budget))
     return TransferData(dataset, [names[c] for c in source], [names[c] for c in target], *splits,
                         augment=dataset != "digits", split=split, budget_reason=reason)  # fmt: skip
 
@@ -242,6 +250,9 @@ class BasicBlock(nn.Module):
 class SmallResNet(nn.Module):
     """A ResNet for small images: stem, three stages (strides 1, 2, 2), global pooling, ``fc``.
 
+    The stem does not reduce the resolution, so stage discovery folds it into ``layer1``'s stage and rolling
+    back splits it off again (the stem is a block of its own).
+
     Args:
         in_channels: image channels.
         num_classes: outputs of ``fc``.
@@ -267,407 +278,607 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-# ----------------------------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------------------------- the protocol
 
 
-@dataclass
-class Config:
-    """The schedule shared by every condition (see the module docstring)."""
+def lr_step(lr: float, up: bool) -> float:
+    """The next learning rate of the 1-3-10 sequence above (or below) ``lr``: 0.1 -> 0.3 -> 1.0, 0.1 -> 0.03."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = lr / 10**exponent
+    ladder = [1.0, 3.0, 10.0]
+    i = min(range(3), key=lambda k: abs(ladder[k] - mantissa))
+    if up:
+        nxt = ladder[i + 1] * 10**exponent if i < 2 else 30.0 * 10**exponent
+    else:
+        nxt = ladder[i - 1] * 10**exponent if i > 0 else 0.3 * 10**exponent
+    return float(f"{nxt:.6g}")
 
-    epochs: int = 15
-    source_epochs: int = 15
-    batch_size: int = 32
+
+@dataclass(frozen=True)
+class Protocol:
+    """Every rule of a run, fixed before it starts (see the module docstring)."""
+
+    epochs: int = 48
+    source_epochs: int = 3
     source_lr: float = 0.05
+    batch_size: int = 32
     momentum: float = 0.9
+    nesterov: bool = True
     weight_decay: float = 5e-4
     width: int = 16
     blocks: int = 1
     lam: float = 0.8
-    rollback_periods: int = 3
-    final_init: str = "identity"
-    state_mode: str = "per_sample"
-    reset: str = "epoch"  # PTL's state: "epoch" (reset at the start of every epoch, the paper's) or "never"
-    pretrain: str = "each"  # "each" seed pre-trains its own backbone, or "once" (the first seed's, for all)
-    lrs: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    rollback_periods: int = 4
+    tune_seeds: tuple[int, ...] = (0, 1, 2)
+    eval_seeds: tuple[int, ...] = tuple(range(100, 120))
+    grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
+        "plain": (0.03, 0.1, 0.3), "ptl_v1": (0.03, 0.1, 0.3), "ptl_v1_paper": (0.03, 0.1, 0.3),
+        "control": (0.03, 0.1, 0.3), "ptl_v2": (0.03, 0.1, 0.3), "std": (0.1, 0.3, 1.0),
+        "rollback": (0.01, 0.03, 0.1)})  # fmt: skip
+    max_extensions: int = 2
+    curve_every: int = 4  # epochs between the points of an evaluation run's test curve
+    val_curve_every: int = 12  # epochs between the points of a tuning run's validation curve
+    bn_reestimate: bool = True
+    plateau_check: bool = True
+
+    def grid(self, condition: str) -> tuple[float, ...]:
+        return self.grids[condition]
+
+    def run_epochs(self, condition: str) -> int:
+        """Epochs a run of ``condition`` trains in all (rolling back: every period is a whole run)."""
+        return self.epochs * (self.rollback_periods if condition == "rollback" else 1)
 
 
-def _sgd(params, lr: float, cfg: Config) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+@dataclass(frozen=True)
+class Task:
+    """One fine-tuning run: a condition at an lr and a seed, in a phase of the protocol."""
 
-def _fit(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step: Callable[[Tensor, Tensor], None],
-    train: Split,
-    epochs: int,
-    gen: torch.Generator,
-    cfg: Config,
-    augment: bool,
-    evaluate_on: dict[str, Split],
-    bar=None,
-    snapshots: list[dict[str, Tensor]] | None = None,
-    evaluate_last_only: bool = False,
-) -> list[dict[str, float]]:
-    """``common.train_epochs`` under ``cfg``; returns the evaluations after each epoch.
+    condition: str
+    lr: float
+    seed: int
+    phase: str  # "tune" (validation only), "eval" (test), "ablation" (test), "plateau" (validation)
+    variant: str | None = None
+    epochs: int | None = None  # None: the protocol's
 
-    With ``snapshots``, the weights after every epoch are appended to it, to be evaluated on the test split
-    once the lr is selected. With ``evaluate_last_only``, ``evaluate_on`` is evaluated after the last epoch
-    only (the lr selection reads nothing else), and the other epochs' points start empty.
-    """
-
-    def after_epoch(epoch: int) -> dict[str, float]:
-        if snapshots is not None:
-            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        point: dict[str, float] = {}
-        if not evaluate_last_only or epoch == epochs - 1:
-            for name, split in evaluate_on.items():
-                point[f"{name}_acc"], point[f"{name}_loss"] = evaluate(model, split)
-        return point
-
-    return train_epochs(model, optimizer, train, epochs, gen, batch_size=cfg.batch_size,
-                        augment=crop_flip if augment else None, step=step, reset_state=cfg.reset == "epoch",
-                        after_epoch=after_epoch, bar=bar)  # fmt: skip
+    @property
+    def label(self) -> str:
+        what = f"{self.condition}" + (f" [{self.variant}]" if self.variant else "")
+        return f"{self.phase} {what} lr {self.lr:g} seed {self.seed}"
 
 
-def pretrain(data: TransferData, seed: int, cfg: Config, bar=None) -> tuple[dict[str, Tensor], float]:
-    """The seed's backbone trained on the source task: ``(state_dict, source test accuracy %)``."""
-    torch.manual_seed(seed)
-    model = SmallResNet(data.input_size[0], len(data.source_classes), cfg.width, cfg.blocks)
-    optimizer = _sgd(model.parameters(), cfg.source_lr, cfg)
-    gen = torch.Generator().manual_seed(seed)
-    curve = _fit(
-        model, optimizer, None, data.source_train, cfg.source_epochs, gen, cfg,
-        data.augment, {"source_test": data.source_test}, bar,
-    )  # fmt: skip
-    return copy.deepcopy(model.state_dict()), curve[-1]["source_test_acc"]
+def _sgd(params, lr: float, protocol: Protocol) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=protocol.momentum, nesterov=protocol.nesterov,
+                           weight_decay=protocol.weight_decay)  # fmt: skip
 
 
-def target_backbone(data: TransferData, pretrained: dict[str, Tensor], seed: int, cfg: Config) -> SmallResNet:
-    """The pre-trained backbone with a new classifier for the target task, initialised from ``seed``."""
-    model = SmallResNet(data.input_size[0], len(data.source_classes), cfg.width, cfg.blocks)
+def pretrain(data: TransferData, protocol: Protocol, seed: int = 0, bar=None) -> tuple[dict[str, Tensor], float]:
+    """The backbone trained on the source task: ``(state_dict, source test accuracy %)``."""
+    gen = seeded(seed)
+    model = SmallResNet(data.input_size[0], len(data.source_classes), protocol.width, protocol.blocks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=protocol.source_lr, momentum=protocol.momentum,
+                                weight_decay=protocol.weight_decay)  # fmt: skip
+    train_epochs(model, optimizer, data.source_train, protocol.source_epochs, gen, batch_size=protocol.batch_size,
+                 augment=crop_flip if data.augment else None, bar=bar)  # fmt: skip
+    return copy.deepcopy(model.state_dict()), evaluate(model, data.source_test)[0]
+
+
+def target_backbone(data: TransferData, pretrained: dict[str, Tensor], protocol: Protocol) -> SmallResNet:
+    """The pre-trained backbone with a new classifier for the target task (drawn from the global generator)."""
+    model = SmallResNet(data.input_size[0], len(data.source_classes), protocol.width, protocol.blocks)
     model.load_state_dict(pretrained)
-    torch.manual_seed(seed)
     model.fc = nn.Linear(model.fc.in_features, len(data.target_classes))
     return model
 
 
-def finetune(
-    condition: str,
-    data: TransferData,
-    pretrained: dict[str, Tensor],
-    lr: float,
-    seed: int,
-    cfg: Config,
-    teacher: nn.Module | None = None,
-    bar=None,
-    snapshots: list[dict[str, Tensor]] | None = None,
-) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Fine-tune the seed's pre-trained backbone on the target task under ``condition``.
-
-    Returns:
-        The trained model and one point per epoch, the last (of every rollback period) with the validation
-        accuracy and loss (the test split is evaluated later, from ``snapshots``, and only for the selected lr).
-    """
-    model: nn.Module = target_backbone(data, pretrained, seed, cfg)
-    gen = torch.Generator().manual_seed(seed)
-    common = dict(train=data.target_train, gen=gen, cfg=cfg, augment=data.augment, bar=bar,
-                  evaluate_on={"val": data.target_val}, snapshots=snapshots, evaluate_last_only=True)  # fmt: skip
-    if condition in ("ptl_v1", "ptl_v2"):
-        model = wrap_with_ptl(model, cell=condition[-2:], input_size=data.input_size, final_init=cfg.final_init,
-                              state_mode=cfg.state_mode)  # fmt: skip
-    if condition in ("plain", "ptl_v1", "ptl_v2"):
-        optimizer = _sgd(model.parameters(), lr, cfg)
-        return model, _fit(model, optimizer, None, epochs=cfg.epochs, **common)
-    if condition == "std":
-        if teacher is None:
-            raise ValueError("the std condition needs a teacher (the ptl_v1 model of the same seed)")
-        trainer = STDTrainer(model, teacher, lam=cfg.lam, input_size=data.input_size)
-        optimizer = _sgd(trainer.parameters(), lr, cfg)
-        step = lambda x, y: trainer.step(x, y, optimizer)  # noqa: E731
-        return model, _fit(model, optimizer, step, epochs=cfg.epochs, **common)
-    if condition == "rollback":
-        per_period = cfg.epochs // cfg.rollback_periods
-        rollback = Rollback(model, input_size=data.input_size)
-
-        def period(model: nn.Module, optimizer: torch.optim.Optimizer, index: int) -> list[dict[str, float]]:
-            return _fit(model, optimizer, None, epochs=per_period, **common)
-
-        curves = rollback.run(
-            period, cfg.rollback_periods, make_optimizer=lambda groups: _sgd(groups, lr, cfg),
-            lr_rolled=lr, lr_kept=lr / 10, lr_head=lr, lr_head_first=10 * lr,
-        )  # fmt: skip
-        return model, [point for curve in curves for point in curve]
-    raise ValueError(f"unknown condition {condition!r}; choose from {', '.join(CONDITIONS)}")
+def _ptl_model(condition: str, backbone: nn.Module, data: TransferData, state_mode: str = "per_sample") -> nn.Module:
+    cell, final_init = PTL[condition]
+    model = wrap_with_ptl(backbone, cell=cell, input_size=data.input_size, final_init=final_init, state_mode=state_mode)
+    if condition == "control":
+        if not hasattr(model.ptl, "zero_cells"):
+            raise SystemExit("the control condition needs the rebuilt ladder (issue 18: PTLLadder.zero_cells); "
+                             "this bconv has none. Leave 'control' out of --conditions, or update bconv.")  # fmt: skip
+        model.ptl.zero_cells = True
+    return model
 
 
-def ladder_weight_ratio(model: nn.Module) -> float:
-    """``||W_ladder|| / ||W_backbone||`` of a PTL model's final fusion ``out = W_backbone x_n + W_ladder y_n``.
+class _Evaluator:
+    """Evaluates copies of a model (BatchNorm statistics re-estimated on the labelled training images)."""
 
-    How much the last stage's output draws on the ladder (0 at bconv's identity init).
-    """
-    weight = model.ptl.final_fuse.weight.detach().flatten(1)
-    n = model.stages[-1].channels
-    return float(weight[:, n:].norm() / weight[:, :n].norm())
+    def __init__(self, data: TransferData, protocol: Protocol):
+        self.data, self.protocol = data, protocol
+
+    def prepared(self, model: nn.Module) -> nn.Module:
+        evaluated = copy.deepcopy(model)
+        if self.protocol.bn_reestimate:
+            reestimate_bn(evaluated, self.data.target_train.x)
+        return evaluated.eval()
+
+    def accuracy(self, model: nn.Module, split: Split) -> tuple[float, float]:
+        return evaluate(self.prepared(model), split)
 
 
-@torch.no_grad()
 def _features(model: nn.Module, split: Split, batch_size: int = 256) -> Tensor:
     """``bconv.distill.pooled_features`` of ``split`` in eval mode (PTL: zero state), ``[N, D]``."""
     model.eval()
-    return torch.cat([pooled_features(model, split.x[i : i + batch_size]) for i in range(0, len(split), batch_size)])
-
-
-def evaluate_test(record: dict, model: nn.Module, snapshots: list[dict[str, Tensor]], data: TransferData,
-                  curve_test: Split) -> None:  # fmt: skip
-    """Fill in ``record`` (a run of a selected lr) with its test numbers, in place.
-
-    Every epoch's ``test_acc`` on ``curve_test`` (from the epoch's snapshot), the final model's accuracy
-    and loss on the whole test split, and its retrieval mAP and rank-1 there, from one pass
-    (``bconv.distill.pooled_features``, then the classifier ``fc`` on them, checked against ``model(x)``).
-    ``model`` ends with its final weights.
-    """
-    for point, state in zip(record["curve"], snapshots, strict=True):
-        model.load_state_dict(state)
-        point["test_acc"], point["test_loss"] = evaluate(model, curve_test)
-    # One pass gives both: the logits are the classifier applied to the pooled features.
-    features = _features(model, data.target_test)
-    classifier = getattr(model, "model", model).fc
-    check = data.target_test.x[:64]
     with torch.no_grad():
-        logits = classifier(features)
-        torch.testing.assert_close(classifier(pooled_features(model, check)), model(check))
-    record["test_acc"] = 100.0 * float((logits.argmax(1) == data.target_test.y).float().mean())
-    record["test_loss"] = float(F.cross_entropy(logits, data.target_test.y))
-    record["retrieval"] = retrieval_metrics(features, data.target_test.y)
+        return torch.cat([pooled_features(model, split.x[i : i + batch_size]) for i in range(0, len(split), batch_size)])
 
 
-# ----------------------------------------------------------------------------------------------- the experiment
+def run_task(task: Task, data: TransferData, pretrained: dict[str, Tensor], protocol: Protocol,
+             teacher_state: dict[str, Tensor] | None = None) -> tuple[dict, dict[str, Tensor] | None]:  # fmt: skip
+    """Fine-tune the pre-trained backbone as ``task`` says and measure what its phase reads.
+
+    Returns:
+        The run's record and, for a ``ptl_v1`` run of the tuning or evaluation phase (a teacher of ``std``), its
+        state dict.
+    """
+    start, cpu_start = time.perf_counter(), time.process_time()
+    gen = seeded(task.seed)
+    options = VARIANTS[task.variant][1] if task.variant else {}
+    epochs = task.epochs or protocol.epochs
+    backbone = target_backbone(data, pretrained, protocol)
+    model: nn.Module = backbone
+    if task.condition in PTL:
+        model = _ptl_model(task.condition, backbone, data, options.get("state_mode", "per_sample"))
+    evaluator = _Evaluator(data, protocol)
+    testing = task.phase in ("eval", "ablation")
+    curve_split = balanced_subset(data.target_test, CURVE_TEST_PER_CLASS) if testing else data.target_val
+    every = protocol.curve_every if testing else protocol.val_curve_every
+    offset = [0]  # epochs of earlier rolling-back periods
+
+    def after_epoch(epoch: int) -> dict | None:
+        done = offset[0] + epoch + 1
+        if done % every and epoch != epochs - 1:
+            return None
+        return {"epoch": done, "acc": evaluator.accuracy(model, curve_split)[0]}
+
+    augment = crop_flip if data.augment else None
+    common = dict(batch_size=protocol.batch_size, augment=augment, reset_state=options.get("reset", True),
+                  after_epoch=after_epoch)  # fmt: skip
+    if task.condition == "std":
+        if teacher_state is None:
+            raise ValueError(f"{task.label}: the std condition needs its teacher (the ptl_v1 model of seed {task.seed})")
+        teacher = _ptl_model("ptl_v1", target_backbone(data, pretrained, protocol), data)
+        teacher.load_state_dict(teacher_state)
+        trainer = STDTrainer(model, teacher, lam=protocol.lam, input_size=data.input_size)
+        optimizer = _sgd(trainer.parameters(), task.lr, protocol)
+        step = lambda x, y: trainer.step(x, y, optimizer)  # noqa: E731
+        curve = train_epochs(model, optimizer, data.target_train, epochs, gen, step=step, **common)
+    elif task.condition == "rollback":
+        rollback = Rollback(model, input_size=data.input_size)
+        curve = []
+
+        def period(m: nn.Module, optimizer: torch.optim.Optimizer, index: int) -> None:
+            offset[0] = index * epochs
+            curve.extend(train_epochs(m, optimizer, data.target_train, epochs, gen, **common))
+
+        rollback.run(period, protocol.rollback_periods, make_optimizer=lambda groups: _sgd(groups, task.lr, protocol),
+                     lr_rolled=task.lr, lr_kept=task.lr / 10, lr_head=task.lr, lr_head_first=10 * task.lr)  # fmt: skip
+    else:
+        optimizer = _sgd(model.parameters(), task.lr, protocol)
+        curve = train_epochs(model, optimizer, data.target_train, epochs, gen, **common)
+    record: dict[str, Any] = {"condition": task.condition, "lr": task.lr, "seed": task.seed, "phase": task.phase,
+                              "variant": task.variant, "epochs": epochs,
+                              "curve": [p for p in curve if p]}  # fmt: skip
+    if testing:
+        evaluated = evaluator.prepared(model)
+        features = _features(evaluated, data.target_test)
+        with torch.no_grad():
+            logits = torch.cat([evaluated(data.target_test.x[i : i + 256]) for i in range(0, len(data.target_test), 256)])
+        record["test_acc"] = 100.0 * float((logits.argmax(1) == data.target_test.y).float().mean())
+        record["test_loss"] = float(F.cross_entropy(logits, data.target_test.y))
+        record.update(retrieval_metrics(features, data.target_test.y))
+        if task.condition in PTL and hasattr(bconv, "ladder_usage"):
+            usage = bconv.ladder_usage(model, data.target_train.x[:USAGE_BATCH], data.target_train.y[:USAGE_BATCH])
+            record["usage"] = usage.as_dict()
+    else:
+        record["val_acc"], record["val_loss"] = evaluator.accuracy(model, data.target_val)
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    record["cpu_seconds"] = round(time.process_time() - cpu_start, 2)
+    keep = task.condition == "ptl_v1" and task.variant is None and task.phase in ("tune", "eval")
+    return record, (copy.deepcopy(model.state_dict()) if keep else None)
+
+
+# ----------------------------------------------------------------------------------------------- the scheduler
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(data: TransferData, pretrained: dict[str, Tensor], protocol: Protocol, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(data=data, pretrained=pretrained, protocol=protocol)
+
+
+def _work(task: Task, teacher_state: dict[str, Tensor] | None) -> tuple[dict, dict[str, Tensor] | None]:
+    return run_task(task, _WORKER["data"], _WORKER["pretrained"], _WORKER["protocol"], teacher_state)
+
+
+class _Inline:
+    """An executor that runs each task when it is submitted (``--workers 1``)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001  (re-raised by future.result())
+            future.set_exception(e)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
 
 
 def select_lr(runs: list[dict], condition: str) -> float:
     """The lr with the best mean final validation accuracy over seeds (ties: the lower mean validation loss)."""
     scores = {}
     for lr in sorted({r["lr"] for r in runs if r["condition"] == condition}):
-        finals = [r["curve"][-1] for r in runs if r["condition"] == condition and r["lr"] == lr]
-        scores[lr] = (statistics.fmean(p["val_acc"] for p in finals), -statistics.fmean(p["val_loss"] for p in finals))
+        finals = [r for r in runs if r["condition"] == condition and r["lr"] == lr]
+        scores[lr] = (statistics.fmean(r["val_acc"] for r in finals), -statistics.fmean(r["val_loss"] for r in finals))
     return max(scores, key=scores.get)
 
 
-def _summary(chosen: list[dict]) -> dict:
-    """Final test accuracy, retrieval and the test curve over the seeds of one condition's chosen runs."""
-    finals = [r["test_acc"] for r in chosen]
-    mean, std = mean_std(finals)
-    epochs = len(chosen[0]["curve"])
-    per_epoch = [[r["curve"][e]["test_acc"] for r in chosen] for e in range(epochs)]
-    out = {
-        "lr": chosen[0]["lr"],
-        "seeds": [r["seed"] for r in chosen],
-        "test_acc": finals,
-        "test_acc_mean": mean,
-        "test_acc_std": std,
-        "test_acc_min": min(finals),
-        "test_acc_max": max(finals),
-        "val_acc_mean": statistics.fmean(r["curve"][-1]["val_acc"] for r in chosen),
-        "curve_mean": [statistics.fmean(v) for v in per_epoch],
-        "curve_min": [min(v) for v in per_epoch],
-        "curve_max": [max(v) for v in per_epoch],
-    }
-    for metric in ("map", "rank1"):
-        values = [r["retrieval"][metric] for r in chosen]
-        out[metric], (out[f"{metric}_mean"], out[f"{metric}_std"]) = values, mean_std(values)
-    if "ladder_weight_ratio" in chosen[0]:
-        out["ladder_weight_ratio_mean"] = statistics.fmean(r["ladder_weight_ratio"] for r in chosen)
+def next_grid_step(grid: Sequence[float], best: float, extensions: dict[str, int], limit: int) -> float | None:
+    """The lr to add when ``best`` is an edge of ``grid`` and that side has been extended fewer than ``limit``
+    times (``extensions`` counts per side, updated); ``None`` when ``best`` is inside or the limit is reached."""
+    side = "low" if best == min(grid) else "high" if best == max(grid) else None
+    if side is None or extensions[side] >= limit:
+        return None
+    extensions[side] += 1
+    return lr_step(best, up=side == "high")
+
+
+@dataclass
+class _Tuning:
+    grid: list[float]
+    extensions: dict[str, int] = field(default_factory=lambda: {"low": 0, "high": 0})
+    selected: float | None = None
+    edge: bool = False
+
+
+def run_protocol(data: TransferData, pretrained: dict[str, Tensor], protocol: Protocol, conditions: Sequence[str],
+                 ablation: bool, workers: int, threads: int = 1, bar=None) -> tuple[list[dict], dict[str, _Tuning]]:  # fmt: skip
+    """Every task of the protocol, scheduled as their inputs become known, on ``workers`` processes.
+
+    Tuning runs of every condition start at once (``std`` once ``ptl_v1``'s lr is chosen, with the tuning
+    models at that lr as teachers); a condition whose grid is complete either extends it at an edge or
+    starts its evaluation seeds; ``std``'s evaluation seed waits for that seed's ``ptl_v1`` model.
+    """
+    if workers > 1:
+        context = multiprocessing.get_context("fork")  # the workers inherit the data: nothing is pickled
+        executor: Any = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                            initargs=(data, pretrained, protocol, threads))  # fmt: skip
+    else:
+        executor = _Inline()
+        _init_worker(data, pretrained, protocol, threads)
+    tuning = {c: _Tuning(list(protocol.grid(c))) for c in conditions}
+    pending: dict[Future, Task] = {}
+    queue: list[tuple[Task, dict | None]] = []
+    records: list[dict] = []
+    teachers: dict[tuple, dict[str, Tensor]] = {}
+    std_eval_started: set[int] = set()
+
+    def submit(task: Task, teacher: dict | None = None) -> None:
+        if bar is not None:
+            bar.total += task.epochs or protocol.run_epochs(task.condition)
+            bar.refresh()
+        queue.append((task, teacher))
+
+    def flush() -> None:
+        # Longest first, so that a rolling-back run does not start last.
+        queue.sort(key=lambda item: -(item[0].epochs or protocol.run_epochs(item[0].condition)))
+        while queue:
+            task, teacher = queue.pop(0)
+            pending[executor.submit(_work, task, teacher)] = task
+
+    def tune(condition: str, lrs: Sequence[float]) -> None:
+        for lr in lrs:
+            for seed in protocol.tune_seeds:
+                teacher = teachers[("tune", tuning["ptl_v1"].selected, seed)] if condition == "std" else None
+                submit(Task(condition, lr, seed, "tune"), teacher)
+
+    def release_std() -> None:
+        chosen = tuning.get("std")
+        if chosen is None or chosen.selected is None:
+            return
+        for seed in protocol.eval_seeds:
+            if seed not in std_eval_started and ("eval", seed) in teachers:
+                std_eval_started.add(seed)
+                submit(Task("std", chosen.selected, seed, "eval"), teachers[("eval", seed)])
+
+    def grid_done(condition: str) -> None:
+        t = tuning[condition]
+        ran = [r for r in records if r["condition"] == condition and r["phase"] == "tune"]
+        if len(ran) < len(t.grid) * len(protocol.tune_seeds):
+            return
+        best = select_lr(ran, condition)
+        extra = next_grid_step(t.grid, best, t.extensions, protocol.max_extensions)
+        if extra is not None:
+            t.grid.append(extra)
+            tune(condition, [extra])
+            return
+        t.selected, t.edge = best, best in (min(t.grid), max(t.grid))
+        for seed in protocol.eval_seeds:
+            if condition != "std":
+                submit(Task(condition, best, seed, "eval"))
+        if condition == "ptl_v1":
+            if "std" in tuning:
+                tune("std", tuning["std"].grid)
+            if ablation:
+                for variant in VARIANTS:
+                    for seed in protocol.eval_seeds:
+                        submit(Task("ptl_v1", best, seed, "ablation", variant))
+        if condition == "plain" and protocol.plateau_check:
+            for seed in protocol.tune_seeds:
+                submit(Task("plain", best, seed, "plateau", epochs=2 * protocol.epochs))
+        release_std()
+
+    try:
+        for condition in conditions:
+            if condition != "std":
+                tune(condition, tuning[condition].grid)
+        flush()
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for future in done:
+                task = pending.pop(future)
+                record, state = future.result()
+                records.append(record)
+                if state is not None:
+                    teachers[("tune", task.lr, task.seed) if task.phase == "tune" else ("eval", task.seed)] = state
+                if bar is not None:
+                    bar.update(record["epochs"] * (protocol.rollback_periods if task.condition == "rollback" else 1))
+                    bar.set_postfix_str(task.label, refresh=False)
+                if task.phase == "tune":
+                    grid_done(task.condition)
+                elif task.phase == "eval" and task.condition == "ptl_v1":
+                    release_std()
+            flush()
+    finally:
+        executor.shutdown(wait=True)
+    return records, tuning
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def _runs(records: list[dict], condition: str, phase: str, variant: str | None = None) -> list[dict]:
+    return sorted((r for r in records if r["condition"] == condition and r["phase"] == phase
+                   and r["variant"] == variant), key=lambda r: r["seed"])  # fmt: skip
+
+
+def _compare(values: list[float], baseline: list[float]) -> dict:
+    """Paired differences with their 95% t-interval and the smallest difference the run could detect."""
+    out = paired(values, baseline)
+    out["detectable"] = detectable_difference(out["std"], out["n"]) if out["std"] > 0 else 0.0
     return out
 
 
-def summarise(runs: list[dict], conditions: Sequence[str], selected: dict[str, float]) -> dict[str, dict]:
-    """Per condition at its selected lr: final test accuracy and retrieval over seeds, the mean curve, and
-    the paired differences against plain (95% t-intervals)."""
+def summarise(records: list[dict], tuning: dict[str, _Tuning], conditions: Sequence[str]) -> dict[str, dict]:
+    """Per condition on the evaluation seeds: accuracy, retrieval, curves, ladder usage, and the paired
+    comparisons against ``plain`` and ``control``."""
     results: dict[str, dict] = {}
     for c in conditions:
-        chosen = sorted((r for r in runs if r["condition"] == c and r["lr"] == selected[c] and not r.get("variant")),
-                        key=lambda r: r["seed"])  # fmt: skip
-        results[c] = _summary(chosen)
-    if "plain" in results:
-        for c in conditions:
-            if c != "plain":
+        chosen = _runs(records, c, "eval")
+        results[c] = {"lr": tuning[c].selected, "lr_at_edge": tuning[c].edge, "grid": sorted(tuning[c].grid),
+                      **_summary(chosen)}  # fmt: skip
+    for c in conditions:
+        for baseline in ("plain", "control"):
+            if baseline in results and c != baseline:
                 for metric in ("test_acc", "map", "rank1"):
-                    results[c][f"{metric}_vs_plain"] = paired(results[c][metric], results["plain"][metric])
+                    results[c][f"{metric}_vs_{baseline}"] = _compare(results[c][metric], results[baseline][metric])
     return results
 
 
-def ablation_variants(cfg: Config) -> dict[str, tuple[str, Config]]:
-    """The ablation of bconv's departures from the paper: ``name -> (what changes, config)``."""
-    other_init = "paper" if cfg.final_init == "identity" else "identity"
-    other_reset = "never" if cfg.reset == "epoch" else "epoch"
-    other_mode = "pooled" if cfg.state_mode == "per_sample" else "per_sample"
-    return {
-        f"reset {other_reset}": (f"reset the state every {cfg.reset} -> {other_reset}", replace(cfg, reset=other_reset)),
-        f"state {other_mode}": (f"state_mode {cfg.state_mode} -> {other_mode}", replace(cfg, state_mode=other_mode)),
-        f"init {other_init}": (f"final_init {cfg.final_init} -> {other_init}", replace(cfg, final_init=other_init)),
-    }
+def _summary(chosen: list[dict]) -> dict:
+    out: dict[str, Any] = {"seeds": [r["seed"] for r in chosen]}
+    for metric in ("test_acc", "map", "rank1"):
+        values = [r[metric] for r in chosen]
+        out[metric], (out[f"{metric}_mean"], out[f"{metric}_std"]) = values, mean_std(values)
+    epochs = [p["epoch"] for p in chosen[0]["curve"]]
+    per_epoch = [[r["curve"][k]["acc"] for r in chosen] for k in range(len(epochs))]
+    out["curve_epochs"] = epochs
+    out["curve_mean"] = [statistics.fmean(v) for v in per_epoch]
+    out["curve_min"] = [min(v) for v in per_epoch]
+    out["curve_max"] = [max(v) for v in per_epoch]
+    if "usage" in chosen[0]:
+        out["usage"] = {k: mean_std([r["usage"][k] for r in chosen]) for k in chosen[0]["usage"]}
+    return out
 
 
-def plot(results: dict[str, dict], title: str, path: Path) -> None:
-    """Mean test accuracy per epoch for each condition with the min-max band over the seeds: all epochs
-    on the left, the second half zoomed on the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110)
-    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1))]
-    epochs = len(next(iter(results.values()))["curve_mean"])
-    zoom_from = epochs // 2  # index of the first epoch shown on the right
-    for ax, first in zip(axes, (0, zoom_from)):
-        for (condition, r), style in zip(results.items(), styles):
-            x = range(first + 1, epochs + 1)
-            label = f"{condition} (lr {r['lr']:g}): {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}%"
-            (line,) = ax.plot(x, r["curve_mean"][first:], linestyle=style, marker=".", label=label)
-            ax.fill_between(x, r["curve_min"][first:], r["curve_max"][first:], color=line.get_color(), alpha=0.12)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("fine-tuning epoch")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("target test accuracy (%)")
-    axes[0].set_title("all epochs", fontsize=9)
-    axes[1].set_title(f"epochs {zoom_from + 1}-{epochs}, zoomed", fontsize=9)
-    axes[1].legend(fontsize=8, loc="best", title_fontsize=7,
-                   title="final epoch: mean ± std over seeds; bands: min-max")  # fmt: skip
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def grid_table(records: list[dict], condition: str) -> dict[float, tuple[float, float]]:
+    """``lr -> (mean, std)`` of the final validation accuracy over the tuning seeds."""
+    runs = [r for r in records if r["condition"] == condition and r["phase"] == "tune"]
+    return {lr: mean_std([r["val_acc"] for r in runs if r["lr"] == lr]) for lr in sorted({r["lr"] for r in runs})}
 
 
+def plateau(records: list[dict], tuning: dict[str, _Tuning]) -> dict | None:
+    """Plain at its lr for twice the epochs against the protocol's epochs, on the tuning seeds (validation)."""
+    longer = _runs(records, "plain", "plateau")
+    if not longer:
+        return None
+    shorter = [r for r in _runs(records, "plain", "tune") if r["lr"] == tuning["plain"].selected]
+    return {"epochs": shorter[0]["epochs"], "longer_epochs": longer[0]["epochs"],
+            "val_acc": [r["val_acc"] for r in shorter], "longer_val_acc": [r["val_acc"] for r in longer],
+            "gain": paired([r["val_acc"] for r in longer], [r["val_acc"] for r in shorter])}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- output
 
 
 def _ci(p: dict) -> str:
     return f"{p['mean']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]"
 
 
+def plot(results: dict[str, dict], title: str, path: Path) -> None:
+    """Mean test accuracy per epoch with the min-max band over the evaluation seeds; rolling back (several
+    periods) on a panel of its own."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    long = [c for c in results if c == "rollback"]
+    panels = [[c for c in results if c not in long]] + ([long] if long else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), dpi=110, squeeze=False)
+    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1))]
+    for ax, names in zip(axes[0], panels):
+        for c, style in zip(names, styles):
+            r = results[c]
+            label = f"{c} (lr {r['lr']:g}): {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}%"
+            (line,) = ax.plot(r["curve_epochs"], r["curve_mean"], linestyle=style, marker=".", label=label)
+            ax.fill_between(r["curve_epochs"], r["curve_min"], r["curve_max"], color=line.get_color(), alpha=0.12)
+        if "plain" in results and names == long:
+            ax.axhline(results["plain"]["test_acc_mean"], color="grey", lw=1, ls="--", label="plain, final")
+        ax.set_xlabel("fine-tuning epoch" + (" (all periods)" if names == long else ""))
+        ax.set_ylabel("target test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right", title="final: mean ± std over seeds; bands: min-max", title_fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write_markdown(report: dict, path: Path) -> None:
-    cfg, results, data = report["config"], report["results"], report["data"]
-    n = len(cfg["seeds"])
-    split = data["split"]
+    proto, results, data = report["protocol"], report["results"], report["data"]
+    n = len(proto["eval_seeds"])
     lines = [
-        "# Fine-tuning experiment: plain fine-tuning vs PTL (and STD, rolling back)",
+        "# The transfer protocol: plain fine-tuning vs PTL, its control, STD and rolling back",
         "",
-        f"Made by `{report['command']}` in {report['wall_s'] / 60:.1f} minutes (torch {report['torch']}, "
-        f"CPU threads: {report['threads']}, {report['cpus']} CPUs; 1-minute load average {report['load_start']:.1f} at "
-        f"the start, {report['load_end']:.1f} at the end, {report['load_mean']:.1f} on average over the runs). See the docstring of `benchmarks/transfer.py` for the "
-        "design.",
+        f"Made by `{report['command']}` in {report['wall_s'] / 60:.1f} minutes ({report['workers']} worker "
+        f"process(es), torch {report['env']['torch']}, {report['env']['cpus']} CPUs; 1-minute load average "
+        f"{report['env']['load']:.1f} at the start, {report['load_end']:.1f} at the end). The design is in the "
+        "docstring of `benchmarks/transfer.py`.",
     ]
     if report.get("note"):
         lines += ["", f"Note: {report['note']}"]
+    pre = report["pretrain"]
     lines += [
         "",
         f"- data: `{data['dataset']}`, input {'x'.join(map(str, data['input_size']))}; source classes "
         f"{', '.join(data['source_classes'])}; target classes {', '.join(data['target_classes'])}",
-        "- split sizes: " + ", ".join(f"{k} {v}" for k, v in data["sizes"].items()) + f" ({split})",
-        f"- backbone: SmallResNet(width={cfg['width']}, blocks={cfg['blocks']}), "
-        f"{report['backbone_params']} parameters; PTL v1 adds {report['ptl_params']['ptl_v1']}, "
-        f"v2 adds {report['ptl_params']['ptl_v2']} (final fusion initialised `{cfg['final_init']}`, state "
-        f"`{cfg['state_mode']}`, reset every `{cfg['reset']}`)",
-        f"- pre-training: {cfg['source_epochs']} epochs, lr {cfg['source_lr']:g}, "
-        + ("one backbone per seed" if cfg["pretrain"] == "each" else
-           f"once (seed {cfg['seeds'][0]}), the same backbone for every seed")  # fmt: skip
-        + "; source test accuracy: "
-        + ", ".join(f"{p['source_test_acc']:.1f}% (seed {p['seed']})" for p in report["pretrain"]),
-        f"- fine-tuning: {cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD momentum {cfg['momentum']:g}, "
-        f"weight decay {cfg['weight_decay']:g}, cosine schedule; seeds {cfg['seeds']}; lr grid {cfg['lrs']} "
-        f"tuned per condition on the validation split",
+        "- split sizes: " + ", ".join(f"{k} {v}" for k, v in data["sizes"].items()) + f" ({data['split']})",
+        f"- backbone: SmallResNet(width={proto['width']}, blocks={proto['blocks']}), {report['backbone_params']} "
+        "parameters; PTL adds " + ", ".join(f"{k} {v}" for k, v in report["ptl_params"].items()),
+        f"- pre-training: {proto['source_epochs']} epoch(s) at lr {proto['source_lr']:g}, once (seed 0) for every "
+        f"run; source test accuracy {pre['source_test_acc']:.2f}%",
+        f"- fine-tuning: {proto['epochs']} epochs, batch {proto['batch_size']}, SGD momentum {proto['momentum']:g}"
+        f"{', Nesterov' if proto['nesterov'] else ''}, weight decay {proto['weight_decay']:g}, cosine schedule; "
+        f"rolling back: {proto['rollback_periods']} periods of {proto['epochs']} epochs",
+        f"- lr tuned per condition on seeds {list(proto['tune_seeds'])} (validation only); evaluated on {n} fresh "
+        f"seeds {list(proto['eval_seeds'])}; BatchNorm statistics re-estimated on the labelled training images "
+        f"before every evaluation: {'yes' if proto['bn_reestimate'] else 'no'}",
     ]
     if data.get("budget_reason"):
         lines += ["", f"**Labelled budget.** {data['budget_reason']}"]
     lines += [
         "",
-        f"## Final target test accuracy ({n} seeds, selected lr, all {data['sizes']['target_test']} test images)",
+        f"## Test accuracy ({n} evaluation seeds, all {data['sizes']['target_test']} test images)",
         "",
-        "Differences are paired by seed (same pre-trained backbone, data order and augmentation), with a "
-        f"two-sided 95% t-interval over the {n} seeds.",
+        "Differences are paired by seed, with a two-sided 95% t-interval; *detectable* is the smallest true mean "
+        "difference this run detects with 80% power (paired t-test at 0.05), from the observed spread of the "
+        "per-seed differences.",
         "",
-        "| condition | lr (selected on val) | val acc mean | test acc mean ± std | min | max "
-        "| difference vs plain, mean [95% CI] | seeds better / worse than plain |",
+        "| condition | lr | test acc mean ± std | vs plain [95% CI] | detectable | better / worse | vs control [95% CI] "
+        "| detectable |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c, r in results.items():
-        gain = _ci(r["test_acc_vs_plain"]) if "test_acc_vs_plain" in r else ""
-        better = f"{r['test_acc_vs_plain']['better']} / {r['test_acc_vs_plain']['worse']}" if gain else ""
-        lines.append(
-            f"| {c} | {r['lr']:g} | {r['val_acc_mean']:.2f} | **{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}** "
-            f"| {r['test_acc_min']:.2f} | {r['test_acc_max']:.2f} | {gain} | {better} |"
-        )
-    lines += ["", f"One target test image is {100 / data['sizes']['target_test']:.3g} points of accuracy.", "",
-              "Per seed (test accuracy %):", "",
-              "| condition | " + " | ".join(f"seed {s}" for s in cfg["seeds"]) + " |",
-              "|---|" + "---|" * n]  # fmt: skip
-    for c, r in results.items():
-        lines.append(f"| {c} | " + " | ".join(f"{a:.2f}" for a in r["test_acc"]) + " |")
+        cells = []
+        for base in ("plain", "control"):
+            p = r.get(f"test_acc_vs_{base}")
+            cells += [_ci(p), f"{p['detectable']:.2f}"] if p else ["", ""]
+            if base == "plain":
+                cells.append(f"{p['better']} / {p['worse']}" if p else "")
+        edge = " (grid edge)" if r["lr_at_edge"] else ""
+        lines.append(f"| {c} | {r['lr']:g}{edge} | **{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}** | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    lines += ["", f"One test image is {100 / data['sizes']['target_test']:.3g} points of accuracy.", "",
+              power_statement(results, n)]  # fmt: skip
     lines += [
         "",
         "## Retrieval on the target test set (the paper's ReID metrics)",
         "",
-        "`bconv.distill.pooled_features` of the final model (eval mode); each test image queries all the "
-        "others (never itself) by cosine similarity; relevant = same class.",
+        "`bconv.distill.pooled_features` of the final model (eval mode); each test image queries all the others by "
+        "cosine similarity; relevant = same class.",
         "",
-        "| condition | mAP mean ± std | mAP vs plain [95% CI] | rank-1 mean ± std | rank-1 vs plain [95% CI] |",
-        "|---|---|---|---|---|",
+        "| condition | mAP mean ± std | mAP vs plain [95% CI] | mAP vs control | rank-1 mean ± std | rank-1 vs plain "
+        "[95% CI] |",
+        "|---|---|---|---|---|---|",
     ]
     for c, r in results.items():
-        vs = [_ci(r[f"{m}_vs_plain"]) if f"{m}_vs_plain" in r else "" for m in ("map", "rank1")]
-        lines.append(f"| {c} | {r['map_mean']:.2f} ± {r['map_std']:.2f} | {vs[0]} | "
-                     f"{r['rank1_mean']:.2f} ± {r['rank1_std']:.2f} | {vs[1]} |")  # fmt: skip
-    ladder = [f"{c} {r['ladder_weight_ratio_mean']:.2g}" for c, r in results.items() if "ladder_weight_ratio_mean" in r]
-    if ladder:
-        lines.append(
-            "\nHow much the fine-tuned PTL models use their ladder: ||W_ladder|| / ||W_backbone|| of the final fusion "
-            f"`out = W_backbone x_n + W_ladder y_n`, mean over seeds: {', '.join(ladder)} "
-            f"({'0 at the identity init' if cfg['final_init'] == 'identity' else 'random at init'})."
-        )
-    curve_note = ("" if data["curve_test_size"] == data["sizes"]["target_test"] else
-                  f" The per-epoch curves are measured on a fixed subset of the test split (the first "
-                  f"{data['curve_test_size'] // len(data['target_classes'])} images of each target class in the "
-                  f"official order, {data['curve_test_size']} images); the final numbers above on all of it.")  # fmt: skip
-    lines += ["", f"![test accuracy per epoch]({path.with_suffix('.png').name})", "",
-              "Mean test accuracy per epoch, band: min-max over the seeds." + curve_note]  # fmt: skip
+        vs = [_ci(r[k]) if k in r else "" for k in ("map_vs_plain", "map_vs_control", "rank1_vs_plain")]
+        lines.append(f"| {c} | {r['map_mean']:.2f} ± {r['map_std']:.2f} | {vs[0]} | {vs[1]} | "
+                     f"{r['rank1_mean']:.2f} ± {r['rank1_std']:.2f} | {vs[2]} |")  # fmt: skip
+    usage = {c: r["usage"] for c, r in results.items() if "usage" in r}
+    lines += ["", "## How much the PTL models use their ladder (`bconv.ladder_usage`)", ""]
+    if usage:
+        lines += [
+            f"On the first {USAGE_BATCH} labelled training images, after training, mean ± std over the seeds. "
+            "*stage share*: |out - out_0| / |out| at the replaced stage output, out_0 with the cells' output zeroed "
+            "(eval mode); *output share*: the same for the logits; *state effect*: the logits with the carried "
+            "state against zero state (train mode).",
+            "",
+            "| condition | stage share | output share | state effect |",
+            "|---|---|---|---|",
+        ]
+        for c, u in usage.items():
+            lines.append(f"| {c} | " + " | ".join(f"{u[k][0]:.3g} ± {u[k][1]:.2g}" if k in u else ""
+                                                   for k in ("stage_share", "output_share", "state_effect")) + " |")  # fmt: skip
+    else:
+        lines.append("Not measured: this bconv has no `ladder_usage` (issue 18).")
     if report.get("ablation"):
         ab = report["ablation"]
         lines += [
             "",
             f"## Ablation: bconv's departures from the paper (ptl_v1 at lr {results['ptl_v1']['lr']:g}, same seeds)",
             "",
-            "Each row changes one thing from the ptl_v1 row above; differences are paired by seed, 95% t-intervals.",
-            "",
-            "| variant | change | test acc mean ± std | vs ptl_v1 [95% CI] | vs plain [95% CI] | mAP mean | "
-            "mAP vs ptl_v1 [95% CI] |",
+            "| variant | change | test acc mean ± std | vs ptl_v1 [95% CI] | detectable | vs plain [95% CI] | mAP mean |",
             "|---|---|---|---|---|---|---|",
-            f"| ptl_v1 | (as above) | {results['ptl_v1']['test_acc_mean']:.2f} ± {results['ptl_v1']['test_acc_std']:.2f} "
-            f"| | {_ci(results['ptl_v1']['test_acc_vs_plain']) if 'test_acc_vs_plain' in results['ptl_v1'] else ''} "
-            f"| {results['ptl_v1']['map_mean']:.2f} | |",
         ]
         for name, r in ab.items():
             vs_plain = _ci(r["test_acc_vs_plain"]) if "test_acc_vs_plain" in r else ""
             lines.append(f"| {name} | {r['change']} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} | "
-                         f"{_ci(r['test_acc_vs_ptl_v1'])} | {vs_plain} | {r['map_mean']:.2f} | {_ci(r['map_vs_ptl_v1'])} |")  # fmt: skip
-    lines += [
-        "",
-        "## Learning-rate grid (mean final validation accuracy over seeds; the selected lr in bold)",
-        "",
-        "| condition | " + " | ".join(f"lr {lr:g}" for lr in cfg["lrs"]) + " |",
-        "|---|" + "---|" * len(cfg["lrs"]),
-    ]
+                         f"{_ci(r['test_acc_vs_ptl_v1'])} | {r['test_acc_vs_ptl_v1']['detectable']:.2f} | {vs_plain} | "
+                         f"{r['map_mean']:.2f} |")  # fmt: skip
+    lines += ["", "## Learning-rate tuning (mean ± std final validation accuracy over the tuning seeds; chosen in bold)", ""]
     for c in results:
-        cells = []
-        for lr in cfg["lrs"]:
-            finals = [r["curve"][-1]["val_acc"] for r in report["runs"]
-                      if r["condition"] == c and r["lr"] == lr and not r.get("variant")]  # fmt: skip
-            cell = f"{statistics.fmean(finals):.2f}" if finals else ""
-            cells.append(f"**{cell}**" if lr == results[c]["lr"] else cell)
-        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        cells = [f"lr {lr:g}: " + (f"**{m:.2f} ± {s:.2f}**" if lr == results[c]["lr"] else f"{m:.2f} ± {s:.2f}")
+                 for lr, (m, s) in report["grids"][c].items()]  # fmt: skip
+        lines.append(f"- {c}: " + "; ".join(cells) + (" (the chosen lr is still an edge after the allowed "
+                                                       "extensions)" if results[c]["lr_at_edge"] else ""))  # fmt: skip
+    if report.get("plateau"):
+        p = report["plateau"]
+        lines += ["", "## Plateau check", "",
+                  f"Plain at its lr for {p['longer_epochs']} epochs against {p['epochs']} (tuning seeds, validation "
+                  f"accuracy): {statistics.fmean(p['longer_val_acc']):.2f}% against "
+                  f"{statistics.fmean(p['val_acc']):.2f}%, difference {_ci(p['gain'])}."]  # fmt: skip
+    lines += ["", "Per evaluation seed (test accuracy %):", "",
+              "| condition | " + " | ".join(f"seed {s}" for s in proto["eval_seeds"]) + " |",
+              "|---|" + "---|" * n]  # fmt: skip
+    for c, r in results.items():
+        lines.append(f"| {c} | " + " | ".join(f"{a:.2f}" for a in r["test_acc"]) + " |")
+    lines += ["", f"![test accuracy per epoch]({path.with_suffix('.png').name})", "",
+              f"Mean test accuracy every {proto['curve_every']} epochs (the evaluation seeds; on the first "
+              f"{CURVE_TEST_PER_CLASS} test images of each class, the final numbers on all), band: min-max."]  # fmt: skip
+    lines += ["", "## Cost", "", "| condition | runs | CPU seconds per run (mean) |", "|---|---|---|"]
+    for c, (runs, cpu) in report["cost"].items():
+        lines.append(f"| {c} | {runs} | {cpu:.1f} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def power_statement(results: dict[str, dict], n: int) -> str:
+    """One sentence from the measured spreads: the smallest differences this run could detect."""
+    parts = [f"{c} vs {base} {r[f'test_acc_vs_{base}']['detectable']:.2f}" for c, r in results.items()
+             for base in ("plain", "control") if f"test_acc_vs_{base}" in r]  # fmt: skip
+    if not parts:
+        return ""
+    return (f"**Power.** With {n} seeds and the spreads observed here, the run detects (80% power, paired t at "
+            f"0.05) true differences of at least, in points: {'; '.join(parts)}. A smaller true difference may "
+            f"exist without showing in the intervals above.")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- main
 
 
 def _count(module: nn.Module) -> int:
@@ -675,210 +886,184 @@ def _count(module: nn.Module) -> int:
 
 
 def run(args: argparse.Namespace, command: str) -> dict:
-    """The whole experiment: pre-train per seed, fine-tune every condition x lr x seed, select, test, report."""
+    """Pre-train once, run the protocol, summarise and write the report."""
     from tqdm import tqdm
 
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
-    cfg = Config(epochs=args.epochs, source_epochs=args.source_epochs, width=args.width, blocks=args.blocks,
-                 rollback_periods=args.rollback_periods, final_init=args.final_init, lrs=args.lrs,
-                 seeds=args.seeds, pretrain=args.pretrain)  # fmt: skip
+    start, env = time.perf_counter(), environment()
+    protocol = args.protocol
     data = make_data(args.dataset, args.data_dir, args.image_size, args.per_class, args.budget, args.val_per_class)
-    curve_test = balanced_subset(data.target_test, CURVE_TEST_PER_CLASS)
-    conditions = [c for c in CONDITIONS if c in args.conditions]  # a fixed order: std needs ptl_v1 first
-    backbone = SmallResNet(data.input_size[0], len(data.target_classes), cfg.width, cfg.blocks)
-    ptl_params = {v: _count(wrap_with_ptl(copy.deepcopy(backbone), cell=v[-2:], input_size=data.input_size).ptl)
-                  for v in ("ptl_v1", "ptl_v2")}  # fmt: skip
-    variants = ablation_variants(cfg) if args.ablation else {}
-
-    pretrain_seeds = cfg.seeds if cfg.pretrain == "each" else cfg.seeds[:1]
-    total = len(pretrain_seeds) * cfg.source_epochs + len(cfg.seeds) * cfg.epochs * (len(cfg.lrs) * len(conditions) + len(variants))
-    overall = tqdm(total=total, unit="epoch", desc="all runs", position=0)
-    pretrained, pretrain_report = {}, []
-    for seed in pretrain_seeds:
-        with tqdm(total=cfg.source_epochs, desc=f"pre-train seed {seed}", leave=False, position=1) as bar:
-            t = time.perf_counter()
-            pretrained[seed], acc = pretrain(data, seed, cfg, bar)
-        overall.update(cfg.source_epochs)
-        pretrain_report.append({"seed": seed, "source_test_acc": acc, "seconds": round(time.perf_counter() - t, 1)})
-    for seed in cfg.seeds:  # --pretrain once: every seed fine-tunes the first seed's backbone
-        pretrained.setdefault(seed, pretrained[pretrain_seeds[0]])
-
-    def one_run(condition: str, lr: float, seed: int, run_cfg: Config, teacher: nn.Module | None, label: str):
-        snapshots: list[dict[str, Tensor]] = []
-        with tqdm(total=run_cfg.epochs, desc=label, leave=False, position=1) as bar:
-            t = time.perf_counter()
-            model, curve = finetune(condition, data, pretrained[seed], lr, seed, run_cfg, teacher, bar, snapshots)
-        overall.update(run_cfg.epochs)
-        loads.append(os.getloadavg()[0])
-        record = {"condition": condition, "lr": lr, "seed": seed, "curve": curve,
-                  "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
-        if condition.startswith("ptl"):
-            record["ladder_weight_ratio"] = ladder_weight_ratio(model)
-        return record, model, snapshots
-
-    runs: list[dict] = []
-    loads: list[float] = []  # the 1-minute load average after every run: how shared the machine was
-    selected: dict[str, float] = {}
-    ptl_v1_models: dict[int, nn.Module] = {}
-    for condition in conditions:
-        trained = {}
-        for lr in cfg.lrs:
-            for seed in cfg.seeds:
-                teacher = ptl_v1_models[seed] if condition == "std" else None
-                record, model, snapshots = one_run(condition, lr, seed, cfg, teacher, f"{condition} lr {lr:g} seed {seed}")
-                runs.append(record)
-                trained[(lr, seed)] = (record, model, snapshots)
-        selected[condition] = select_lr(runs, condition)
-        # Only now is the test split used: for the selected lr's runs, never to choose.
-        for seed in tqdm(cfg.seeds, desc=f"test {condition}", leave=False, position=1):
-            record, model, snapshots = trained[(selected[condition], seed)]
-            evaluate_test(record, model, snapshots, data, curve_test)
-            if condition == "ptl_v1":
-                ptl_v1_models[seed] = model
-        del trained
-
-    ablation: dict[str, dict] = {}
-    for name, (change, variant_cfg) in variants.items():
-        chosen = []
-        for seed in cfg.seeds:
-            record, model, snapshots = one_run("ptl_v1", selected["ptl_v1"], seed, variant_cfg, None,
-                                               f"ablation {name} seed {seed}")  # fmt: skip
-            evaluate_test(record, model, snapshots, data, curve_test)
-            record["variant"] = name
-            runs.append(record)
-            chosen.append(record)
-        ablation[name] = {"change": change, **_summary(chosen)}
-    overall.close()
-
-    results = summarise(runs, conditions, selected)
-    for r in ablation.values():
-        for metric in ("test_acc", "map", "rank1"):
-            r[f"{metric}_vs_ptl_v1"] = paired(r[metric], results["ptl_v1"][metric])
-            if "plain" in results:
-                r[f"{metric}_vs_plain"] = paired(r[metric], results["plain"][metric])
-
+    conditions = [c for c in CONDITIONS if c in args.conditions]
+    backbone = SmallResNet(data.input_size[0], len(data.target_classes), protocol.width, protocol.blocks)
+    # Built before anything runs, so that a condition this bconv cannot build stops the run at once.
+    ptl_params = {c: _count(_ptl_model(c, copy.deepcopy(backbone), data).ptl) for c in conditions if c in PTL}
+    with tqdm(total=protocol.source_epochs, desc="pre-train", unit="epoch", leave=False) as bar:
+        torch.set_num_threads(args.workers)
+        pretrained, source_acc = pretrain(data, protocol, bar=bar)
+        torch.set_num_threads(args.threads)
+    with tqdm(total=0, desc="protocol", unit="epoch") as bar:
+        records, tuning = run_protocol(data, pretrained, protocol, conditions, args.ablation, args.workers, args.threads,
+                                       bar)  # fmt: skip
+    results = summarise(records, tuning, conditions)
+    ablation = {}
+    if args.ablation:
+        for name, (change, _) in VARIANTS.items():
+            r = {"change": change, **_summary(_runs(records, "ptl_v1", "ablation", name))}
+            for metric in ("test_acc", "map", "rank1"):
+                r[f"{metric}_vs_ptl_v1"] = _compare(r[metric], results["ptl_v1"][metric])
+                if "plain" in results:
+                    r[f"{metric}_vs_plain"] = _compare(r[metric], results["plain"][metric])
+            ablation[name] = r
+    cost = {}
+    for c in conditions:
+        runs = [r for r in records if r["condition"] == c]
+        cost[c] = (len(runs), statistics.fmean(r["cpu_seconds"] for r in runs))
     report = {
         "command": command,
         "note": args.note,
-        "config": asdict(cfg),
+        "protocol": asdict(protocol),
         "conditions": conditions,
         "data": {"dataset": data.name, "input_size": list(data.input_size), "source_classes": data.source_classes,
                  "target_classes": data.target_classes, "sizes": data.sizes(), "augment": data.augment,
-                 "split": data.split, "budget_reason": data.budget_reason if args.budget else None,
-                 "curve_test_size": len(curve_test)},  # fmt: skip
+                 "split": data.split, "budget_reason": data.budget_reason if args.budget else None},  # fmt: skip
         "backbone_params": _count(backbone),
         "ptl_params": ptl_params,
-        "pretrain": pretrain_report,
-        "selected_lr": selected,
+        "pretrain": {"seed": 0, "source_test_acc": source_acc},
+        "selected_lr": {c: t.selected for c, t in tuning.items()},
+        "grids": {c: grid_table(records, c) for c in conditions},
         "results": results,
         "ablation": ablation,
-        "runs": runs,
+        "plateau": plateau(records, tuning) if "plain" in conditions else None,
+        "cost": cost,
+        "runs": records,
+        "workers": args.workers,
         "wall_s": round(time.perf_counter() - start, 1),
-        "load_start": load_start,
+        "env": env,
         "load_end": os.getloadavg()[0],
-        "load_mean": statistics.fmean(loads),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
     }
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     write_markdown(report, out)
     title = (f"{data.name}: fine-tuning on {', '.join(data.target_classes)} after pre-training on "
-             f"{', '.join(data.source_classes)} ({len(cfg.seeds)} seeds)")  # fmt: skip
-    plot(report["results"], title, out.with_suffix(".png"))
+             f"{', '.join(data.source_classes)} ({len(protocol.eval_seeds)} seeds)")  # fmt: skip
+    plot(results, title, out.with_suffix(".png"))
     return report
 
 
-#: per dataset: (budget, val per class, source epochs, fine-tuning epochs, lr grid) when not given; --quick:
-#: (10, 10, 3, 3, quick grid). Fashion-MNIST: 1 pre-training epoch over 30,000 images, 12 fine-tuning epochs
-#: (48 steps), and the grid without 0.003 (never selected on digits; 48 steps barely move at it), so the
-#: whole run fits an hour on 2 cores shared with other jobs.
-DATASET_DEFAULTS = {"fashion-mnist": (BUDGET, VAL_PER_CLASS, 1, 12, [0.01, 0.03, 0.1])}
-PRETRAIN_ONCE = {"fashion-mnist"}
+def estimate(args: argparse.Namespace) -> dict:
+    """Time one run of each condition at its budget (the middle of its grid, one seed) and extrapolate the
+    whole protocol's cost on ``--workers`` processes, assuming no grid extension."""
+    from tqdm import tqdm
+
+    protocol = args.protocol
+    data = make_data(args.dataset, args.data_dir, args.image_size, args.per_class, args.budget, args.val_per_class)
+    conditions = [c for c in CONDITIONS if c in args.conditions]
+    t = time.perf_counter()
+    cpu = time.process_time()
+    pretrained, _ = pretrain(data, protocol)
+    pretrain_cpu, pretrain_wall = time.process_time() - cpu, time.perf_counter() - t
+    print(f"pre-training: {pretrain_cpu:.1f} CPU s, {pretrain_wall:.1f} s", flush=True)
+    _init_worker(data, pretrained, protocol, args.threads)
+    measured: dict[str, dict] = {}
+    teacher = None
+    for c in tqdm(sorted(conditions, key=lambda c: c == "std"), desc="one run per condition"):
+        grid = protocol.grid(c)
+        record, state = run_task(Task(c, grid[len(grid) // 2], protocol.eval_seeds[0], "eval"), data, pretrained,
+                                 protocol, teacher)  # fmt: skip
+        teacher = state if c == "ptl_v1" else teacher
+        measured[c] = {"cpu_seconds": record["cpu_seconds"], "seconds": record["seconds"]}
+        tqdm.write(f"{c}: {record['cpu_seconds']:.1f} CPU s, {record['seconds']:.1f} s")
+    runs = {c: len(protocol.grid(c)) * len(protocol.tune_seeds) + len(protocol.eval_seeds) for c in conditions}
+    if args.ablation and "ptl_v1" in conditions:
+        runs["ptl_v1"] += len(VARIANTS) * len(protocol.eval_seeds)
+    cpu_total = sum(runs[c] * measured[c]["cpu_seconds"] for c in conditions)
+    if protocol.plateau_check and "plain" in conditions:
+        cpu_total += 2 * len(protocol.tune_seeds) * measured["plain"]["cpu_seconds"]
+    out = {"pretrain_cpu_s": pretrain_cpu, "pretrain_wall_s": pretrain_wall, "per_run": measured, "runs": runs,
+           "cpu_total_s": cpu_total, "workers": args.workers,
+           "estimated_wall_min": (pretrain_cpu / min(args.workers, 2) + cpu_total / args.workers) / 60,
+           "load": os.getloadavg()[0]}  # fmt: skip
+    print(json.dumps(out, indent=1))
+    return out
+
+
+#: per dataset: labelled budget and validation images per class (official test sets), pre-training epochs
+DATASET_DEFAULTS = {"fashion-mnist": (BUDGET, VAL_PER_CLASS, 3), "cifar10": (None, None, 15),
+                    "digits": (None, None, 15), "folder": (None, None, 15)}  # fmt: skip
+QUICK = dict(epochs=2, source_epochs=1, width=4, rollback_periods=2, tune_seeds=(0, 1), eval_seeds=(100, 101),
+             max_extensions=1, curve_every=1, val_curve_every=1)  # fmt: skip
+QUICK_GRIDS = {c: (0.01, 0.1) for c in CONDITIONS}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=("digits", "fashion-mnist", "cifar10", "folder"), default="digits")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.transfer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--dataset", choices=("fashion-mnist", "digits", "cifar10", "folder"), default="fashion-mnist")
     parser.add_argument("--data-dir", type=Path,
                         help=f"fashion-mnist: the folder of the four IDX files (default {FASHION_MNIST_DIR}); "
                         "cifar10: the folder holding cifar-10-batches-py; folder: the ImageFolder tree")
-    parser.add_argument("--image-size", type=int,
-                        help="resize images to this (digits 16, fashion-mnist 28, cifar10 32, folder 32)")
+    parser.add_argument("--image-size", type=int, help="resize images to this (default: the dataset's; digits 16)")
     parser.add_argument("--per-class", type=int, help="use at most this many images per class in every split")
-    parser.add_argument("--budget", type=int,
-                        help=f"labelled target training images per class (fashion-mnist default {BUDGET}; datasets "
-                        "with an official test set only)")
-    parser.add_argument("--val-per-class", type=int,
-                        help=f"with --budget: target validation images per class (default {VAL_PER_CLASS})")
+    parser.add_argument("--budget", type=int, help=f"labelled target training images per class (default {BUDGET})")
+    parser.add_argument("--val-per-class", type=int, help=f"target validation images per class (default {VAL_PER_CLASS})")
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
-    parser.add_argument("--seeds", type=int, nargs="+", help="run seeds (default 0 1 2 3 4; --quick 0 1 2)")
-    parser.add_argument("--lrs", type=float, nargs="+", help="the lr grid (default 0.003 0.01 0.03 0.1; fashion-mnist 0.01 0.03 0.1)")
-    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default 15, fashion-mnist 12; --quick 3)")
-    parser.add_argument("--source-epochs", type=int,
-                        help="pre-training epochs (default 15, fashion-mnist 1; --quick 3)")
-    parser.add_argument("--width", type=int, default=16, help="channels of the backbone's first stage")
-    parser.add_argument("--blocks", type=int, default=1, help="residual blocks per stage")
-    parser.add_argument("--rollback-periods", type=int, help="periods of the rollback condition (default 3)")
-    parser.add_argument("--final-init", choices=("identity", "paper"), default="identity",
-                        help="PTL's final fusion at init: bconv's identity (default) or the paper's random init")
-    parser.add_argument("--pretrain", choices=("each", "once"),
-                        help="pre-train a backbone for each seed, or once (the first seed's) for all seeds "
-                        "(default each; fashion-mnist once: pre-training over 30,000 images per seed does not fit the hour)")
-    parser.add_argument("--ablation", action="store_true",
-                        help="also run ptl_v1 at its selected lr with one change each: reset never, the other "
-                        "state_mode, the other final_init")
+    parser.add_argument("--ablation", action="store_true", help="also run ptl_v1's ablation (reset never, pooled state)")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default 48)")
+    parser.add_argument("--source-epochs", type=int, help="pre-training epochs (default 3 over 30,000 images)")
+    parser.add_argument("--width", type=int, help="channels of the backbone's first stage (default 16)")
+    parser.add_argument("--rollback-periods", type=int, help="rolling-back periods, each --epochs long (default 4)")
+    parser.add_argument("--eval-seeds", type=int, nargs="+", help="evaluation seeds (default 100..119; at least 10)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2; 1 runs in this process)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 3 seeds, 3 + 3 epochs, lrs 0.01 0.05, at most 40 images per class")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: the model is small, and on a shared machine more threads "
-                        "contend for the cores)")
+                        help="a smoke run in seconds: 2 epochs, width 4, lrs 0.01 0.1, 2 + 2 seeds, 10 + 10 images per "
+                        "class (it is not the protocol: too few seeds and steps to tell anything)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="time one run per condition at its budget and extrapolate the whole run; writes nothing")
     parser.add_argument("--note", help="a sentence about the run's circumstances, written into the results")
-    parser.add_argument("--out", type=Path,
-                        help="output path without suffix (default benchmarks/results/transfer, or transfer_<dataset>)")
+    parser.add_argument("--out", type=Path, help="output path without suffix (default benchmarks/results/transfer_<dataset>)")
     args = parser.parse_args(argv)
-    quick = args.quick
-    budget, val, source_epochs, epochs, lrs = DATASET_DEFAULTS.get(args.dataset, (None, None, 15, 15, Config().lrs))
-    if quick:
-        budget, val, source_epochs, epochs, lrs = (10 if budget else None, 10 if budget else None, 3, 3, [0.01, 0.05])
-    if args.budget is not None:
-        val = val or VAL_PER_CLASS
-    defaults = {"seeds": [0, 1, 2] if quick else [0, 1, 2, 3, 4], "lrs": lrs,
-                "epochs": epochs, "source_epochs": source_epochs, "rollback_periods": 3,
-                "per_class": 40 if quick else None, "budget": budget, "val_per_class": val,
-                "out": RESULTS / ("transfer" if args.dataset == "digits" else f"transfer_{args.dataset.replace('-', '_')}")}  # fmt: skip
-    defaults["pretrain"] = "once" if args.dataset in PRETRAIN_ONCE else "each"
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.budget is not None and args.dataset in ("digits", "folder"):
+    budget, val, source_epochs = DATASET_DEFAULTS[args.dataset]
+    protocol = Protocol(source_epochs=source_epochs)
+    if args.quick:
+        protocol = replace(protocol, grids=dict(QUICK_GRIDS), **QUICK)
+        budget, val = (10, 10) if budget else (None, None)
+    if args.budget is not None and budget is None:
         parser.error(f"--budget needs a dataset with an official test set (fashion-mnist, cifar10), not {args.dataset}")
+    args.budget = args.budget if args.budget is not None else budget
+    args.val_per_class = args.val_per_class if args.val_per_class is not None else val
     if args.budget is not None and (args.budget < 1 or args.val_per_class < 1):
         parser.error(f"--budget and --val-per-class must be at least 1, got {args.budget} and {args.val_per_class}")
+    changes = {k: getattr(args, k) for k in ("epochs", "source_epochs", "width", "rollback_periods")
+               if getattr(args, k) is not None}  # fmt: skip
+    if args.eval_seeds is not None:
+        if len(args.eval_seeds) < 10 and not args.quick:
+            parser.error(f"--eval-seeds: the protocol evaluates on at least 10 seeds, got {len(args.eval_seeds)}")
+        if set(args.eval_seeds) & set(protocol.tune_seeds):
+            parser.error(f"--eval-seeds must be fresh: not the tuning seeds {list(protocol.tune_seeds)}")
+        changes["eval_seeds"] = tuple(args.eval_seeds)
+    args.protocol = replace(protocol, **changes)
     if "std" in args.conditions and "ptl_v1" not in args.conditions:
         parser.error("the std condition distils the ptl_v1 model: add ptl_v1 to --conditions")
     if args.ablation and "ptl_v1" not in args.conditions:
         parser.error("the ablation varies the ptl_v1 condition: add ptl_v1 to --conditions")
-    if "rollback" in args.conditions and (args.epochs % args.rollback_periods or args.rollback_periods > 4):
-        parser.error(f"--epochs {args.epochs} must split into --rollback-periods {args.rollback_periods} (at most 4) "
-                     f"equal periods")  # fmt: skip
-    if len(args.seeds) < 2:
-        parser.error("give at least 2 seeds: the results report the spread over seeds")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.out is None:
+        args.out = RESULTS / f"transfer_{args.dataset.replace('-', '_')}"
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = run_command("transfer", argv)
-    report = run(args, command)
+    if args.estimate:
+        return estimate(args)
+    report = run(args, run_command("transfer", argv))
     for c, r in report["results"].items():
-        gain = f"; vs plain {_ci(r['test_acc_vs_plain'])}" if "test_acc_vs_plain" in r else ""
-        print(f"{c:9s} lr {r['lr']:<6g} test acc {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}% "
-              f"(n={len(r['seeds'])}){gain}")  # fmt: skip
+        gains = "".join(f"; vs {b} {_ci(r[f'test_acc_vs_{b}'])}" for b in ("plain", "control") if f"test_acc_vs_{b}" in r)
+        print(f"{c:13s} lr {r['lr']:<6g} test acc {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}% "
+              f"(n={len(r['seeds'])}){gains}")  # fmt: skip
     for name, r in report["ablation"].items():
         print(f"ablation {name}: test acc {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}%; "
               f"vs ptl_v1 {_ci(r['test_acc_vs_ptl_v1'])}")  # fmt: skip

@@ -29,6 +29,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: bitwise equality needs one thread count across runs, and a tiny CNN
+    on two shared cores runs many times faster on one thread than with two threads competing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def zoo_model(spec: str) -> torch.nn.Module:
     zoo, _, name = spec.partition(":")
     return build(ZooModel(zoo, name))
@@ -46,3 +56,13 @@ class TinyCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.stage2(self.stage1(self.stem(x))).mean((2, 3)))
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block after ``heading`` in the README: what a test runs, so the README cannot drift."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index(heading) :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("\n```\n", start)]

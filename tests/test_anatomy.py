@@ -172,6 +172,22 @@ def test_anatomy_is_measured_anew_when_a_layer_changes_width():
     assert wrapped(torch.randn(2, *size)).shape == (2, 1000)
 
 
+@pytest.mark.parametrize("spec, first, stem", [
+    ("timm:convnext_atto", ("stem", "stages.0"), ("stem",)),  # patchify stem at the first stage's resolution
+    ("timm:swin_tiny_patch4_window7_224", ("patch_embed", "layers.0"), ("patch_embed",)),
+    ("torchvision:efficientnet_b0", ("features.0", "features.1"), ("features.0",)),
+    ("torchvision:vgg11", ("features.0", "features.1"), ("features.0", "features.1")),  # no block: the stage is the stem
+])  # fmt: skip
+def test_stem_is_what_precedes_the_first_stages_own_block(spec, first, stem):
+    model = zoo_model(spec)
+    size = (3, 224, 224) if "swin" in spec else (3, 64, 64)
+    a = anatomy(model, size)
+    assert a.stages[0].modules == first and a.stem == stem
+    wrapper = nn.Module()
+    wrapper.model, wrapper.ptl = model, nn.Identity()  # shaped like a PTL wrapper: the same stem under model.
+    assert anatomy(wrapper, size).stem == tuple("model." + m for m in stem)
+
+
 def test_head_of_a_classifier():
     a = anatomy(zoo_model("torchvision:resnet50"), (3, 224, 224))
     assert a.stem == ("conv1", "bn1", "relu")

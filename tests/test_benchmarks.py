@@ -11,12 +11,14 @@ and its diagnosis on a network whose feature_info taps are each wrong in a known
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import math
 import os
 import pickle
 import signal
+import statistics
 import struct
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ import pytest
 import torch
 from torch import nn
 
+import bconv
 from bconv import find_stages
 
 for _extra in ("sklearn", "matplotlib", "tqdm", "torchmetrics"):  # the bench extra: pip install -e ".[bench]"
@@ -45,31 +48,137 @@ def _keep_torch_threads():
 
 # ----------------------------------------------------------------------------------------------- transfer
 
+LADDER = hasattr(bconv, "ladder_usage")  # issue 18's ladder: ladder_usage and PTLLadder.zero_cells
 
-def _check_report(report: dict, out: Path, conditions: list[str], epochs: int = 3) -> None:
-    assert report["conditions"] == conditions
-    assert set(report["results"]) == set(conditions)
+
+def _check_report(report: dict, out: Path, conditions: list[str]) -> None:
+    """What every protocol report holds, whatever the data: every number from the run, on the right split."""
+    proto = report["protocol"]
+    assert report["conditions"] == conditions and list(report["results"]) == conditions
     for c, r in report["results"].items():
-        assert r["seeds"] == [0, 1, 2]
-        assert r["lr"] in report["config"]["lrs"]
-        assert len(r["curve_mean"]) == epochs
-        assert all(0.0 <= a <= 100.0 for a in r["test_acc"])
+        assert r["seeds"] == list(proto["eval_seeds"])
+        assert r["lr"] in r["grid"] and set(proto["grids"][c]) <= set(r["grid"])
+        assert r["curve_epochs"][-1] == proto["epochs"] * (proto["rollback_periods"] if c == "rollback" else 1)
+        assert all(0.0 <= a <= 100.0 for a in r["test_acc"] + r["map"] + r["rank1"])
+        if c != "plain":
+            diffs = [a - b for a, b in zip(r["test_acc"], report["results"]["plain"]["test_acc"])]
+            assert r["test_acc_vs_plain"]["mean"] == pytest.approx(statistics.fmean(diffs))
+            assert r["test_acc_vs_plain"]["detectable"] >= 0
+    # the test split is read only by the evaluation (and ablation) runs; tuning reads validation only
+    for run in report["runs"]:
+        tested = run["phase"] in ("eval", "ablation")
+        assert ("test_acc" in run) == tested and ("val_acc" in run) == (not tested)
+        if run["phase"] == "eval":
+            assert run["lr"] == report["selected_lr"][run["condition"]]
+        if run["phase"] == "tune":
+            assert run["seed"] in proto["tune_seeds"]
+    assert not set(proto["tune_seeds"]) & set(proto["eval_seeds"])
     saved = json.loads(out.with_suffix(".json").read_text())
-    assert saved["results"] == report["results"]
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
     md = out.with_suffix(".md").read_text()
     assert "python -m benchmarks.transfer" in md and "--quick" in md
+    assert ("**Power.**" in md) == (len(conditions) > 1)  # a statement for every comparison, none without one
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_transfer_quick_on_digits_runs_every_condition(tmp_path):
+def test_transfer_quick_on_fashion_mnist_idx_files_runs_the_whole_protocol(tmp_path):
+    """The committed command's path (two worker processes) in seconds, on IDX files written here."""
+    _write_fake_fashion_mnist(tmp_path / "fm")
     out = tmp_path / "transfer"
-    report = transfer.main(["--quick", "--out", str(out)])
-    _check_report(report, out, list(transfer.CONDITIONS))
-    assert report["data"]["source_classes"] == ["0", "1", "2", "3", "4"]
+    conditions = [c for c in transfer.CONDITIONS if c != "control" or LADDER]
+    report = transfer.main(["--data-dir", str(tmp_path / "fm"), "--quick", "--ablation", "--conditions", *conditions,
+                            "--out", str(out)])  # fmt: skip
+    _check_report(report, out, conditions)
+    data = report["data"]
+    assert data["source_classes"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
+    assert data["target_classes"] == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    # --quick: a budget of 10 + 10 per class from the training images; the official test images
+    assert data["sizes"] == {"source_train": 100, "source_test": 40, "target_train": 50, "target_val": 50,
+                             "target_test": 40}  # fmt: skip
+    results, runs = report["results"], report["runs"]
+    for c in conditions:  # each grid is tuned on the tuning seeds before anything is evaluated
+        tuned = {(r["lr"], r["seed"]) for r in runs if r["condition"] == c and r["phase"] == "tune"}
+        assert tuned == {(lr, s) for lr in results[c]["grid"] for s in report["protocol"]["tune_seeds"]}
+    assert {r["seed"] for r in runs if r["condition"] == "std" and r["phase"] == "eval"} == {100, 101}
+    assert set(report["ablation"]) == {"reset never", "state pooled"}
+    for r in report["ablation"].values():
+        assert r["seeds"] == [100, 101] and "test_acc_vs_ptl_v1" in r and "detectable" in r["test_acc_vs_ptl_v1"]
+    assert report["plateau"]["longer_epochs"] == 2 * report["plateau"]["epochs"]
+    rollback = [r for r in runs if r["condition"] == "rollback"]
+    assert all(r["curve"][-1]["epoch"] == 2 * r["epochs"] for r in rollback)  # 2 periods, each a whole run
+    if LADDER:
+        for c in ("ptl_v1", "ptl_v1_paper"):
+            assert set(results[c]["usage"]) >= {"stage_share", "output_share", "state_effect"}
+        assert results["control"]["usage"]["output_share"][0] == 0.0  # the control's ladder is zeroed
+        assert "test_acc_vs_control" in results["ptl_v1_paper"]
+    md = out.with_suffix(".md").read_text()
+    assert "## Ablation" in md and "## Retrieval" in md and "## Plateau check" in md and "**Labelled budget.** 10" in md
+
+
+def test_transfer_quick_on_digits_in_one_process(tmp_path):
+    out = tmp_path / "transfer"
+    report = transfer.main(["--dataset", "digits", "--quick", "--workers", "1", "--conditions", "plain", "ptl_v1",
+                            "--out", str(out)])  # fmt: skip
+    _check_report(report, out, ["plain", "ptl_v1"])
     assert report["data"]["target_classes"] == ["5", "6", "7", "8", "9"]
-    assert len(report["runs"]) == 5 * 2 * 3  # conditions x lrs x seeds
-    gain = report["results"]["ptl_v1"]["test_acc_vs_plain"]  # paired by seed, with a 95% t-interval
-    assert gain["ci_low"] <= gain["mean"] <= gain["ci_high"] and gain["better"] + gain["worse"] <= 3
+
+
+@pytest.mark.xfail(not LADDER, strict=True, reason="the control needs issue 18's ladder (PTLLadder.zero_cells)")
+def test_control_is_the_paper_start_with_its_ladder_zeroed(tmp_path):
+    _write_fake_fashion_mnist(tmp_path)
+    data = transfer.make_data("fashion-mnist", tmp_path, None, None, budget=3, val_per_class=2)
+    protocol = transfer.Protocol(width=4)
+    backbone = transfer.SmallResNet(1, 5, 4)
+    paper = transfer._ptl_model("ptl_v1_paper", copy.deepcopy(backbone), data)
+    control = transfer._ptl_model("control", copy.deepcopy(backbone), data)
+    control.load_state_dict(paper.state_dict())
+    assert control.ptl.zero_cells and not paper.ptl.zero_cells
+    x = data.target_train.x
+    with torch.no_grad():
+        assert not torch.allclose(paper.eval()(x), control.eval()(x))  # the same weights: the ladder is what differs
+    assert bconv.ladder_usage(control, x).output_share == 0.0
+    assert protocol.grid("control") == protocol.grid("ptl_v1_paper")
+
+
+def test_lr_is_selected_on_validation_never_on_test():
+    def run(lr, seed, val, loss):
+        return {"condition": "plain", "lr": lr, "seed": seed, "val_acc": val, "val_loss": loss, "test_acc": 99.0}
+
+    runs = [run(0.01, s, 90.0, 1.0) for s in range(3)] + [run(0.1, s, 95.0, 1.0) for s in range(3)]
+    assert transfer.select_lr(runs, "plain") == 0.1
+    tie = [run(0.03, s, 95.0, 0.5) for s in range(3)]  # as accurate, lower loss
+    assert transfer.select_lr(runs + tie, "plain") == 0.03
+
+
+def test_a_grid_is_extended_beyond_a_chosen_edge_up_to_the_limit():
+    assert [transfer.lr_step(lr, True) for lr in (0.03, 0.1, 0.3)] == [0.1, 0.3, 1.0]
+    assert [transfer.lr_step(lr, False) for lr in (0.03, 0.1, 0.01)] == [0.01, 0.03, 0.003]
+    counts = {"low": 0, "high": 0}
+    grid = [0.03, 0.1, 0.3]
+    assert transfer.next_grid_step(grid, 0.1, counts, 2) is None  # inside: bracketed
+    assert transfer.next_grid_step(grid, 0.3, counts, 2) == 1.0
+    assert transfer.next_grid_step([*grid, 1.0], 1.0, counts, 2) == 3.0
+    assert transfer.next_grid_step([*grid, 1.0, 3.0], 3.0, counts, 2) is None  # two extensions on that side
+    assert transfer.next_grid_step(grid, 0.03, counts, 2) == 0.01 and counts == {"low": 1, "high": 2}
+
+
+def test_transfer_refuses_what_the_protocol_cannot_run():
+    for argv, match in ((["--conditions", "plain", "std"], "ptl_v1"),
+                        (["--eval-seeds", "100", "101"], "at least 10"),
+                        (["--eval-seeds", *map(str, range(10))], "fresh"),
+                        (["--dataset", "digits", "--budget", "10"], "official test set")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            transfer.parse_args(argv)
+
+
+def test_the_protocols_defaults_are_the_issues():
+    args = transfer.parse_args([])
+    p = args.protocol
+    assert args.dataset == "fashion-mnist" and (args.budget, args.val_per_class) == (20, 100)
+    assert p.epochs == 48 and len(p.tune_seeds) == 3 and len(p.eval_seeds) >= 10 and p.rollback_periods == 4
+    assert (p.momentum, p.nesterov, p.weight_decay) == (0.9, True, 5e-4)
+    assert set(args.conditions) == {"plain", "ptl_v1", "ptl_v1_paper", "control", "ptl_v2", "std", "rollback"}
+    assert args.workers == 2 and args.out == common.RESULTS / "transfer_fashion_mnist"
 
 
 def _write_image_folder(root: Path, classes: int = 4, per_class: int = 10) -> None:
@@ -88,8 +197,8 @@ def test_transfer_quick_on_an_image_folder(tmp_path):
     _write_image_folder(tmp_path / "images")
     out = tmp_path / "transfer"
     report = transfer.main(["--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--image-size", "16",
-                            "--quick", "--conditions", "plain", "ptl_v1", "--out", str(out)])  # fmt: skip
-    _check_report(report, out, ["plain", "ptl_v1"])
+                            "--quick", "--workers", "1", "--conditions", "plain", "--out", str(out)])  # fmt: skip
+    _check_report(report, out, ["plain"])
     assert report["data"]["source_classes"] == ["class0", "class1"]
     assert report["data"]["target_classes"] == ["class2", "class3"]
     assert report["data"]["input_size"] == [3, 16, 16]
@@ -131,7 +240,7 @@ def test_transfer_quick_on_a_local_cifar10_copy(tmp_path, monkeypatch):
     assert x.shape == (100, 3, 32, 32) and names[5] == "dog"
     torch.testing.assert_close(x[0], torch.from_numpy(first).permute(2, 0, 1).float() / 255)
     out = tmp_path / "transfer"
-    report = transfer.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--quick",
+    report = transfer.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--quick", "--workers", "1",
                             "--conditions", "plain", "ptl_v2", "--out", str(out)])  # fmt: skip
     _check_report(report, out, ["plain", "ptl_v2"])
     assert report["data"]["target_classes"] == ["dog", "frog", "horse", "ship", "truck"]
@@ -147,20 +256,6 @@ def test_per_class_split_is_disjoint_stratified_and_fixed():
         assert torch.bincount(y[part], minlength=5).tolist() == [n] * 5
     again = common.per_class_split(y, (0.4, 0.2, 0.4), seed=0)
     assert all(torch.equal(a, b) for a, b in zip(parts, again))
-
-
-def test_lr_is_selected_on_validation_never_on_test():
-    def run(lr, seed, val, test):
-        return {"condition": "plain", "lr": lr, "seed": seed, "curve": [{"val_acc": val, "val_loss": 1.0,
-                                                                         "test_acc": test}]}  # fmt: skip
-
-    runs = [run(0.01, s, 90.0, 99.0) for s in range(3)] + [run(0.1, s, 95.0, 80.0) for s in range(3)]
-    assert transfer.select_lr(runs, "plain") == 0.1
-
-
-def test_transfer_refuses_std_without_its_teacher():
-    with pytest.raises(SystemExit):
-        transfer.parse_args(["--conditions", "plain", "std"])
 
 
 # ------------------------------------------------------------------------------ transfer: Fashion-MNIST
@@ -252,49 +347,6 @@ def test_labelled_budget_split_is_exact_disjoint_and_from_training_images_only(t
     assert not (flat(data.target_train) | flat(data.target_val)) & flat(data.target_test)
     with pytest.raises(SystemExit, match="needs 25"):
         transfer.make_data("fashion-mnist", tmp_path, None, None, budget=20, val_per_class=5)
-
-
-def test_budget_needs_an_official_test_set():
-    with pytest.raises(SystemExit):
-        transfer.parse_args(["--budget", "10"])  # digits: one pool
-
-
-def test_transfer_quick_on_fashion_mnist_idx_files(tmp_path):
-    _write_fake_fashion_mnist(tmp_path / "fm")
-    out = tmp_path / "transfer"
-    conditions = ["plain", "ptl_v1"]
-    report = transfer.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm"), "--quick", "--ablation",
-                            "--conditions", *conditions, "--seeds", "0", "1", "--out", str(out)])  # fmt: skip
-    data = report["data"]
-    assert data["source_classes"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
-    assert data["target_classes"] == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-    # --quick: a budget of 10 + 10 per class from the training images; the official test images
-    assert data["sizes"] == {"source_train": 100, "source_test": 40, "target_train": 50, "target_val": 50,
-                             "target_test": 40}  # fmt: skip
-    assert data["input_size"] == [1, 28, 28]
-    assert [p["seed"] for p in report["pretrain"]] == [0]  # fashion-mnist pre-trains once, for every seed
-    results = report["results"]
-    assert list(results) == conditions
-    for c in ("plain", "ptl_v1"):
-        for metric in ("map", "rank1"):
-            assert len(results[c][metric]) == 2 and all(0 <= v <= 100 for v in results[c][metric])
-    for c in ("ptl_v1",):
-        ci = results[c]["test_acc_vs_plain"]
-        diffs = [a - b for a, b in zip(results[c]["test_acc"], results["plain"]["test_acc"])]
-        assert ci["mean"] == pytest.approx(sum(diffs) / 2) and ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
-    assert set(report["ablation"]) == {"reset never", "state pooled", "init paper"}
-    for r in report["ablation"].values():
-        assert r["lr"] == results["ptl_v1"]["lr"] and r["seeds"] == [0, 1] and "test_acc_vs_ptl_v1" in r
-    # the test split was evaluated only for the selected lr's runs (and the ablation's)
-    for r in report["runs"]:
-        tested = r.get("variant") is not None or r["lr"] == report["selected_lr"][r["condition"]]
-        assert ("test_acc" in r) == tested and ("test_acc" in r["curve"][0]) == tested
-    saved = json.loads(out.with_suffix(".json").read_text())
-    assert saved["results"] == results
-    md = out.with_suffix(".md").read_text()
-    assert "python -m benchmarks.transfer --dataset fashion-mnist" in md and "**Labelled budget.** 10 labelled" in md
-    assert "## Ablation" in md and "## Retrieval" in md
-    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_retrieval_metrics_match_a_hand_computed_ranking():

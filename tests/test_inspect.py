@@ -18,8 +18,9 @@ def test_table_of_a_torchvision_model(capsys):
     assert "index  module  channels  reduction  output shape  layout" in out
     assert "    4  layer4       512         32  512x2x2       NCHW" in out
     # the PTL preview: a row per stage and the totals
-    assert "layer4  v1 32->64 s2  64x2x2       final 1x1 576->512  368,640" in out
-    assert "parameters 11,689,512 -> 12,097,032 (+407,520, +3.5%)" in out and "FLOPs      0.297G" in out
+    assert "layer3  v1 16->32 s2  32x4x4       1x1+BN+ReLU 288->32   27,744" in out
+    assert "layer4  v1 32->64 s2  64x2x2       x + 1x1 64->512      106,496" in out
+    assert "parameters 11,689,512 -> 11,835,080 (+145,568, +1.2%)" in out and "FLOPs      0.297G" in out
 
 
 def test_timm_prefix_json_and_feature_info_source(capsys):
@@ -72,3 +73,47 @@ def test_module_entry_point_runs_as_a_newcomer_would():
     assert ok.returncode == 0 and "layer4" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "bconv.inspect", "nosuchnet"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("bconv.inspect: no model")
+
+
+# --------------------------------------------------------------------------- every model torchvision knows
+
+
+def test_every_torchvision_model_name_is_known():
+    import torchvision
+
+    from bconv._zoo import resolve
+
+    for name in torchvision.models.list_models():  # classifiers, segmentation, detection, video, flow, quantized
+        assert resolve(name).zoo == "torchvision", name
+
+
+def test_a_segmentation_model_shows_its_backbones_stages(capsys):
+    assert main(["fcn_resnet50", "--input-size", "3", "64", "64", "--no-plan"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone.layer4" in out and "pooling     none" in out
+
+
+def test_a_video_model_is_refused_with_its_reason(capsys):
+    assert main(["r3d_18", "--no-plan"]) == 1
+    err = capsys.readouterr().err
+    assert "video (3-D) network" in err and "Conv3d" in err and "Traceback" not in err
+
+
+def test_a_quantizable_model_is_inspected_as_the_float_network(capsys):
+    # torchvision's quantization models are built unquantized (quantize=False): the float network.
+    assert main(["quantized_mobilenet_v2", "--input-size", "3", "64", "64", "--no-plan"]) == 0
+    assert "5 stages found" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_every_torchvision_model_is_inspected_or_refused_with_a_reason():
+    # Each in a child process, as a newcomer runs it: a table (0) or bconv's one-line refusal (1), never a traceback.
+    import torchvision
+
+    for name in torchvision.models.list_models():
+        run = subprocess.run(
+            [sys.executable, "-m", "bconv.inspect", name, "--no-plan"], capture_output=True, text=True, timeout=900
+        )
+        assert run.returncode in (0, 1) and "Traceback" not in run.stderr, f"{name}: {run.stderr[-2000:]}"
+        if run.returncode == 1:
+            assert run.stderr.startswith(f"bconv.inspect: torchvision:{name}: "), f"{name}: {run.stderr[-500:]}"

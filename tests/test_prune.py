@@ -244,7 +244,7 @@ def test_load_pruned_refuses_another_architecture(tmp_path):
     ({"similarity": "spearman"}, "'pearson', 'cosine', 'inner'"),
     ({"max_fraction": 0.0}, r"\(0, 1\]"),
     ({"round_to": 0}, ">= 1"),
-    ({"stages": ["layer9"]}, r"unknown stage 'layer9'.*layer3.*bconv\.inspect"),
+    ({"stages": ["layer9"]}, r"stage 'layer9' is not a module of the model.*layer3.*bconv\.inspect"),
 ])  # fmt: skip
 def test_bad_arguments_get_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

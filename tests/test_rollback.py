@@ -131,6 +131,90 @@ def test_timm_model_with_feature_info_stages():
     assert _equal(now, pretrained, [n for n in now if _owner(n, rb.stages) is not None])
 
 
+class CifarNet(nn.Module):
+    """A CIFAR ResNet's layout: a stride-1 stem that fx folds into the first stage, then three stages."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_stem_folded_into_the_first_stage_is_rolled_back_as_a_block_of_its_own():
+    # The released ResNet scripts keep conv1 + bn1 alone in their second period, then add layer1.
+    model = CifarNet()
+    rb = Rollback(model, SIZE)
+    assert rb.stages[0].modules == ("conv1", "bn1", "layer1")  # discovery folds the stem into layer1's stage
+    assert [(b.name, b.modules) for b in rb.blocks] == [
+        ("stem", ("conv1", "bn1")), ("layer1", ("layer1",)), ("layer2", ("layer2",)), ("layer3", ("layer3",)),
+    ]  # fmt: skip
+    pretrained = copy.deepcopy(model.state_dict())
+    _train(model)
+    trained = copy.deepcopy(model.state_dict())
+    rb.roll_back(keep=1)  # keeps the stem only
+    now = model.state_dict()
+    for name in now:
+        kept = name.split(".")[0] in ("conv1", "bn1", "fc")
+        assert torch.equal(now[name], (trained if kept else pretrained)[name]), name
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in rb.param_groups(keep=1)}
+    ids = lambda *modules: {id(p) for m in modules for p in m.parameters()}  # noqa: E731
+    assert groups["kept"] == ids(model.conv1, model.bn1)
+    assert groups["rolled_back"] == ids(model.layer1, model.layer2, model.layer3)
+
+
+def test_run_keeps_the_stem_then_adds_one_stage_per_period():
+    model = CifarNet()
+    rb = Rollback(model, SIZE)
+    kept = []
+
+    def train_fn(m, optimizer, period):
+        kept.append([n for g in optimizer.param_groups if g["name"] == "kept" for n, p in m.named_parameters()
+                     if any(p is q for q in g["params"])])  # fmt: skip
+
+    rb.run(train_fn, periods=4)
+    assert kept == [[], ["conv1.weight", "bn1.weight", "bn1.bias"],
+                    ["conv1.weight", "bn1.weight", "bn1.bias", "layer1.0.weight", "layer1.0.bias", "layer1.1.weight",
+                     "layer1.1.bias"], kept[3]]  # fmt: skip
+    assert {n.split(".")[0] for n in kept[3]} == {"conv1", "bn1", "layer1", "layer2"}
+
+
+def test_given_stages_split_the_folded_stem_too():
+    model = CifarNet()
+    rb = Rollback(model, stages=bconv.find_stages(model, SIZE))
+    assert [b.name for b in rb.blocks] == ["stem", "layer1", "layer2", "layer3"]
+
+
+@pytest.mark.parametrize("spec, stem", [
+    ("timm:convnext_atto", ("stem",)),  # a patchify stem at the first stage's resolution
+    ("timm:efficientnet_b0", ("conv_stem", "bn1")),
+    ("torchvision:mobilenet_v2", ("features.0",)),
+    ("torchvision:resnet18", ("conv1", "bn1", "relu")),  # the stem reduces: it is the first stage already
+    ("torchvision:densenet121", ("features.conv0", "features.norm0", "features.relu0")),
+])  # fmt: skip
+def test_the_first_block_is_the_stem_across_the_zoo(spec, stem):
+    rb = Rollback(zoo_model(spec), (3, 64, 64))
+    assert rb.blocks[0].modules == stem
+    modules = [m for b in rb.blocks for m in b.modules]
+    assert modules == [m for s in rb.stages for m in s.modules]  # the blocks split the stages, nothing else
+
+
+def test_the_default_optimizer_is_the_released_one():
+    rb = Rollback(PrefixNet(), (3, 16, 16))
+    made = []
+    rb.run(lambda m, optimizer, p: made.append(optimizer), periods=2)
+    for optimizer in made:
+        assert type(optimizer) is torch.optim.SGD
+        assert {(g["momentum"], g["nesterov"], g["weight_decay"]) for g in optimizer.param_groups} == {(0.9, True, 5e-4)}
+
+
 # --------------------------------------------------------------------------- optimizer groups
 
 

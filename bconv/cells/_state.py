@@ -30,6 +30,16 @@ STATE_MODES = ("per_sample", "pooled")
 SIZE_CHANGE_POLICIES = ("reset", "raise")
 
 
+def _usable_in_training(value: Tensor) -> Tensor:
+    """``value``, or a normal copy of it if it is an inference tensor (made under ``torch.inference_mode()``):
+    autograd cannot save an inference tensor, so the next training step would fail inside torch. A compiled
+    forward is traced, and dynamo does not trace ``is_inference``: it keeps the plain path."""
+    if torch.compiler.is_compiling() or not value.is_inference():
+        return value
+    with torch.inference_mode(False):
+        return value.clone()
+
+
 class StatefulCell(nn.Module):
     """Base class of modules that carry a state from one mini-batch to the next.
 
@@ -194,7 +204,8 @@ class StatefulCell(nn.Module):
         for name in self._state_names:
             value = state[name]
             if value is not None:
-                value = value.detach().to(device=param.device if param is not None else value.device, copy=True)
+                with torch.inference_mode(False):  # restored under inference_mode, it must still train
+                    value = value.detach().to(device=param.device if param is not None else value.device, copy=True)
             setattr(self, name, value)
 
     def _state_channels(self) -> int | None:
@@ -248,22 +259,32 @@ class StatefulCell(nn.Module):
         """Store ``value`` (shape ``[B, C, H, W]``) as the new state ``name``.
 
         Does nothing in eval mode. Per-sample: slots ``B`` and beyond keep their
-        stored state. Pooled: the batch is reduced by :meth:`_pool`.
+        stored state. Pooled: the batch is reduced by :meth:`_pool`. An empty batch
+        (``B == 0``) says nothing about the data and leaves the state as it was (its
+        mean would be NaN, and every later output with it). A state computed under
+        ``torch.inference_mode()`` is stored as a normal tensor, as under ``no_grad``, so
+        the next training step can use it.
         """
         if not self.training:
+            return
+        synced = self.state_mode == "pooled" and self.sync_state and dist.is_available() and dist.is_initialized()
+        if value.shape[0] == 0 and not synced:  # a synced rank still joins the other ranks' all_reduce
             return
         if self.detach:
             value = value.detach()
         if self.state_mode == "pooled":
-            value = self._pool(value)
+            pooled = self._pool(value)
+            if pooled is None:
+                return
+            value = pooled
         else:
             stored = getattr(self, name)
             if stored is not None and stored.shape[0] > value.shape[0]:
                 value = torch.cat([value, stored[value.shape[0] :].to(value.dtype)])
-        setattr(self, name, value)
+        setattr(self, name, _usable_in_training(value))
 
-    def _pool(self, value: Tensor) -> Tensor:
-        """Reduce a batch of states ``[B, ...]`` to the pooled state ``[1, ...]``.
+    def _pool(self, value: Tensor) -> Tensor | None:
+        """Reduce a batch of states ``[B, ...]`` to the pooled state ``[1, ...]``; None when no rank had a sample.
 
         The single place where the pooled state is formed. With ``sync_state=True``
         under an initialised ``torch.distributed`` process group, the mean is taken
@@ -273,10 +294,12 @@ class StatefulCell(nn.Module):
         forwards, as DistributedDataParallel already requires.
         """
         if not (self.sync_state and dist.is_available() and dist.is_initialized()):
-            return value.mean(dim=0, keepdim=True)
+            return value.mean(dim=0, keepdim=True) if value.shape[0] else None
         total = value.detach().sum(dim=0, keepdim=True).float()
         flat = torch.cat([total.flatten(), total.new_tensor([value.shape[0]])])
         dist.all_reduce(flat)
+        if flat[-1] == 0:
+            return None  # every rank's batch was empty
         return (flat[:-1] / flat[-1]).view_as(total).to(value.dtype)
 
     def _size_changed(self, old: tuple[int, ...], new: tuple[int, ...]) -> None:

@@ -61,6 +61,21 @@ class _BConvBase(StatefulCell):
         self._write_state("c_prev", c)
         return o * torch.tanh(c)
 
+    def silence_(self) -> _BConvBase:
+        """Zero the candidate rows (``g``) of the gate convolution, in place.
+
+        With zero candidate weights, ``C_b = f * C_{b-1} + i * tanh(0) = 0`` from a zero state, so the cell
+        outputs exactly 0 until those weights learn, while they receive the gradient
+        ``dL/dy * o * i * x`` from the first step. :func:`bconv.wrap_with_ptl` silences the last cell of the
+        ladder so that a freshly wrapped model computes exactly what the original computed.
+
+        Returns:
+            The cell itself.
+        """
+        with torch.no_grad():
+            self.conv.weight[3 * self.out_channels :].zero_()
+        return self
+
     def extra_repr(self) -> str:
         text = (
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, "

@@ -63,7 +63,14 @@ def _protected_layers(
     """
     from ..surgery.anatomy import anatomy
 
-    protected = Protection(whole={name: "protected by the caller" for name in extra})
+    # A caller's path keeps every layer inside it: protect=["layer4"] keeps the block whole.
+    protected = Protection(
+        whole={
+            f"{name}.{sub}" if sub else name: "protected by the caller"
+            for name in extra
+            for sub, _ in model.get_submodule(name).named_modules()
+        }
+    )
     try:
         # The network's anatomy, the one description PTL, STD and rollback read, says where its head is.
         classifier = anatomy(model, input_size, need_stages=False).head.classifier

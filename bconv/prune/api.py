@@ -10,9 +10,10 @@ from typing import Iterable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import BConvError
-from ..surgery._hooks import original_network
-from ..surgery._trace import dummy_input, eval_mode
+from ..errors import BConvError, InputSizeError
+from ..surgery._checks import check_input_size, check_module_paths, refuse_wrapped, select_stages
+from ..surgery._trace import dummy_input, eval_mode, model_error_message
+from ..surgery.anatomy import anatomy
 from .adapter import _build_graph, _check_forward, _measure, _out_channels, _output_shapes, _protected_layers, _restore
 from .importance import PRESETS, COPImportance, Normalization, Similarity
 from .planner import TOLERANCE, Floors, _Planner
@@ -68,7 +69,8 @@ def cop_prune(
         round_to: kept widths are multiples of this (the original width is always allowed).
         stages: only prune channels produced inside these stages, named (or indexed) as
             ``python -m bconv.inspect MODEL`` prints them. Default: every stage.
-        protect: extra module paths whose channels must not change.
+        protect: extra module paths whose channels must not change; a block's path (``layer4``) keeps every
+            layer inside it. A path the model does not have is an error, not ignored.
         keep_feature_width: keep the classifier's input width, the pooled feature that STD compares
             between student and teacher (a bconv option). By default, as in the released code, the
             classifier keeps its classes only and the channels that feed it are pruned like any others.
@@ -81,6 +83,10 @@ def cop_prune(
 
     Raises:
         ValueError: a bad argument (names what is valid).
+        bconv.errors.InputSizeError: a malformed ``input_size``, or one the model rejects.
+        bconv.errors.StageSelectionError: ``stages`` names no stage of the model (as in ``wrap_with_ptl``).
+        bconv.errors.ModulePathError: ``protect`` names a module the model does not have.
+        bconv.errors.WrappedModelError: a PTL-wrapped model.
         PruneTargetError: ``ratio`` is not reachable with the floors; the model is unchanged.
         PruneError: Torch-Pruning cannot trace or prune the model; the model is unchanged.
 
@@ -91,19 +97,23 @@ def cop_prune(
     """
     start = time.perf_counter()
     _check_target(ratio, metric, prefer)
-    input_size = tuple(int(s) for s in input_size)
+    input_size = check_input_size(input_size)
+    refuse_wrapped(model, _PTL_REFUSAL)
+    protect = check_module_paths(model, protect, "protect")
     x = dummy_input(model, input_size)
     preset = PRESETS[prefer]
     weights = [p if w is None else w for w, p in zip((alpha, beta, gamma), preset)]
     importance = COPImportance(*weights, top_k=top_k, similarity=similarity, normalize=normalize, example_inputs=x)
     floors = Floors(min_channels, max_fraction, round_to)
-    _refuse_ptl(model)
     allowed = _stage_modules(model, input_size, stages)
     backup = copy.deepcopy(model)
     try:
         with eval_mode(model), torch.no_grad():
             positions: dict[nn.Module, int] = {}
-            before, out = _measure(model, x, positions)
+            try:
+                before, out = _measure(model, x, positions)
+            except Exception as e:  # the model's own complaint, as find_stages and wrap_with_ptl report it
+                raise InputSizeError(model_error_message(model, x, e)) from e
             reference_shapes = _output_shapes(out)
         graph = _build_graph(model, x)
         protection = _protected_layers(model, input_size, graph, protect, keep_feature_width)
@@ -179,38 +189,16 @@ def _check_target(ratio: float, metric: str, prefer: str) -> None:
         raise ValueError(f"prefer={prefer!r} is not one of {', '.join(map(repr, PRESETS))}")
 
 
-def _refuse_ptl(model: nn.Module) -> None:
-    from ..surgery._hooks import BConvHook
-
-    wrapped = original_network(model)[1] != "" or any(
-        isinstance(h, BConvHook) for m in model.modules() for h in m._forward_hooks.values()
-    )
-    if wrapped:
-        raise ValueError(
-            "cop_prune does not prune a PTL-wrapped model: its ladder's fusions read the widths of the stages "
-            "it is paired with. Prune the plain network instead: distil the PTL teacher into a plain student "
-            "(bconv.distill.STDTrainer), then cop_prune(student, ...), then fine-tune the student."
-        )
+_PTL_REFUSAL = (
+    "cop_prune does not prune a PTL-wrapped model: its ladder's fusions read the widths of the stages it is "
+    "paired with. Prune the plain network instead: distil the PTL teacher into a plain student "
+    "(bconv.distill.STDTrainer), then cop_prune(student, ...), then fine-tune the student."
+)
 
 
 def _stage_modules(model: nn.Module, input_size: tuple[int, ...], stages: Sequence[str | int] | None) -> list[str] | None:
-    """Module paths inside the chosen stages, or None for the whole model."""
+    """Module paths inside the chosen stages (chosen as :func:`bconv.wrap_with_ptl` chooses), or None for all."""
     if stages is None:
         return None
-    from ..surgery.stages import find_stages
-
-    if isinstance(stages, (str, int)):
-        stages = [stages]
-    found = find_stages(model, input_size)
-    by_name = {s.name: s for s in found}
-    chosen = []
-    for s in stages:
-        stage = found[s] if isinstance(s, int) and -len(found) <= s < len(found) else by_name.get(s)  # type: ignore[arg-type]
-        if stage is None:
-            valid = ", ".join(f"{i}: {st.name}" for i, st in enumerate(found))
-            raise ValueError(
-                f"unknown stage {s!r} for {type(model).__name__}; its stages are {valid} "
-                f"(see python -m bconv.inspect)"
-            )
-        chosen += stage.modules
-    return chosen
+    found = anatomy(model, input_size).stages
+    return [m for stage in select_stages(found, stages, model) for m in stage.modules]

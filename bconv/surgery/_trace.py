@@ -194,15 +194,34 @@ def second_size(input_size: Sequence[int], real: bool = False) -> tuple[int, ...
     return (c, h + 64, w + 64) if real else (c, 2 * h, 2 * w)
 
 
-def _reduction(size: int, out: int) -> int | None:
-    """``size / out`` as a power of two when it is close to one (valid, unpadded convs shave a few pixels)."""
-    if out < 1:
+_LARGEST_REDUCTION_EXPONENT = 12  # reductions up to 4096
+
+
+def _fits(size: int, out: int, r: int) -> bool:
+    """Whether ``out`` pixels are ``size`` input pixels at reduction ``r``: within the rounding of strided
+    layers (less than a pixel off ``size / r``: 48 px at 32 is a 2-pixel map), or within a factor of 2^0.4
+    (valid, unpadded convolutions shave a few pixels off a large map)."""
+    exact = size / r
+    return abs(out - exact) < 1 or abs(math.log2(exact / out)) <= 0.4
+
+
+def _reduction(pairs: Sequence[tuple[int, int]]) -> int | None:
+    """The power of two every ``(input pixels, map pixels)`` pair fits (see :func:`_fits`), the closest if several.
+
+    With the pairs of one tensor at two input sizes (height and width at each), the reduction is what the
+    network does at both, not one ratio rounded with a tolerance: at 48 px a 2x2 map is at 32 (48 / 2 = 24
+    is no power of two), because at 96 px the same map is 3x3.
+    """
+    if any(out < 1 for _, out in pairs):
         return None
-    exponent = math.log2(size / out)
-    k = round(exponent)
-    if k < 0 or abs(exponent - k) > 0.4:
-        return None
-    return 2**k
+    best: tuple[float, int] | None = None
+    for k in range(_LARGEST_REDUCTION_EXPONENT + 1):
+        r = 2**k
+        if all(_fits(size, out, r) for size, out in pairs):
+            error = max(abs(math.log2(size / (r * out))) for size, out in pairs)
+            if best is None or error < best[0]:
+                best = (error, r)
+    return best[1] if best else None
 
 
 def geometry(
@@ -216,8 +235,8 @@ def geometry(
     Measured, not guessed: with the shape of the same tensor at a second input size, the spatial
     dimensions are the two that followed the input's height and width, the channels the one that did
     not (``[C, H, W]`` is NCHW, ``[H, W, C]`` NHWC, Swin-like). A map whose size did not follow the input
-    (a globally pooled ``[C, 1, 1]``) is not a feature map. The reduction is the input's height over the
-    map's, rounded to a power of two, and must agree on height and width at both sizes.
+    (a globally pooled ``[C, 1, 1]``) is not a feature map. The reduction is the power of two that the
+    map's height and width at both sizes agree on (see :func:`_reduction`).
 
     Without a second size (a model that accepts one input size only) the layout is read from the one
     shape, strictly: its height and width must keep the input's aspect ratio, and a shape that reads
@@ -235,17 +254,14 @@ def geometry(
             return None
         alt = {"NCHW": (alt_shape[1], alt_shape[2]), "NHWC": (alt_shape[0], alt_shape[1])}[layout]
         h, w, c = readings[layout]
-        r = _reduction(input_size[1], h)
-        if r is None or r != _reduction(input_size[2], w):
-            return None
-        if r != _reduction(alt_input_size[1], alt[0]) or r != _reduction(alt_input_size[2], alt[1]):
-            return None
-        return layout, r, c
+        pairs = [(input_size[1], h), (input_size[2], w), (alt_input_size[1], alt[0]), (alt_input_size[2], alt[1])]
+        r = _reduction(pairs)
+        return None if r is None else (layout, r, c)
     fits = []
     for layout, (h, w, c) in readings.items():
-        r = _reduction(input_size[1], h)
+        r = _reduction([(input_size[1], h), (input_size[2], w)])
         # The aspect ratio must survive (within a pixel or two of unpadded convs): 56x48 is no map of 224x224.
-        if r is not None and r == _reduction(input_size[2], w) and abs(h * input_size[2] - w * input_size[1]) <= 2 * max(input_size[1:]):
+        if r is not None and abs(h * input_size[2] - w * input_size[1]) <= 2 * max(input_size[1:]):
             fits.append((layout, r, c))
     return fits[0] if len(fits) == 1 else None
 

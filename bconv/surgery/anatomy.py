@@ -2,14 +2,20 @@
 
 ``anatomy(model)`` traces the network with torch.fx once, propagates shapes on meta tensors at two
 input sizes (so layouts, channels and reductions are measured and no real convolution runs), and
-returns an :class:`Anatomy`: the stages (as :func:`bconv.find_stages` reports them), the stem (the
-first stage's modules) and the :class:`Head` (everything after the deepest stage: global pooling,
+returns an :class:`Anatomy`: the stages (as :func:`bconv.find_stages` reports them), the stem (its own
+block even where it is folded into the first stage) and the :class:`Head` (everything after the deepest stage: global pooling,
 the classifier, the pooled feature width). PTL (``wrap_with_ptl``), distillation
 (``pooled_features``, ``STDTrainer``), rolling back (``Rollback``) and pruning all read it, so
 none of them decides again, with rules of its own, where the head begins.
 
-The result is cached per model (weakly, so the cache keeps no model alive) and recomputed when the
-module structure changes (a new classifier, a replaced block).
+:func:`find_stages` is a view of it (its stages). The stage rules themselves live in the private
+``_stages`` module below this one: the import graph reads ``_trace`` -> ``_stages`` -> ``anatomy`` ->
+the ladder and the companion techniques, which import only this module.
+
+The result is cached per model (weakly, so the cache keeps no model alive) and measured anew whenever
+anything that decides shapes changes: the module structure (a new classifier, a replaced block), a
+parameter's shape (pruning), or a module's settings (a convolution's or pooling's stride, padding,
+dilation, kernel size: ReID's "last stride 1").
 """
 
 from __future__ import annotations
@@ -29,22 +35,24 @@ from ..errors import (
     TraceError,
     UnsupportedModelError,
 )
+from ._checks import check_input_size, check_leaf_modules, default_input_size
 from ._hooks import bconv_hooks_suspended, original_network
-from ._trace import Traced, eval_mode, propagate_shapes, trace
-from .stages import (
-    _SOURCES,
+from ._stages import (
+    SOURCES,
     Source,
     Stage,
-    _check_input_size,
-    _feature_info,
-    _feature_info_stages,
-    _fx_stages,
-    _is_global_pool,
-    _main_chain,
-    default_input_size,
+    feature_info_entries,
+    feature_info_stages,
+    fx_stages,
+    is_global_pool,
+    main_chain,
 )
+from ._trace import Traced, eval_mode, propagate_shapes, trace
 
-__all__ = ["Anatomy", "Head", "anatomy", "UnsupportedModelError"]
+__all__ = [
+    "Anatomy", "Head", "Stage", "Source", "anatomy", "find_stages", "stem_modules", "default_input_size",
+    "UnsupportedModelError",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,8 @@ class Anatomy:
 
     Attributes:
         stages: the stages, from the input (see :class:`bconv.Stage`).
-        stem: the modules of the first stage: the network's stem, up to the first stage's end.
+        stem: the network's stem: the modules of the first stage that come before its own block (see
+            :func:`stem_modules`), or all of them when the first stage is the stem itself.
         head: see :class:`Head`.
         input_size: ``(C, H, W)`` of the measurement.
         shapes_from: ``"meta"`` (meta tensors: no real compute) or ``"real"`` (a model that meta tensors
@@ -115,11 +124,74 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Anatomy]] = weakref.Wea
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    """Module paths, types and parameter shapes: a new head, a module swapped for another, or a layer whose
-    width changed (pruning, ``reset_classifier(10)``) is measured anew; new weights of the same shapes are not."""
+    """Everything about ``model`` that decides the shapes of its maps: module paths and types, parameter shapes,
+    and each module's own settings (its plain attributes: a convolution's stride, padding, dilation and kernel
+    size, a pooling's, a user block's ``self.stride``). A new head, a module swapped for another, a layer whose
+    width changed (pruning, ``reset_classifier(10)``) or whose stride changed (ReID's last stride 1) is measured
+    anew; new weights of the same shapes are not. A ``forward`` replaced on an instance counts too.
+    """
     return tuple(
-        (name, type(m), tuple(tuple(p.shape) for p in m.parameters(recurse=False))) for name, m in model.named_modules()
+        (
+            name,
+            type(m),
+            tuple(tuple(p.shape) for p in m.parameters(recurse=False)),
+            tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in m.__dict__.items() if _is_setting(k, v)),
+            id(m.__dict__["forward"]) if "forward" in m.__dict__ else None,
+        )
+        for name, m in model.named_modules()
     )
+
+
+_SETTING_TYPES = (int, float, str, bool)
+
+
+def _is_setting(name: str, value: object) -> bool:
+    """A public attribute with a plain value that can decide a shape: a number, a string, or a tuple or list of
+    them (``(2, 2)``); not ``training``, which changes at every ``train()``/``eval()`` and decides no shape."""
+    if name[0] == "_" or name == "training":
+        return False
+    if isinstance(value, _SETTING_TYPES):
+        return True
+    return isinstance(value, (tuple, list)) and all(isinstance(v, _SETTING_TYPES) for v in value)
+
+
+def find_stages(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    source: Source = "auto",
+    *,
+    leaf_modules: Iterable[type] = (),
+) -> list[Stage]:
+    """Find the stages of ``model``: where its feature maps change resolution (a view of :func:`anatomy`).
+
+    Args:
+        model: any CNN (timm, torchvision, or your own). It is not modified; its train/eval
+            flags are restored.
+        input_size: ``(C, H, W)`` of the dummy input used to propagate shapes. Defaults to the
+            model's own (timm's ``pretrained_cfg``) or ``(3, 224, 224)``.
+        source: ``"fx"``, ``"feature_info"`` (timm models), or ``"auto"`` (feature_info when
+            usable, else fx). Each stage's ``source`` says which was used.
+        leaf_modules: extra module classes that fx should call as a whole instead of tracing
+            through (for code with data-dependent control flow).
+
+    Returns:
+        The stages in order from the input, with strictly increasing reduction.
+
+    Raises:
+        ValueError: for an unknown ``source``.
+        bconv.errors.InputSizeError: a malformed ``input_size``, or one the model rejects (shows its message).
+        bconv.errors.LeafModuleError: ``leaf_modules`` holds something other than module classes.
+        bconv.errors.TraceError: fx could not trace the model (names the module and the fix).
+        bconv.errors.NoSpatialStagesError: the model has no spatial stages (e.g. a plain ViT).
+
+    Example::
+
+        >>> import torchvision
+        >>> stages = find_stages(torchvision.models.resnet18())
+        >>> [(s.name, s.channels, s.reduction) for s in stages]
+        [('relu', 64, 2), ('layer1', 64, 4), ('layer2', 128, 8), ('layer3', 256, 16), ('layer4', 512, 32)]
+    """
+    return list(anatomy(model, input_size, source, leaf_modules=leaf_modules).stages)
 
 
 def anatomy(
@@ -147,11 +219,12 @@ def anatomy(
         An :class:`Anatomy`.
 
     Raises:
-        ValueError: an unknown ``source`` or a malformed ``input_size``.
+        ValueError: an unknown ``source``.
+        bconv.errors.InputSizeError: a malformed ``input_size``, or one the model rejects.
+        bconv.errors.LeafModuleError: ``leaf_modules`` holds something other than module classes.
         bconv.errors.TraceError: fx cannot trace the model (names the module, the fix, and a traceable
             submodule to use instead when there is one, such as a detector's ``model.backbone.body``).
         bconv.errors.NoSpatialStagesError: no spatial stages (a plain ViT).
-        bconv.errors.InputSizeError: the model rejects ``input_size``.
         UnsupportedModelError: a video (3-D) or 1-D network.
 
     Example::
@@ -160,19 +233,20 @@ def anatomy(
         >>> [s.name for s in a.stages], a.head.pool, a.head.classifier, a.head.features
         (['relu', 'layer1', 'layer2', 'layer3', 'layer4'], 'avgpool', 'fc', 2048)
     """
-    if source not in _SOURCES:
-        raise ValueError(f"source={source!r} is not one of {', '.join(map(repr, _SOURCES))}")
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r} is not one of {', '.join(map(repr, SOURCES))}")
     network, prefix = original_network(model)
-    _check_kind(network)
-    size = _check_input_size(network, input_size if input_size is not None else default_input_size(network))
-    info = _feature_info(network) if source != "fx" else ""
+    _check_kind(network)  # a video network's (C, T, H, W) is no malformed input_size: say what it is first
+    size = check_input_size(input_size, network)
+    leaves = check_leaf_modules(leaf_modules)
+    info = feature_info_entries(network) if source != "fx" else ""
     described = info if isinstance(info, str) else tuple(e["module"] for e in info)
-    key = (_fingerprint(network), described, size, source, tuple(leaf_modules))
+    key = (_fingerprint(network), described, size, source, leaves)
     cached = _CACHE.setdefault(network, {})
     if key not in cached:
         # A PTL-wrapped network's hooks would run the ladder on the dummy input: switch them off.
         with eval_mode(network), bconv_hooks_suspended(network):
-            cached[key] = _measure(network, size, source, tuple(leaf_modules), info)
+            cached[key] = _measure(network, size, source, leaves, info)
     found = cached[key]
     if need_stages and found.stages_error is not None:
         raise found.stages_error
@@ -206,7 +280,7 @@ def _measure(
         raise ValueError(f"source='feature_info' is not usable for {type(model).__name__}: {entries}")
     if source != "fx" and not isinstance(entries, str):
         try:
-            stages = _feature_info_stages(model, entries, input_size)
+            stages = feature_info_stages(model, entries, input_size)
         except InputSizeError:
             raise
         except BConvError:
@@ -215,10 +289,10 @@ def _measure(
             stages = None  # feature_info does not describe spatial module outputs here: fx decides
     stages_error: NoSpatialStagesError | None = None
     if traced is not None:
-        chain = _main_chain(traced)
+        chain = main_chain(traced)
         if stages is None:
             try:
-                stages = _fx_stages(model, traced, chain)
+                stages = fx_stages(model, traced, chain)
             except NoSpatialStagesError as e:
                 stages, stages_error = [], e
     elif stages is None:
@@ -240,13 +314,46 @@ def _measure(
     head = _head(model, traced, chain, stages)
     return Anatomy(
         stages=tuple(stages),
-        stem=stages[0].modules if stages else (),
+        stem=stem_modules(model, stages[0]) if stages else (),
         head=head,
         input_size=input_size,
         shapes_from=traced.shapes_from if traced is not None else "meta",
         layout_measured=traced.alt_input_size is not None if traced is not None else True,
         stages_error=stages_error,
     )
+
+
+def stem_modules(model: nn.Module, first: Stage) -> tuple[str, ...]:
+    """The modules of ``model``'s stem, given its first stage.
+
+    A stage ends where the resolution drops, so a stem that does not drop it below the first stage's
+    (a CIFAR ResNet's stride-1 conv, ConvNeXt's and Swin's patchify stems, EfficientNet's ``conv_stem``
+    before ``blocks.0``) ends inside the first stage, whose modules then hold the stem and the stage's own
+    block: the container module that the stage is named by (``layer1``, ``stages.0``, ``features.1``). The
+    stem is what comes before that block. Where the first stage has no such block (torchvision's ResNet
+    stage ``relu`` is ``conv1, bn1, relu``; a VGG's first stage ends at a ReLU), the first stage is the stem.
+
+    Args:
+        model: the network the stage's module paths are relative to.
+        first: its first stage.
+
+    Returns:
+        Module paths, in the stage's order.
+
+    Example::
+
+        >>> stem_modules(model, find_stages(model)[0])  # timm's efficientnet_b0: stage blocks.0
+        ('conv_stem', 'bn1')
+    """
+    modules = dict(model.named_modules())
+    own = next((i for i, m in enumerate(first.modules) if first.name == m or first.name.startswith(m + ".")), None)
+    if not own:  # None, or the stage's block comes first: nothing precedes it
+        return first.modules
+    block, before = modules[first.modules[own]], first.modules[:own]
+    is_container = next(block.children(), None) is not None and next(block.parameters(), None) is not None
+    if is_container and any(next(modules[m].parameters(), None) is not None for m in before):
+        return before
+    return first.modules
 
 
 # --------------------------------------------------------------------------- kinds of networks bconv refuses
@@ -317,7 +424,7 @@ def _head(model: nn.Module, traced: Traced | None, chain: list[fx.Node], stages:
     modules = tuple(p for p in after if not any(p.startswith(o + ".") for o in after))
     # The global pooling lies on the main chain: a pooling branch inside a head (ASPP's image pooling)
     # is not the network's, and a segmentation model has none.
-    pool = next((n for n in chain if traced.index(n) > last_end and _is_global_pool(n, traced)), None)
+    pool = next((n for n in chain if traced.index(n) > last_end and is_global_pool(n, traced)), None)
     pool_name = None
     features = None
     if pool is not None:

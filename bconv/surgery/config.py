@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import torch
 
 from .._version import __version__
-from ..errors import BConvError
+from ..errors import CheckpointError
 
 __all__ = ["PTLConfig", "CONFIG_FORMAT"]
 
@@ -109,12 +109,12 @@ class PTLConfig:
                 if isinstance(value, torch.Tensor)
                 else type(value).__name__
             )
-            raise BConvError(
+            raise CheckpointError(
                 f"the state dict's `_extra_state` is not a bconv PTL config (got {what}); "
                 f"it was not written by PTLModel.state_dict()"
             )
         if state["format"] != CONFIG_FORMAT:
-            raise BConvError(
+            raise CheckpointError(
                 f"this checkpoint's PTL config has format {state['format']!r}, this bconv ({__version__}) "
                 f"reads format {CONFIG_FORMAT}: use the bconv version that wrote it "
                 f"({state['config'].get('version', 'unknown')})"
@@ -123,12 +123,20 @@ class PTLConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise BConvError(
+            raise CheckpointError(
                 f"this checkpoint's PTL config has options this bconv ({__version__}) does not know: "
                 f"{', '.join(unknown)}; it was written by bconv {values.get('version', 'unknown')}: upgrade bconv"
             )
         if "stages" not in values:
-            raise BConvError("this checkpoint's PTL config has no `stages`")
+            raise CheckpointError("this checkpoint's PTL config has no `stages`")
+        for key, value in values.items():
+            check, expected = _OPTION_TYPES[key]
+            if not check(value):
+                raise CheckpointError(
+                    f"this checkpoint's PTL config records {key}={value!r}, which should be {expected}: the config "
+                    f"was edited or damaged after PTLModel.state_dict() wrote it. Fix `{key}` in the "
+                    f"checkpoint, or wrap the network by hand and load the weights without the `_extra_state` key."
+                )
         for key in ("stages", "input_size", "leaf_modules"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -150,7 +158,7 @@ class PTLConfig:
                 defined in a script's ``__main__`` or inside a function).
 
         Raises:
-            bconv.BConvError: a recorded leaf module class cannot be imported and none was given.
+            bconv.errors.CheckpointError: a recorded leaf module class cannot be imported and none was given.
         """
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "version"}
         kwargs["stages"] = list(self.stages)
@@ -160,6 +168,36 @@ class PTLConfig:
         return kwargs
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_strings(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+# What each recorded option must be, checked before any of it is used (``stages: null`` would otherwise
+# mean "every stage", ``input_size: 5`` fail inside a tuple()).
+_OPTION_TYPES: dict[str, tuple[Any, str]] = {
+    "stages": (lambda v: _is_strings(v) and len(v) > 0, "a non-empty list of stage names"),
+    "cell": (lambda v: isinstance(v, str), "a string ('v1' or 'v2')"),
+    "input_size": (
+        lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_int(n) and n > 0 for n in v),
+        "three positive integers (C, H, W)",
+    ),
+    "cell_width": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "fuse_width": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "state_mode": (lambda v: isinstance(v, str), "a string"),
+    "sync_state": (lambda v: isinstance(v, bool), "true or false"),
+    "detach": (lambda v: isinstance(v, bool), "true or false"),
+    "on_size_change": (lambda v: isinstance(v, str), "a string"),
+    "final_init": (lambda v: isinstance(v, str), "a string"),
+    "source": (lambda v: isinstance(v, str), "a string"),
+    "leaf_modules": (_is_strings, "a list of 'module:QualName' strings"),
+    "version": (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def _import_class(name: str) -> type:
     module_name, _, qualname = name.partition(":")
     try:
@@ -167,13 +205,13 @@ def _import_class(name: str) -> type:
         for part in qualname.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
-        raise BConvError(
+        raise CheckpointError(
             f"the checkpoint was wrapped with leaf_modules=[{name}], which cannot be imported here ({e}); "
             f"pass the class itself: bconv.load_ptl(model, state_dict, leaf_modules=[YourClass])"
         ) from e
     if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
         # A checkpoint is data: what it names is only used if it is a module class.
-        raise BConvError(f"leaf module {name} recorded in the checkpoint is not an nn.Module class here")
+        raise CheckpointError(f"leaf module {name} recorded in the checkpoint is not an nn.Module class here")
     return obj
 
 

@@ -84,13 +84,18 @@ def ptl_plan(wrapped: PTLModel, input_size: Sequence[int]) -> Plan:
         version = "v2" if hasattr(first, "recover") else "v1"
         cells = f"{version} {first.in_channels}->{last.out_channels} " + "x".join(f"s{c.stride}" for c in chain)
         fuse = ladder.fuses[i] if i < n - 1 else ladder.final_fuse
-        kind = "1x1" if i < n - 1 else "final 1x1"
+        if i < n - 1:
+            fusion = f"1x1+BN+ReLU {fuse.in_channels}->{fuse.out_channels}"
+        elif fuse.residual:
+            fusion = f"x + 1x1 {fuse.cell_channels}->{fuse.out_channels}"
+        else:
+            fusion = f"final 1x1+BN+ReLU {fuse.in_channels}->{fuse.out_channels}"
         rows.append(
             PlanRow(
                 stage=name,
                 cells=cells,
                 cell_output=tuple(outputs[id(chain)].shape[1:]),
-                fusion=f"{kind} {fuse.in_channels}->{fuse.out_channels}",
+                fusion=fusion,
                 params=_params(chain, fuse),
                 flops=flops[id(chain)] + flops[id(fuse)],
             )

@@ -3,14 +3,19 @@
 Given the chosen stages s_1..s_n with outputs x_1..x_n (DESIGN.md §3, paper Eq. 3)::
 
     y_1 = Cell_1(image)                        # strided from the image to r_1
-    z_i = Fuse_i(cat(x_i, y_i))                # 1x1 conv, i = 1..n-1
+    z_i = Fuse_i(cat(x_i, y_i))                # Conv1x1(bias) -> BN -> ReLU, i = 1..n-1
     y_{i+1} = Cell_{i+1}(z_i)                  # stride r_{i+1}/r_i: a chain of stride-2 cells
-    out = FinalFuse(cat(x_n, y_n))             # 1x1 conv back to x_n's channels, replaces x_n
+    out = x_n + proj(y_n)                      # replaces x_n; y_n starts at exactly 0
 
-The ladder reads the backbone through forward hooks and feeds back only at the last paired
-stage, so the rest of the network (pooling, head) is the user's own and the wrapped model
-returns what the original returned. FinalFuse starts as ``[identity | 0]``: a freshly
-wrapped model computes exactly what the original computed.
+Every fusion is the released code's ``Conv1x1(bias) -> BatchNorm -> ReLU`` and every convolution
+of the branch starts from ``kaiming_normal_(fan_in)`` (ZJULearning/PTL, DESIGN.md §3). The ladder
+reads the backbone through forward hooks and feeds back only at the last paired stage, so the rest
+of the network (pooling, head) is the user's own and the wrapped model returns what the original
+returned. The final fusion is the paper's 1x1 conv over ``cat(x_n, y_n)`` with its ``x_n`` part fixed
+to the identity, and the last cell's candidate weights start at zero, so that cell outputs exactly 0
+at first: a freshly wrapped model computes exactly what the original computed, while the gradient
+``proj^T g`` reaches the ladder from the first step (see :class:`FinalFusion`).
+``final_init="paper"`` gives the released code's ``out = Fuse(cat(x_n, y_n))`` instead.
 
 The ladder checks itself at every forward: once the image has reached it, every paired stage
 must run, in order, or the forward raises (never a backbone-only output). Each stage's output
@@ -23,6 +28,7 @@ final fusion, with the cell output of the first pass.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
@@ -38,13 +44,13 @@ from torch import nn
 from .. import state as _state
 from ..cells import BConvCell, BConvCellV2, StatefulCell
 from ..errors import BConvError
+from ._checks import check_leaf_modules, refuse_wrapped, select_stages
 from ._hooks import BConvHook
 from ._trace import dummy_input, eval_mode, meta_input, on_meta, shape_keeping_skipped
-from .anatomy import anatomy
+from .anatomy import Stage, anatomy
 from .config import PTLConfig, mismatch_message
-from .stages import Stage, default_input_size
 
-__all__ = ["PTLModel", "PTLLadder", "wrap_with_ptl", "unwrap_ptl", "CELLS"]
+__all__ = ["PTLModel", "PTLLadder", "Fusion", "FinalFusion", "wrap_with_ptl", "unwrap_ptl", "CELLS"]
 
 CELLS: dict[str, type[StatefulCell]] = {"v1": BConvCell, "v2": BConvCellV2}
 _FINAL_INITS = ("identity", "paper")
@@ -54,13 +60,99 @@ def _width(fraction: float, channels: int) -> int:
     return max(8, round(fraction * channels))
 
 
+class Fusion(nn.Sequential):
+    """The released code's fusion: ``Conv1x1(bias) -> BatchNorm -> ReLU`` (ZJULearning/PTL, ``mgn_ptl.py``).
+
+    The BatchNorm keeps the fused signal at unit scale whatever the scale of the backbone's features, so
+    the ladder neither vanishes beside them nor swamps them (DESIGN.md §3).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            collections.OrderedDict(
+                conv=nn.Conv2d(in_channels, out_channels, 1, bias=True),
+                bn=nn.BatchNorm2d(out_channels),
+                relu=nn.ReLU(),
+            )
+        )
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+
+class FinalFusion(nn.Module):
+    r"""The last fusion, whose output replaces the last paired stage's output ``x``.
+
+    ``final_init="identity"`` (bconv's default), the paper's 1x1 conv over ``cat(x, y)`` with its ``x``
+    part fixed to the identity::
+
+        out = x + proj(y)           # proj: Conv1x1(y's channels -> x's), kaiming_normal_(fan_in), no bias
+
+    and the last cell's candidate weights (the ``g`` rows of its gate conv) start at zero, so with no
+    history that cell outputs exactly 0 (:meth:`~bconv.cells.BConvCell.silence_`): a freshly wrapped model
+    computes exactly what the original computed. The ladder is awake from the first step: the gradient
+    reaching ``y`` is ``proj^T g``, of the order of the stage output's own gradient ``g``, and the silenced
+    candidate weights, with the fan-in of a 3x3 conv, grow at the rate of any conv layer. Unlike a zero
+    scale or a zero BatchNorm weight on a fusion's output, nothing multiplies the ladder's path by zero;
+    and since the ``x`` part is fixed, the ladder adds no trainable layer on the backbone's own features:
+    with the cells' output zeroed the model is the plain backbone. The contribution is bounded like
+    the cell's output (``|y| < 1``), so it cannot swamp the stage's features.
+
+    ``final_init="paper"``: ``out = Fusion(cat(x, y))``, the released code's randomly initialised, normalised
+    reduction layer (its BatchNorm weight drawn from N(1, 0.02), as ``MGN_PTL._init_reduction`` does).
+    """
+
+    def __init__(self, channels: int, cell_channels: int, residual: bool) -> None:
+        super().__init__()
+        self.channels, self.cell_channels, self.residual = channels, cell_channels, residual
+        if residual:
+            self.proj = nn.Conv2d(cell_channels, channels, 1, bias=False)
+        else:
+            self.fuse = Fusion(channels + cell_channels, channels)
+            with torch.no_grad():
+                self.fuse.bn.weight.normal_(1.0, 0.02)
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels + self.cell_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.channels
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = y.to(x.dtype)
+        if self.residual:
+            return x + self.proj(y)
+        return self.fuse(torch.cat([x, y], dim=1))
+
+    def extra_repr(self) -> str:
+        return "out = x + proj(y)" if self.residual else "out = fuse(cat(x, y))"
+
+
+def released_init(module: nn.Module) -> None:
+    """``kaiming_normal_(mode="fan_in")`` on every convolution of ``module``, as the released code initialises
+    the PTL branch (``PTL.init_param``); biases and BatchNorm keep PyTorch's defaults."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in")
+
+
 class PTLLadder(nn.Module):
     """The injected modules: one chain of cells and one fusion per paired stage, and the final fusion.
 
     Attributes:
         cells: ``cells[i]`` takes the image (``i == 0``) or ``z_{i-1}`` to stage ``i``'s resolution.
-        fuses: ``fuses[i]`` (``i < n - 1``) is the 1x1 conv ``cat(x_i, y_i) -> z_i``.
-        final_fuse: the 1x1 conv ``cat(x_n, y_n) -> x_n``'s channels.
+        fuses: ``fuses[i]`` (``i < n - 1``) is the :class:`Fusion` ``cat(x_i, y_i) -> z_i``.
+        final_fuse: the :class:`FinalFusion` ``(x_n, y_n) -> x_n``'s channels.
+        zero_cells: when ``True``, the cells do not run and the final fusion sees zeros in place of the
+            last cell's output: the ladder minus its cells (an ablation: :func:`bconv.ladder_usage`
+            compares with it; with the default ``final_init`` the model is then the plain backbone).
     """
 
     def __init__(
@@ -83,16 +175,16 @@ class PTLLadder(nn.Module):
             cells.append(_cell_chain(cell, channels, width, s.reduction // reduction, cell_kwargs))
             if i < len(stages) - 1:
                 fused = _width(fuse_width, s.channels)
-                fuses.append(nn.Conv2d(s.channels + width, fused, 1, bias=False))
+                fuses.append(Fusion(s.channels + width, fused))
                 channels, reduction = fused, s.reduction
         self.cells = nn.ModuleList(cells)
         self.fuses = nn.ModuleList(fuses)
         last = stages[-1].channels
-        self.final_fuse = nn.Conv2d(last + _width(cell_width, last), last, 1, bias=False)
+        self.final_fuse = FinalFusion(last, _width(cell_width, last), residual=final_init == "identity")
+        released_init(self)
         if final_init == "identity":
-            with torch.no_grad():
-                self.final_fuse.weight.zero_()
-                self.final_fuse.weight[:, :last, 0, 0].copy_(torch.eye(last))
+            self.cells[-1][-1].silence_()  # the last cell outputs 0 until it learns: out == x_n exactly
+        self.zero_cells = False
         # Where each stage's output is read (set by wrap_with_ptl; named in errors).
         self.tap_names = self.stage_names
         self._reset_pass()
@@ -167,25 +259,33 @@ class PTLLadder(nn.Module):
         self._refuse_reentrant_checkpoint(f"stage `{self.stage_names[i]}`")
         nhwc = self.layouts[i] == "NHWC"
         x = out.permute(0, 3, 1, 2) if nhwc else out
+        last = i == len(self.fuses)
         with _own_saved_tensors():
-            y = self.cells[i](self._image if i == 0 else self._z)
-            if y.shape[-2:] != x.shape[-2:]:
-                # Stages made with unpadded convs (Inception) are a few pixels off the cells' ceil(H / 2).
-                y = F.adaptive_avg_pool2d(y, x.shape[-2:])
-            y = y.to(x.dtype)
-            fused = torch.cat([x, y], dim=1)
-            if i < len(self.fuses):
-                self._z = self.fuses[i](fused)
+            if self.zero_cells:  # the ablation: no cell runs (nor touches its state), the fusion sees zeros
+                y = x.new_zeros((x.shape[0], self.final_fuse.in_channels - x.shape[1], *x.shape[-2:]))
+            else:
+                y = self.cells[i](self._image if i == 0 else self._z)
+                if y.shape[-2:] != x.shape[-2:]:
+                    # Stages made with unpadded convs (Inception) are a few pixels off the cells' ceil(H / 2).
+                    y = F.adaptive_avg_pool2d(y, x.shape[-2:])
+                y = y.to(x.dtype)
+            if not last:
+                if not self.zero_cells:
+                    self._z = self.fuses[i](torch.cat([x, y], dim=1))
                 self._next += 1
                 return None
             self._reset_pass()
-            result = self.final_fuse(fused)
+            result = self.final_fuse(x, y)
         if result.requires_grad and not torch.compiler.is_compiling():
             # A checkpoint whose region goes on past this stage recomputes this output in backward: it
             # replays the final fusion with this y, so the cells never run (nor touch their state) again.
             self._replay_y = y.detach()
             self._unreached += 1
             result.register_hook(self._reached)
+        return self._output(result, nhwc)
+
+    @staticmethod
+    def _output(result: torch.Tensor, nhwc: bool) -> torch.Tensor:
         return result.permute(0, 2, 3, 1) if nhwc else result
 
     def _reached(self, grad: torch.Tensor) -> None:
@@ -211,8 +311,8 @@ class PTLLadder(nn.Module):
                 f"forward's ladder output has shape {tuple(y.shape)}: call backward after each training forward."
             )
         with _own_saved_tensors():
-            result = self.final_fuse(torch.cat([x, y.to(x.dtype)], dim=1))
-        return result.permute(0, 2, 3, 1) if nhwc else result
+            result = self.final_fuse(x, y)
+        return self._output(result, nhwc)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -345,7 +445,13 @@ class PTLModel(nn.Module):
     The original network is ``self.model`` (its ``state_dict`` keys get the prefix ``model.``), the
     injected modules are ``self.ptl``. Attributes the wrapper does not have are looked up on the
     original network, so ``wrapped.fc``, ``wrapped.reset_classifier(10)`` or
-    ``wrapped.forward_features(x)`` work as before (and run the ladder).
+    ``wrapped.forward_features(x)`` work as before (and run the ladder). Writes go to the original
+    network too: ``wrapped.fc = nn.Linear(512, 5)`` replaces the network's classifier and
+    ``wrapped.drop_rate = 0.5`` sets the network's, exactly as on the bare network. Only the wrapper's
+    own attributes are written on the wrapper: ``model``, ``ptl``, ``stages``, ``config``, its methods,
+    ``training`` and names that start with an underscore.
+
+    After :func:`unwrap_ptl` the wrapper refuses to run: its network no longer feeds the ladder.
 
     ``state_dict()`` carries :attr:`config` (key ``_extra_state``): loading a checkpoint written with
     other options raises a :class:`~bconv.BConvError` naming each one, and :func:`bconv.load_ptl`
@@ -377,12 +483,46 @@ class PTLModel(nn.Module):
             raise BConvError(mismatch_message(saved, self.config))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:
+        check_ladder_version(state_dict, prefix)  # before any tensor of this model is touched
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         key = prefix + "_extra_state"
         if key not in state_dict and key in missing_keys:
             missing_keys.remove(key)  # a checkpoint from before the config was recorded: load it as it is
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._owns(name):
+            super().__setattr__(name, value)
+        else:
+            # The user addresses the network (``wrapped.fc = ...``): set on the wrapper, it would be a module
+            # or value the network never reads.
+            setattr(self._modules["model"], name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self._owns(name):
+            super().__delattr__(name)
+        else:
+            delattr(self._modules["model"], name)
+
+    def _owns(self, name: str) -> bool:
+        """Whether an attribute write ``name`` is the wrapper's own rather than the network's."""
+        d = self.__dict__
+        if "model" not in d.get("_modules", {}) or name in _WRAPPER_ATTRIBUTES or name.startswith("_"):
+            return True  # still being built, or the wrapper's own state (DataParallel's _is_replica too)
+        return (
+            name in d or name in d["_modules"] or name in d["_parameters"] or name in d["_buffers"]
+            or hasattr(type(self), name)  # methods (accelerate replaces forward on the module it hooks)
+        )  # fmt: skip
+
+    def _refuse_if_unwrapped(self) -> None:
+        if self.__dict__.get("_unwrapped", False):
+            raise BConvError(
+                "this PTLModel was taken apart by unwrap_ptl(): its network no longer feeds the ladder, so the "
+                "wrapper would return the bare backbone's output. Use the network unwrap_ptl returned "
+                "(wrapped.model), or wrap it again with wrap_with_ptl (bconv.load_ptl restores a checkpoint)."
+            )
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_if_unwrapped()
         if getattr(self, "_is_replica", False):
             raise BConvError(
                 "A PTL model cannot run under nn.DataParallel: its replicas are rebuilt at every forward, "
@@ -421,8 +561,37 @@ class PTLModel(nn.Module):
                 raise
             value = getattr(model, name)
             if inspect.ismethod(value) and isinstance(modules.get("ptl"), PTLLadder):
+                self._refuse_if_unwrapped()
                 return _checked(value, modules["ptl"])  # forward_features(x) & co. skip the network's __call__
             return value
+
+
+# Written on the wrapper itself; every other attribute a user writes goes to the network.
+_WRAPPER_ATTRIBUTES = frozenset({"model", "ptl", "stages", "config", "training"})
+
+
+# A key only the earlier ladder (bconv 0.1: plain 1x1 fusions without BatchNorm) wrote: its final fusion was
+# a bare Conv2d, where the current one is FinalFusion(fuse=Fusion(conv, bn, relu), scale).
+_EARLIER_LADDER_KEY = "ptl.final_fuse.weight"
+
+
+def check_ladder_version(state_dict: Mapping[str, Any], prefix: str = "") -> None:
+    """Refuse a checkpoint written by the earlier ladder with a message that says what to do.
+
+    Raises:
+        bconv.BConvError: ``state_dict`` holds the earlier ladder's plain 1x1 fusions.
+    """
+    if prefix + _EARLIER_LADDER_KEY not in state_dict:
+        return
+    backbone = prefix + "model."
+    raise BConvError(
+        "this checkpoint was written by bconv's earlier PTL ladder (bconv 0.1: plain 1x1 fusions, no "
+        "BatchNorm), which this bconv no longer builds: that ladder stayed dormant or destabilised "
+        "fine-tuning (DESIGN.md §3). Nothing was loaded. Its backbone weights still load into the wrapped "
+        "network: `wrapped.model.load_state_dict({k[len(p):]: v for k, v in sd.items() if k.startswith(p)})` "
+        f"with p = {backbone!r}, and the new ladder is then trained from its function-preserving start; to "
+        "keep using the old ladder as it is, load the checkpoint with bconv 0.1."
+    )
 
 
 def _checked(method: Any, ladder: PTLLadder) -> Any:
@@ -439,53 +608,6 @@ def _checked(method: Any, ladder: PTLLadder) -> Any:
         return result
 
     return call
-
-
-def _select(all_stages: list[Stage], stages: Iterable[int | str] | None, model: nn.Module) -> list[Stage]:
-    if stages is None:
-        return list(all_stages)
-    if isinstance(stages, (int, str)):
-        stages = [stages]
-    valid = ", ".join(f"{s.index}: {s.name} ({s.channels}ch @ 1/{s.reduction})" for s in all_stages)
-    by_name = {s.name: s for s in all_stages}
-    modules = dict(model.named_modules())
-    chosen: list[Stage] = []
-    for spec in stages:
-        if isinstance(spec, bool) or not isinstance(spec, (int, str)):
-            raise ValueError(f"stages must hold stage indices or names; got {spec!r}. Valid stages: {valid}")
-        if isinstance(spec, int):
-            if not -len(all_stages) <= spec < len(all_stages):
-                raise ValueError(
-                    f"stage index {spec} is out of range for {len(all_stages)} stages. Valid stages: {valid}. "
-                    f"See python -m bconv.inspect."
-                )
-            chosen.append(all_stages[spec])
-        elif spec in by_name:
-            chosen.append(by_name[spec])
-        else:
-            what = (
-                "is a module of the model but not a stage (a stage ends where the resolution drops, at a point "
-                "every path passes through)"
-                if spec in modules
-                else "is not a module of the model"
-            )
-            raise ValueError(f"stage {spec!r} {what}. Valid stages: {valid}. See python -m bconv.inspect.")
-    seen: set[int] = set()
-    for s in chosen:
-        if s.index in seen:
-            raise ValueError(f"stage {s.index} ({s.name}) is chosen twice in stages={list(stages)!r}")
-        seen.add(s.index)
-    if not chosen:
-        raise ValueError(f"stages is empty: choose at least one. Valid stages: {valid}")
-    return sorted(chosen, key=lambda s: s.index)  # the network fixes the order
-
-
-def _is_wrapped(model: nn.Module) -> bool:
-    return isinstance(model, PTLModel) or any(
-        isinstance(h, BConvHook)
-        for m in model.modules()
-        for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-    )
 
 
 def wrap_with_ptl(
@@ -515,8 +637,8 @@ def wrap_with_ptl(
         cell: ``"v1"`` (paper Eq. 1) or ``"v2"`` (paper Fig. 1 right).
         input_size: ``(C, H, W)`` used to find the stages (default: the model's own, or 3x224x224).
         cell_width: cell output channels as a fraction of the paired stage's channels (at least 8).
-            The default 1/8 puts the overhead near the paper's: ResNet-50 25.6M -> 32.0M parameters
-            (paper: 28M -> 35M), DenseNet-161 28.7M -> 38.6M (paper: 32M -> 42M).
+            At the default 1/8: ResNet-50 25.6M -> 27.8M parameters, DenseNet-161 28.7M -> 33.7M; with
+            ``final_init="paper"`` 32.0M and 38.6M (paper: 28M -> 35M, 32M -> 42M).
         fuse_width: channels of each intermediate fusion ``z_i``, as a fraction of stage ``i``'s channels.
         state_mode: ``"per_sample"`` (the paper's: one state slot per batch position) or ``"pooled"``
             (the batch mean, independent of batch size; see :class:`bconv.cells.StatefulCell`).
@@ -526,8 +648,10 @@ def wrap_with_ptl(
             kept across batches until ``detach_state()`` (k-step truncated back-propagation).
         on_size_change: what a cell does when the input resolution changes in training: ``"reset"``
             (forget its state with a warning) or ``"raise"``.
-        final_init: ``"identity"``: the final fusion starts as ``[identity | 0]``, so the wrapped model
-            computes exactly what the original did (default); ``"paper"``: PyTorch's default random init.
+        final_init: ``"identity"`` (default): ``out = x_n + proj(y_n)`` with the last cell silenced (its
+            candidate weights start at zero), so the wrapped model computes exactly what the original did
+            and the ladder gets gradients from the first step; ``"paper"``: the released code's randomly
+            initialised, normalised ``Fuse(cat(x_n, y_n))`` replaces ``x_n``.
         source: how to find stages (see :func:`bconv.find_stages`).
         leaf_modules: module classes fx should not trace through.
 
@@ -536,9 +660,12 @@ def wrap_with_ptl(
         ``config`` records these options (and ``state_dict()`` carries them, see :func:`bconv.load_ptl`).
 
     Raises:
-        ValueError: unknown, duplicate or empty ``stages``; bad options.
-        bconv.BConvError: an already wrapped model, a model wrapped in (Distributed)DataParallel, or the
-            errors of :func:`bconv.find_stages`.
+        bconv.errors.StageSelectionError: unknown, duplicate or empty ``stages`` (a ``ValueError``).
+        bconv.errors.WrappedModelError: an already wrapped model.
+        bconv.errors.InputSizeError: a malformed ``input_size``, or one the model rejects.
+        bconv.errors.LeafModuleError: ``leaf_modules`` holds something other than module classes.
+        ValueError: bad options.
+        bconv.BConvError: a model wrapped in (Distributed)DataParallel, or the errors of :func:`bconv.find_stages`.
 
     Example::
 
@@ -556,8 +683,7 @@ def wrap_with_ptl(
             f"wrap the bare network, then put the wrapped model in DistributedDataParallel; got a "
             f"{type(model).__name__} (its .module is the network)"
         )
-    if _is_wrapped(model):
-        raise BConvError("this model is already wrapped with PTL; call unwrap_ptl(model) first to start again")
+    refuse_wrapped(model, "call unwrap_ptl(model) first to start again")
     if cell not in CELLS:
         raise ValueError(f"cell={cell!r} is not one of {', '.join(map(repr, CELLS))}")
     if final_init not in _FINAL_INITS:
@@ -567,12 +693,11 @@ def wrap_with_ptl(
             raise ValueError(f"{name} must be a fraction of the stage's channels in (0, 4]; got {value!r}")
     if sync_state and state_mode != "pooled":
         raise ValueError("sync_state=True averages the pooled state across ranks: it needs state_mode='pooled'")
-    leaf_modules = tuple(leaf_modules)  # read twice: by discovery and by the config
+    leaf_modules = check_leaf_modules(leaf_modules)  # read twice: by discovery and by the config
 
-    input_size = tuple(input_size) if input_size is not None else default_input_size(model)
     body = anatomy(model, input_size, source, leaf_modules=leaf_modules)
-    all_stages = list(body.stages)
-    chosen = _select(all_stages, stages, model)
+    input_size = body.input_size  # checked: three positive ints
+    chosen = select_stages(body.stages, stages, model)
     cell_kwargs = dict(state_mode=state_mode, detach=detach, on_size_change=on_size_change)
     if sync_state:
         cell_kwargs["sync_state"] = True
@@ -628,11 +753,15 @@ def _check_wiring(wrapped: PTLModel, input_size: Sequence[int]) -> None:
 def unwrap_ptl(model: PTLModel) -> nn.Module:
     """The original network, with every hook of bconv removed (the injected modules stay in ``model.ptl``).
 
+    The wrapper is done with: calling it (or a network method through it) afterwards raises a
+    :class:`~bconv.BConvError` rather than returning the bare network's output.
+
     Raises:
         ValueError: ``model`` is not a PTL-wrapped model.
     """
     if not isinstance(model, PTLModel):
         raise ValueError(f"unwrap_ptl needs a model returned by wrap_with_ptl; got {type(model).__name__}")
+    model._unwrapped = True
     network = model.model
     for m in network.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
