@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bconv.prune import reestimate_batchnorm
+
 __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "RESULTS", "Split", "balanced_subset", "batches", "command",
     "crop_flip", "detectable_difference", "environment", "evaluate", "load_cifar10", "load_digits",
@@ -371,7 +373,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 256) -> tuple[flo
 
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int = 256) -> None:
-    """Recompute every BatchNorm's running statistics as the plain average over ``x`` (torch's ``update_bn``).
+    """Recompute every BatchNorm's running statistics as the plain average over ``x`` (:func:`bconv.prune.reestimate_batchnorm`).
 
     A few hundred steps of momentum 0.1 leave running statistics that depend on the last batches a seed
     happened to draw; eval then measures them as much as the weights. A PTL model's state is reset before
@@ -386,7 +388,7 @@ def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int = 256) -> None:
                 model.reset_state()
             yield x[start : start + batch_size]
 
-    torch.optim.swa_utils.update_bn(inputs(), model)
+    reestimate_batchnorm(model, inputs())
     if stateful:
         model.reset_state()
     model.eval()

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -29,14 +31,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+@contextlib.contextmanager
+def single_thread():
+    """torch on one thread inside the block, the previous thread count restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test: bitwise equality needs one thread count across runs, and a tiny CNN
     on two shared cores runs many times faster on one thread than with two threads competing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def zoo_model(spec: str) -> torch.nn.Module:
@@ -66,3 +77,20 @@ def readme_block(heading: str) -> str:
     section = text[text.index(heading) :]
     start = section.index("```python\n") + len("```python\n")
     return section[start : section.index("\n```\n", start)]
+
+
+class Preempted(Exception):
+    """A job killed by its scheduler, in the resume tests."""
+
+
+def preempt_after_checkpoint(at: int):
+    """A ``time_to_checkpoint()`` for the README's resume recipes: a checkpoint at call ``at``, killed right after."""
+    calls = []
+
+    def time_to_checkpoint():
+        calls.append(None)
+        if len(calls) == at + 1:
+            raise Preempted  # the job dies right after writing its checkpoint
+        return len(calls) == at
+
+    return time_to_checkpoint

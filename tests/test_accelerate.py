@@ -11,13 +11,9 @@ from accelerate.state import AcceleratorState
 
 import bconv
 
-from conftest import TinyCNN, readme_block
+from conftest import Preempted, TinyCNN, preempt_after_checkpoint, readme_block
 
 SIZE = (3, 16, 16)
-
-
-class _Preempted(Exception):
-    pass
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,18 +31,6 @@ def _run_recipe(time_to_checkpoint) -> dict:
     namespace = dict(dataset=_dataset(), epochs=3, build_network=TinyCNN, time_to_checkpoint=time_to_checkpoint)
     exec(compile(readme_block("### PTL with Accelerate"), "README.md", "exec"), namespace)
     return namespace
-
-
-def _preempt_after_checkpoint(at: int):
-    calls = []
-
-    def time_to_checkpoint():
-        calls.append(None)
-        if len(calls) == at + 1:
-            raise _Preempted  # the job dies right after writing its checkpoint
-        return len(calls) == at
-
-    return time_to_checkpoint
 
 
 def _equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -67,8 +51,8 @@ def test_the_readme_accelerate_recipe_resumes_bitwise_and_unwraps_to_a_ptl_model
 
     (tmp_path / "preempted").mkdir()
     monkeypatch.chdir(tmp_path / "preempted")
-    with pytest.raises(_Preempted):
-        _run_recipe(_preempt_after_checkpoint(4))  # 3 batches an epoch (64, 64, 22): epoch 1, after its 1st
+    with pytest.raises(Preempted):
+        _run_recipe(preempt_after_checkpoint(4))  # 3 batches an epoch (64, 64, 22): epoch 1, after its 1st
     saved = torch.load("checkpoint/custom_checkpoint_0.pkl", weights_only=True)  # the latent state, plain tensors
     assert saved.keys() == model.latent_state_dict().keys() and all(s["c_prev"] is not None for s in saved.values())
     resumed = _run_recipe(lambda: False)
@@ -78,8 +62,8 @@ def test_the_readme_accelerate_recipe_resumes_bitwise_and_unwraps_to_a_ptl_model
     # The registered latent state is what makes it exact: restored without it, the run ends elsewhere.
     monkeypatch.setattr(bconv.LatentState, "load_state_dict", lambda self, state: None)
     shutil.rmtree("checkpoint")
-    with pytest.raises(_Preempted):  # preempted the same way again, from scratch
-        _run_recipe(_preempt_after_checkpoint(4))
+    with pytest.raises(Preempted):  # preempted the same way again, from scratch
+        _run_recipe(preempt_after_checkpoint(4))
     without = _run_recipe(lambda: False)
     assert not _equal(full["model"], without["model"])
 

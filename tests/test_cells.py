@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bconv.cells import BConvCell, BConvCellV2, StatefulCell
+from conftest import single_thread
 
 CELLS = [BConvCell, BConvCellV2]
 MODES = ["per_sample", "pooled"]
@@ -38,10 +39,8 @@ dtypes = st.sampled_from(FLOAT_DTYPES)
 def _one_thread():
     # The tensors here are tiny: intra-op threads only add synchronisation, which on a
     # busy two-core machine costs several times the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def _tol(dtype: torch.dtype) -> dict[str, float]:

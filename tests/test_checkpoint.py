@@ -21,7 +21,7 @@ import bconv
 from bconv import BConvError, PTLConfig, load_ptl, wrap_with_ptl
 
 import _resume
-from conftest import TinyCNN
+from conftest import Preempted, TinyCNN, preempt_after_checkpoint, readme_block
 
 SIZE = (3, 16, 16)
 
@@ -447,35 +447,14 @@ def test_ddp_run_resumes_bitwise_with_two_gloo_processes(tmp_path):
         assert same == bool(options.get("sync_state")), name  # synced: one state; else: each rank its own
 
 
-def _readme_recipe() -> str:
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    section = text[text.index("### Resuming an interrupted run") :]
-    return section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")]
-
-
-class _Preempted(Exception):
-    pass
-
-
 def test_the_readme_resume_recipe_resumes_exactly(tmp_path, monkeypatch):
     """The README's script, run as written: once uninterrupted, once preempted after a checkpoint and rerun."""
     monkeypatch.chdir(tmp_path)
-    recipe = compile(_readme_recipe(), "README.md", "exec")
+    recipe = compile(readme_block("### Resuming an interrupted run"), "README.md", "exec")
     g = torch.Generator().manual_seed(5)
     dataset = torch.utils.data.TensorDataset(
         torch.randn(150, *SIZE, generator=g), torch.randint(0, 5, (150,), generator=g)
     )
-    calls = []
-
-    def preempt_after_checkpoint(at: int):
-        def time_to_checkpoint():
-            calls.append(None)
-            if len(calls) == at + 1:
-                raise _Preempted  # the job dies right after writing its checkpoint
-            return len(calls) == at
-
-        return time_to_checkpoint
-
     def script(time_to_checkpoint):
         torch.manual_seed(0)
         namespace = dict(dataset=dataset, epochs=2, build_network=TinyCNN, time_to_checkpoint=time_to_checkpoint)
@@ -483,7 +462,7 @@ def test_the_readme_resume_recipe_resumes_exactly(tmp_path, monkeypatch):
         return namespace["model"]
 
     full = script(lambda: False)
-    with pytest.raises(_Preempted):
+    with pytest.raises(Preempted):
         script(preempt_after_checkpoint(2))  # in the first epoch (batches of 64, 64, 22), after its 2nd batch
     assert torch.load("run.pt", weights_only=True)["step"] == 2
     resumed = script(lambda: False)

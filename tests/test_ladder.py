@@ -16,7 +16,7 @@ from bconv.surgery.ptl import FinalFusion, Fusion
 
 from benchmarks.ladder import SmallNet, fresh_pretrained, target_split, train
 
-from conftest import TinyCNN, zoo_model
+from conftest import TinyCNN, single_thread, zoo_model
 
 LEARNING_RATES = (0.01, 0.03, 0.1)
 
@@ -24,10 +24,8 @@ LEARNING_RATES = (0.01, 0.03, 0.1)
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """These networks are tiny: one thread is fastest, and many threads on a busy machine are far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 SEEDS = (0, 1, 2)
 EPOCHS = 8
 

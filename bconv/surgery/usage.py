@@ -145,8 +145,10 @@ def _run(model: nn.Module, args: tuple, tap: nn.Module) -> tuple[Tensor, Tensor]
 
 def _seeded(model: nn.Module, args: tuple) -> Any:
     # Both training forwards draw the same dropout masks (and any other randomness).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with _forked_rng():
+        torch.default_generator.manual_seed(0)
+        if torch.cuda.is_initialized():
+            torch.cuda.manual_seed_all(0)  # forked above: restored on exit (never queued for a later init)
         return model(*args)
 
 
@@ -186,7 +188,7 @@ def _untouched(model: nn.Module) -> Iterator[None]:
     for p in grads:
         p.grad = None
     try:
-        with torch.random.fork_rng(devices=[]):
+        with _forked_rng():
             yield
     finally:
         with torch.no_grad():
@@ -196,6 +198,12 @@ def _untouched(model: nn.Module) -> Iterator[None]:
         for p, g in grads.items():
             p.grad = g
         _restore_cell_states(latent)
+
+
+def _forked_rng() -> contextlib.AbstractContextManager:
+    """Fork the CPU generator and every CUDA device's, so that seeding inside leaves a run's streams as they were."""
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=cuda)
 
 
 @contextlib.contextmanager
