@@ -12,6 +12,7 @@ from torch import nn
 
 import bconv
 from bconv import BConvError, ladder_usage, wrap_with_ptl
+from bconv.errors import CheckpointError
 from bconv.surgery.ptl import FinalFusion, Fusion
 
 from benchmarks.ladder import SmallNet, fresh_pretrained, target_split, train
@@ -299,12 +300,12 @@ def _earlier_ladder_state_dict() -> dict[str, torch.Tensor]:
 
 def test_a_checkpoint_of_the_earlier_ladder_gets_a_clear_error_and_changes_nothing():
     old = _earlier_ladder_state_dict()
-    with pytest.raises(BConvError, match="earlier PTL ladder.*Nothing was loaded.*'model.'"):
+    with pytest.raises(CheckpointError, match="earlier PTL ladder.*Nothing was loaded.*'model.'"):
         bconv.load_ptl(TinyCNN(), old)
     wrapped = wrap_with_ptl(TinyCNN(), input_size=(3, 32, 32), final_init="paper")
     before = {k: v.clone() for k, v in wrapped.state_dict().items()}
     old["model.stem.0.weight"] = old["model.stem.0.weight"] + 1
-    with pytest.raises(BConvError, match="earlier PTL ladder"):
+    with pytest.raises(CheckpointError, match="earlier PTL ladder"):
         wrapped.load_state_dict(old)
     assert all(torch.equal(before[k], v) for k, v in wrapped.state_dict().items())
     # The recipe in the message: the backbone's weights load into the new ladder's network.

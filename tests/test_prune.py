@@ -539,6 +539,26 @@ def test_cop_importance_scores_channels_in_metapruner_global_iterative_on_torchv
     assert max(kept) - min(kept) > 0.1  # ranked globally, with COP's cost terms: layers lose different fractions
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cop_prune_and_cop_importance_run_on_a_cuda_model():
+    # The greedy cut runs on the host: the redundancy matrices leave the GPU before numpy sees them.
+    import torch_pruning as tp
+
+    from bconv.prune import COPImportance
+
+    model = torchvision.models.resnet18(num_classes=10).cuda()
+    batches = [torch.randn(4, *SMALL, device="cuda")]
+    result = cop_prune(model, SMALL, ratio=0.3, metric="params", calibration=batches)
+    assert result.report.params_after < result.report.params_before
+    assert model(torch.randn(2, *SMALL, device="cuda")).shape == (2, 10)
+    model = torchvision.models.resnet18(num_classes=10).cuda()
+    x = torch.randn(1, *SMALL, device="cuda")
+    pruner = tp.pruner.MetaPruner(model, x, importance=COPImportance(example_inputs=x), pruning_ratio=0.3,
+                                  ignored_layers=[model.fc])  # fmt: skip
+    pruner.step()
+    assert model(x).shape == (1, 10) and next(model.parameters()).is_cuda
+
+
 def test_cop_importance_in_metapruner_on_a_timm_model_with_grouped_convolutions():
     import torch_pruning as tp
 

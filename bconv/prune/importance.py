@@ -189,7 +189,7 @@ class _Redundancy:
     """One consumer's normalised matrix and each row's current top-k (updated row by row on a cut)."""
 
     def __init__(self, matrix: Tensor, top_k: int):
-        self.m = matrix.numpy().astype(np.float32)
+        self.m = matrix.detach().to("cpu", torch.float32).numpy()  # the greedy cut runs on the host
         self.alive = np.ones(self.m.shape[0], dtype=np.float32)
         self.k = max(1, min(top_k, self.m.shape[0] - 1))
         self.r = np.zeros(self.m.shape[0])

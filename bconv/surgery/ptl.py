@@ -43,7 +43,7 @@ from torch import nn
 
 from .. import state as _state
 from ..cells import BConvCell, BConvCellV2, StatefulCell
-from ..errors import BConvError
+from ..errors import BConvError, CheckpointError
 from ._checks import check_leaf_modules, refuse_wrapped, select_stages
 from ._hooks import BConvHook
 from ._trace import dummy_input, eval_mode, meta_input, on_meta, shape_keeping_skipped
@@ -579,12 +579,12 @@ def check_ladder_version(state_dict: Mapping[str, Any], prefix: str = "") -> Non
     """Refuse a checkpoint written by the earlier ladder with a message that says what to do.
 
     Raises:
-        bconv.BConvError: ``state_dict`` holds the earlier ladder's plain 1x1 fusions.
+        bconv.errors.CheckpointError: ``state_dict`` holds the earlier ladder's plain 1x1 fusions.
     """
     if prefix + _EARLIER_LADDER_KEY not in state_dict:
         return
     backbone = prefix + "model."
-    raise BConvError(
+    raise CheckpointError(
         "this checkpoint was written by bconv's earlier PTL ladder (bconv 0.1: plain 1x1 fusions, no "
         "BatchNorm), which this bconv no longer builds: that ladder stayed dormant or destabilised "
         "fine-tuning (DESIGN.md §3). Nothing was loaded. Its backbone weights still load into the wrapped "
