@@ -554,7 +554,8 @@ def test_zoo_reports_a_failure_with_its_reason(monkeypatch):
 
 
 def test_zoo_survives_a_killed_model_and_resumes(tmp_path, monkeypatch):
-    """Each model runs in a child: one killed (as by the OOM killer) is a failed row, not the end of the run."""
+    """Each model runs in a child: one killed (as by the OOM killer) is a failed row, not the end of the run,
+    also while another model is measured beside it (--jobs 2)."""
     measure = zoo.measure
 
     def killed_on_resnet18(spec, family):
@@ -565,8 +566,10 @@ def test_zoo_survives_a_killed_model_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "measure", killed_on_resnet18)
     out = tmp_path / "zoo"
     specs = ["--models", "torchvision:resnet18", "timm:test_convnext", "--out", str(out)]
-    zoo.main(specs)
-    rows = {r["model"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    zoo.main([*specs, "--jobs", "2"])
+    table = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["model"] for r in table] == ["resnet18", "test_convnext"]  # the models' order, not finishing order
+    rows = {r["model"]: r for r in table}
     assert rows["resnet18"]["status"] == "fail" and "SIGKILL" in rows["resnet18"]["reason"]
     assert rows["test_convnext"]["status"] == "ok"
     logged = out.with_suffix(".jsonl").read_text()
