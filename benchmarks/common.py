@@ -33,6 +33,7 @@ import random
 import shlex
 import statistics
 import struct
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ from bconv.prune import reestimate_batchnorm
 
 __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "RESULTS", "Split", "balanced_subset", "batches", "command",
-    "crop_flip", "detectable_difference", "environment", "evaluate", "load_cifar10", "load_digits",
+    "commit", "crop_flip", "detectable_difference", "environment", "evaluate", "load_cifar10", "load_digits",
     "load_fashion_mnist", "load_folder", "mean_std", "paired", "per_class_counts", "per_class_split", "read_idx",
     "reestimate_bn", "relabel", "resize", "retrieval_metrics", "seeded", "shift", "train_epochs",
 ]  # fmt: skip
@@ -518,7 +519,20 @@ def command(module: str, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", "-m", f"benchmarks.{module}", *(sys.argv[1:] if argv is None else argv)])
 
 
+def commit() -> str | None:
+    """The checkout's commit (short hash, ``-dirty`` with uncommitted changes to tracked files); None outside git."""
+    root = Path(__file__).parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "") if head else None
+
+
 def environment() -> dict:
-    """Where a run ran: torch, threads, CPUs, platform and the 1-minute load average now."""
+    """Where a run ran: torch, threads, CPUs, platform, the 1-minute load average now and the commit."""
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "platform": platform.platform(), "load": os.getloadavg()[0]}  # fmt: skip
+            "platform": platform.platform(), "load": os.getloadavg()[0], "commit": commit()}  # fmt: skip

@@ -27,6 +27,7 @@ Writes ``benchmarks/results/prune.md``, ``.json`` and ``.png`` (``--out`` elsewh
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import statistics
@@ -296,6 +297,8 @@ def write(result: dict, out: Path) -> None:
         s = a["summary"]
         if a.get("partial"):
             lines += [f"**{a['partial']}**", ""]
+        if a.get("merged"):
+            lines += [a["merged"], ""]
         lines += [
             "## (a) Accuracy: Fashion-MNIST, VGG-style widths " + ", ".join(map(str, cfg["widths"])), "",
             f"{len(a['seeds'])} seeds. Each seed trains the network {cfg['epochs']} epoch(s) on {cfg['train_images']} "
@@ -366,9 +369,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--speed-threads", type=int, default=1,
                    help="torch threads of the speed part (one: no waits for a second core on a shared machine)")
     p.add_argument("--out", type=Path, default=RESULTS / "prune", help="results path without suffix")
-    p.add_argument("--report-from", type=Path, default=None, metavar="ROWS",
-                   help="only write the report of an interrupted run from the seeds it finished (its .rows.json), "
-                        "marked partial")  # fmt: skip
+    p.add_argument("--report-from", type=Path, nargs="+", default=None, metavar="ROWS",
+                   help="only write the report from the seeds earlier runs finished: an interrupted run's "
+                        ".rows.json or a finished run's .json, several to merge runs of other seeds (each run's "
+                        "command and commit are named); marked partial if the seeds fall short")  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result: dict = {"command": command("prune", argv), "environment": environment(), "png": args.out.name + ".png"}
@@ -390,7 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
             # Each finished seed is kept, so an interrupted run leaves what it measured (never the report).
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_suffix(".rows.json").write_text(json.dumps(
-                {"command": result["command"], "seeds": args.seeds, "rows": rows, "ablation": ablation}, indent=1))
+                {"command": result["command"], "commit": result["environment"]["commit"], "seeds": args.seeds,
+                 "rows": rows, "ablation": ablation}, indent=1))  # fmt: skip
         summary = summarise(rows, ablation)
         result["accuracy"] = {"config": cfg, "seeds": args.seeds, "test_images": len(test), "channel_ratios": ratios,
                               "rows": rows, "ablation": ablation, "summary": summary,
@@ -406,21 +411,48 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _saved_run(path: Path) -> dict:
+    """The seeds' rows a run left: its ``.rows.json`` (interrupted) or its results ``.json`` (finished)."""
+    saved = json.loads(path.read_text())
+    if "accuracy" in saved:  # a finished run's results
+        a = saved["accuracy"]
+        saved = {"command": saved["command"], "commit": saved["environment"].get("commit"),
+                 "seeds": a["seeds"], "rows": a["rows"], "ablation": a["ablation"]}  # fmt: skip
+    if not saved.get("rows"):
+        raise SystemExit(f"{path}: no rows of finished seeds in it")
+    return saved
+
+
 def report_partial(args: argparse.Namespace, result: dict) -> dict:
-    """The report of the seeds an interrupted run finished, saying which seeds of which command it holds."""
-    saved = json.loads(args.report_from.read_text())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows, ablation = saved["rows"], saved["ablation"]
+    """The report of the seeds earlier runs finished, saying which seeds of which command (and commit) it holds."""
+    runs = [_saved_run(path) for path in args.report_from]
+    rows = [r for run in runs for r in run["rows"]]
+    ablation = [r for run in runs for r in run["ablation"]]
+    by_seed = collections.Counter(r["seed"] for r in rows if r["method"] == "unpruned")
+    if any(n > 1 for n in by_seed.values()):
+        raise SystemExit(f"the runs overlap: seeds {sorted(s for s, n in by_seed.items() if n > 1)} are in more than one")
     cfg = QUICK if args.quick else FULL
-    seeds = sorted({r["seed"] for r in rows})
-    asked = saved.get("seeds", [0, 1, 2, 3, 4])
-    run = saved.get("command", "python -m benchmarks.prune")
+    seeds = sorted(by_seed)
+    asked = runs[0].get("seeds", [0, 1, 2, 3, 4]) if len(runs) == 1 else [0, 1, 2, 3, 4]
     summary = summarise(rows, ablation)
     result["accuracy"] = {"config": cfg, "seeds": seeds, "test_images": 10 * cfg["test_per_class"], "rows": rows,
                           "ablation": ablation, "summary": summary,
-                          "verdict": verdict(summary) if summary["pairs"] else "",
-                          "partial": f"PARTIAL: `{run}` was stopped after {len(seeds)} of its {len(asked)} seeds "
-                                     f"(finished: {seeds}); these are the finished seeds' rows, not the full run."}
+                          "verdict": verdict(summary) if summary["pairs"] else ""}  # fmt: skip
+    origin = "; ".join(
+        f"seeds {sorted({r['seed'] for r in run['rows']})} from `{run.get('command', 'python -m benchmarks.prune')}`"
+        + (f" at commit {run['commit']}" if run.get("commit") else "")
+        for run in runs
+    )
+    if not set(asked) <= set(seeds):
+        run = runs[0].get("command", "python -m benchmarks.prune")
+        result["accuracy"]["partial"] = (
+            f"PARTIAL: `{run}` was stopped after {len(seeds)} of its {len(asked)} seeds (finished: {seeds}); "
+            f"these are the finished seeds' rows, not the full run."
+            + (f" Merged from: {origin}." if len(runs) > 1 else "")
+        )
+    else:
+        result["accuracy"]["merged"] = (f"Merged from {len(runs)} runs of the same configuration: {origin}."
+                                        if len(runs) > 1 else f"Reported from the rows of {origin}.")
     plot(summary, args.out.with_suffix(".png"))
     write(result, args.out)
     return result

@@ -679,3 +679,16 @@ def test_prune_quick_on_fashion_mnist_idx_files(tmp_path):
     partial = prune.main(["--report-from", str(rows), "--quick", "--out", str(tmp_path / "partial")])
     assert partial["accuracy"]["seeds"] == [0] and not partial["accuracy"]["summary"]["pairs"]
     assert "PARTIAL: `python -m benchmarks.prune` was stopped after 1 of its 5 seeds" in (tmp_path / "partial.md").read_text()
+    # Runs of other seeds merge into one report that names each run's seeds, command and commit.
+    other = tmp_path / "other.rows.json"
+    other.write_text(json.dumps({"command": "python -m benchmarks.prune --seeds 1", "commit": "abc1234",
+                                 "rows": [r for r in a["rows"] if r["seed"] == 1],
+                                 "ablation": [r for r in a["ablation"] if r["seed"] == 1]}))  # fmt: skip
+    merged = prune.main(["--report-from", str(rows), str(other), "--quick", "--out", str(tmp_path / "merged")])
+    assert merged["accuracy"]["seeds"] == [0, 1] and merged["accuracy"]["summary"] == a["summary"]
+    assert "seeds [1] from `python -m benchmarks.prune --seeds 1` at commit abc1234" in merged["accuracy"]["partial"]
+    # A finished run's results file is read too; with every seed it asked for, the report is not partial.
+    whole = prune.main(["--report-from", str(out.with_suffix(".json")), "--quick", "--out", str(tmp_path / "whole")])
+    assert "partial" not in whole["accuracy"] and "Reported from the rows of seeds [0, 1]" in (tmp_path / "whole.md").read_text()
+    with pytest.raises(SystemExit, match=r"overlap: seeds \[0\]"):
+        prune.main(["--report-from", str(rows), str(out.with_suffix(".json")), "--quick", "--out", str(tmp_path / "x")])
