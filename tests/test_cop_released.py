@@ -96,3 +96,16 @@ def test_dead_channel_is_most_redundant_and_leaves_the_other_scores_as_released(
     others = np.arange(len(r)) != 3
     np.testing.assert_allclose(r[others], released[others], rtol=1e-5)
     assert r[3] == pytest.approx(1.0) and r[3] > r[others].max()
+
+
+@pytest.mark.parametrize("taps, filters, n", [(1, 40, 513), (3, 24, 700), (1, 16, 1030), (2, 8, 300)])
+def test_wide_gram_matrix_in_strips_is_the_full_product(taps, filters, n):
+    # Wide consumers (ResNet-50's 2048-wide stream) compute each off-diagonal block once and mirror it.
+    from bconv.prune.importance import _gram
+
+    z = torch.randn(taps, filters, n, generator=torch.Generator().manual_seed(n))
+    torch.testing.assert_close(_gram(z), torch.bmm(z.transpose(1, 2), z), rtol=1e-5, atol=1e-5)
+    wide = torch.randn(1, filters, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    released = released_matrix(wide[0].t().reshape(1, 1, n, filters).numpy(), "pearson")
+    np.testing.assert_allclose(_similarity(wide, "pearson", "max").double().numpy()[~np.eye(n, dtype=bool)],
+                               released_normalized(released, "max")[~np.eye(n, dtype=bool)], rtol=1e-5, atol=1e-6)

@@ -43,6 +43,30 @@ PRESETS: dict[str, tuple[float, float, float]] = {
 _CORRELATION_BUDGET = 2e9
 
 
+# Column width of the strips in which a wide Gram matrix is computed (see _gram).
+_GRAM_STRIP = 256
+
+
+def _gram(z: Tensor) -> Tensor:
+    """``z^T z`` for ``z`` of shape [taps, filters, n], computing each off-diagonal block once.
+
+    The matrix is symmetric: strip i (columns i..i+256) is multiplied against columns i.. only and its
+    transpose fills the rows below. Each entry is the same dot product over the filters as in one
+    ``bmm`` (equal up to the order of float additions), in ~0.6x the time for
+    n >= 1024 (ResNet-50's 2048-wide residual stream read by the classifier).
+    """
+    n = z.shape[2]
+    if n <= 2 * _GRAM_STRIP:
+        return torch.bmm(z.transpose(1, 2), z)
+    out = z.new_empty(z.shape[0], n, n)
+    for i in range(0, n, _GRAM_STRIP):
+        j = i + _GRAM_STRIP
+        strip = torch.bmm(z[:, :, i:j].transpose(1, 2), z[:, :, i:])  # rows i:j, columns i:
+        out[:, i:j, i:] = strip
+        out[:, j:, i:j] = strip[:, :, _GRAM_STRIP:].transpose(1, 2)
+    return out
+
+
 def _similarity(w: Tensor, kind: str, normalize: str) -> Tensor:
     """COP's normalised n x n redundancy matrix from a consumer kernel ``w`` of shape [taps, filters, n].
 
@@ -67,10 +91,10 @@ def _similarity(w: Tensor, kind: str, normalize: str) -> Tensor:
     if kind == "pearson":
         z = w - w.mean(dim=1, keepdim=True)
         scale = z.pow(2).mean(dim=1).sqrt()  # population std, as np.std
-        sim = torch.bmm(z.transpose(1, 2), z).div_(filters)
+        sim = _gram(z).div_(filters)
     else:
         scale = w.norm(dim=1)
-        sim = torch.bmm(w.transpose(1, 2), w)
+        sim = _gram(w)
     if kind != "inner":
         sim.div_(scale.unsqueeze(2) * scale.unsqueeze(1) + 1e-8)
     m = sim[0].abs_() if sim.shape[0] == 1 else sim.abs_().mean(dim=0)
@@ -198,11 +222,15 @@ class _Redundancy:
 
     def _rows(self, rows: np.ndarray) -> None:
         # Cut channels count as 0 (masked here rather than written into the matrix: zeroing a column of a
-        # 2048 x 2048 matrix is 2048 cache misses per cut). After partitioning the negated rows, the first k
-        # entries are the k largest and entry k-1 the k-th largest itself.
-        top = np.partition(-(self.m[rows] * self.alive), self.k - 1, axis=1)
-        self.r[rows] = -top[:, : self.k].sum(axis=1) / self.k  # exactly ndarray.mean's float32 result
-        self.kth[rows] = -top[:, self.k - 1]
+        # 2048 x 2048 matrix is 2048 cache misses per cut). This runs once per changed row per cut (ResNet-50:
+        # ~12,000 times), so it makes one copy and partitions it in place.
+        a = self.m[rows]  # a copy: partitioned in place below
+        a *= self.alive
+        first = a.shape[1] - self.k
+        a.partition(first, axis=1)  # the k largest last, the k-th largest itself at `first`
+        top = a[:, first:]
+        self.r[rows] = top.sum(axis=1) / self.k  # ndarray.mean's float32 result
+        self.kth[rows] = top[:, 0]
 
     def cut(self, j: int, alive: np.ndarray, total: np.ndarray) -> None:
         """Remove channel j; ``total`` (the sum of r over the group's consumers) follows the changed rows."""

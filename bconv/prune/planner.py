@@ -237,6 +237,7 @@ class _Planner:
         self.cuts = np.zeros(len(groups))
         self.inn, self.out = self.in0.copy(), self.out0.copy()
         self.p0, self.f0 = self._layer_costs()
+        self.p0_sum, self.f0_sum, self.out0_sum = self.p0.sum(), self.f0.sum(), self.out0.sum()
         self.p, self.f = self.p0, self.f0
         self.open = np.array([g.alive_units - self._step(g) >= g.floor for g in groups])
         self.redundancy = [g.unit_redundancy() for g in groups]
@@ -256,15 +257,16 @@ class _Planner:
         self.out = self.out - self.a_out[:, gi] * count
         self.p, self.f = self._layer_costs()
 
-    def estimated(self, before: dict[str, int]) -> dict[str, float]:
-        return {
-            "params": before["params"] - (self.p0.sum() - self.p.sum()) - float(self.extra @ self.cuts),
-            "flops": before["flops"] - (self.f0.sum() - self.f.sum()),
-            "channels": before["channels"] - (self.out0.sum() - self.out.sum()),
-        }
+    def estimated(self, before: dict[str, int], metric: str) -> float:
+        """``metric`` of the network with the planned cuts (called a few times per greedy step: one metric only)."""
+        if metric == "params":
+            return before["params"] - (self.p0_sum - self.p.sum()) - float(self.extra @ self.cuts)
+        if metric == "flops":
+            return before["flops"] - (self.f0_sum - self.f.sum())
+        return before["channels"] - (self.out0_sum - self.out.sum())
 
     def estimated_reduction(self, metric: str, before: dict[str, int]) -> float:
-        return 1 - self.estimated(before)[metric] / before[metric]
+        return 1 - self.estimated(before, metric) / before[metric]
 
     def _cost_terms(self) -> np.ndarray:
         return _cost_terms(self.touch @ self.p, self.touch @ self.f, self.beta, self.gamma)
