@@ -108,6 +108,22 @@ def input_size_of(spec: ZooModel, model: torch.nn.Module) -> tuple[int, ...]:
     return default_input_size(model)
 
 
+# Models whose default input has at least this many pixels are measured alone under --jobs.
+LARGE_INPUT_PIXELS = 320 * 320
+
+
+def _large_input(spec: ZooModel) -> bool:
+    """Whether the model's default input is large (read from its configuration, without building it)."""
+    if spec.zoo == "torchvision":
+        size = torchvision_input_size(spec.name)
+    else:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(spec.name)
+        size = getattr(cfg, "input_size", None) or (3, 224, 224)
+    return size[-1] * size[-2] >= LARGE_INPUT_PIXELS
+
+
 def measure(spec: ZooModel, family: str) -> dict:
     """Every check of the module docstring on one model; failures become a step name and a reason."""
     torch.manual_seed(0)
@@ -318,14 +334,25 @@ def main(argv: list[str] | None = None) -> dict:
                    "status": "fail"}  # fmt: skip
         return row
 
-    # Each model runs in a forked child of its own; --jobs children at once (the threads only wait on them).
+    # Each model runs in a forked child of its own; --jobs children at once (the threads only wait on them),
+    # except that a model at a large input runs alone: two of them at once outgrow 24 GB.
+    queue = [(spec, family) for spec, family in todo if (spec.zoo, spec.name) not in done]
+    running: dict[concurrent.futures.Future, bool] = {}  # future -> runs alone
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        running = [pool.submit(one, spec, family) for spec, family in todo if (spec.zoo, spec.name) not in done]
-        for future in concurrent.futures.as_completed(running):
-            row = future.result()
-            log.append(row)  # appended here, in the main thread, as each model finishes
-            bar.set_postfix_str(f"{row['zoo']}:{row['model']}")
-            bar.update()
+        while queue or running:
+            while queue and len(running) < args.jobs and not any(running.values()):
+                alone = _large_input(queue[0][0])
+                if alone and running:
+                    break  # wait for the others to finish first
+                spec, family = queue.pop(0)
+                running[pool.submit(one, spec, family)] = alone
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                del running[future]
+                row = future.result()
+                log.append(row)  # appended here, in the main thread, as each model finishes
+                bar.set_postfix_str(f"{row['zoo']}:{row['model']}")
+                bar.update()
     bar.close()
     rows = sorted(log.rows(), key=lambda r: order.get((r["zoo"], r["model"]), len(order)))
     summary = summarise(rows, time.perf_counter() - start)

@@ -21,6 +21,7 @@ import signal
 import statistics
 import struct
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -578,6 +579,26 @@ def test_zoo_survives_a_killed_model_and_resumes(tmp_path, monkeypatch):
     summary = zoo.main([*specs, "--resume"])
     assert summary["resumed_rows"] == 2 and out.with_suffix(".jsonl").read_text() == logged  # nothing re-measured
     assert "resumed" in out.with_suffix(".md").read_text()
+
+
+def test_zoo_jobs_run_models_side_by_side_and_a_large_input_alone(tmp_path, monkeypatch):
+    """--jobs 2 measures two models at once, but never a large-input model beside another (two of them at
+    once outgrew the 24 GB machine: one was killed by the OOM killer)."""
+
+    def timed(spec, family):
+        start = time.time()
+        time.sleep(0.5)
+        return {"zoo": spec.zoo, "model": spec.name, "status": "ok", "start": start, "end": time.time()}
+
+    monkeypatch.setattr(zoo, "measure", timed)
+    monkeypatch.setattr(zoo, "_large_input", lambda spec: spec.name == "resnet34")
+    out = tmp_path / "zoo"
+    names = ["resnet18", "alexnet", "resnet34", "vgg11", "squeezenet1_0"]
+    zoo.main(["--models", *[f"torchvision:{n}" for n in names], "--jobs", "2", "--out", str(out)])
+    rows = {r["model"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    overlap = lambda a, b: rows[a]["start"] < rows[b]["end"] and rows[b]["start"] < rows[a]["end"]  # noqa: E731
+    assert overlap("resnet18", "alexnet")  # two at once
+    assert not any(overlap("resnet34", other) for other in names if other != "resnet34")
 
 
 # ------------------------------------------------------------------------------ feature_info agreement
