@@ -99,13 +99,18 @@ def test_dead_channel_is_most_redundant_and_leaves_the_other_scores_as_released(
 
 
 @pytest.mark.parametrize("taps, filters, n", [(1, 40, 513), (3, 24, 700), (1, 16, 1030), (2, 8, 300)])
-def test_wide_gram_matrix_in_strips_is_the_full_product(taps, filters, n):
+def test_wide_similarity_in_strips_is_the_whole_product(taps, filters, n):
     # Wide consumers (ResNet-50's 2048-wide stream) compute each off-diagonal block once and mirror it.
-    from bconv.prune.importance import _gram
+    from bconv.prune.importance import _mean_abs_similarity
 
     z = torch.randn(taps, filters, n, generator=torch.Generator().manual_seed(n))
-    torch.testing.assert_close(_gram(z), torch.bmm(z.transpose(1, 2), z), rtol=1e-5, atol=1e-5)
+    scale = z.norm(dim=1)
+    whole = torch.bmm(z.transpose(1, 2), z)
+    expected = (whole / filters / (scale.unsqueeze(2) * scale.unsqueeze(1) + 1e-8)).abs().mean(dim=0)
+    torch.testing.assert_close(_mean_abs_similarity(z, scale, filters), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_mean_abs_similarity(z, None, 1), whole.abs().mean(dim=0), rtol=1e-5, atol=1e-4)
     wide = torch.randn(1, filters, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     released = released_matrix(wide[0].t().reshape(1, 1, n, filters).numpy(), "pearson")
-    np.testing.assert_allclose(_similarity(wide, "pearson", "max").double().numpy()[~np.eye(n, dtype=bool)],
-                               released_normalized(released, "max")[~np.eye(n, dtype=bool)], rtol=1e-5, atol=1e-6)
+    off = ~np.eye(n, dtype=bool)
+    np.testing.assert_allclose(_similarity(wide, "pearson", "max").double().numpy()[off],
+                               released_normalized(released, "max")[off], rtol=1e-5, atol=1e-6)

@@ -287,6 +287,28 @@ class Branchy(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+def test_wrong_input_size_and_a_forward_that_needs_no_grad_get_their_own_errors():
+    # cop_prune measures the network in the forward that builds Torch-Pruning's graph (autograd on):
+    # the model's own rejection of the input is an InputSizeError, a failure with autograd only a PruneError.
+    from bconv.errors import InputSizeError
+
+    model = torchvision.models.resnet18(num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputSizeError, match="rejected a dummy input of shape"):
+        cop_prune(model, (5, 32, 32), ratio=0.5)
+
+    class BumpsItsWeight(Chain):  # an in-place update of a parameter: fine under no_grad only
+        def forward(self, x):
+            self.conv1.weight.add_(0.0)
+            return super().forward(x)
+
+    bumps = BumpsItsWeight()
+    with pytest.raises(PruneError, match="Torch-Pruning cannot build the dependency graph of BumpsItsWeight"):
+        cop_prune(bumps, SMALL, ratio=0.3)
+    assert bumps.conv1.out_channels == 8
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_layer_producing_the_output_is_kept_when_fx_cannot_find_the_head():
     model = Branchy()
     result = cop_prune(model, SMALL, ratio=0.3, metric="channels")

@@ -43,27 +43,33 @@ PRESETS: dict[str, tuple[float, float, float]] = {
 _CORRELATION_BUDGET = 2e9
 
 
-# Column width of the strips in which a wide Gram matrix is computed (see _gram).
-_GRAM_STRIP = 256
+# Rows per strip in which a wide similarity matrix is computed (see _mean_abs_similarity).
+_STRIP = 256
 
 
-def _gram(z: Tensor) -> Tensor:
-    """``z^T z`` for ``z`` of shape [taps, filters, n], computing each off-diagonal block once.
+def _mean_abs_similarity(z: Tensor, scale: Tensor | None, filters: int) -> Tensor:
+    """``mean_t |z_t^T z_t / filters / (scale_t scale_t^T + 1e-8)|`` (no scale: ``mean_t |z_t^T z_t|``),
+    the n x n matrix of ``z`` [taps, filters, n] and ``scale`` [taps, n].
 
-    The matrix is symmetric: strip i (columns i..i+256) is multiplied against columns i.. only and its
-    transpose fills the rows below. Each entry is the same dot product over the filters as in one
-    ``bmm`` (equal up to the order of float additions), in ~0.6x the time for
-    n >= 1024 (ResNet-50's 2048-wide residual stream read by the classifier).
+    The matrix is symmetric: rows i..i+256 are computed against columns i.. only, scaled while the strip
+    is in cache, and mirrored into the rows below, so each off-diagonal block is computed once. Each entry
+    is the same dot product and the same divisions as in one ``bmm`` of the whole (equal up to the order
+    of float additions), in about 0.6x the time for n >= 1024 (ResNet-50's 2048-wide residual stream,
+    read by its classifier).
     """
-    n = z.shape[2]
-    if n <= 2 * _GRAM_STRIP:
-        return torch.bmm(z.transpose(1, 2), z)
-    out = z.new_empty(z.shape[0], n, n)
-    for i in range(0, n, _GRAM_STRIP):
-        j = i + _GRAM_STRIP
-        strip = torch.bmm(z[:, :, i:j].transpose(1, 2), z[:, :, i:])  # rows i:j, columns i:
-        out[:, i:j, i:] = strip
-        out[:, j:, i:j] = strip[:, :, _GRAM_STRIP:].transpose(1, 2)
+    taps, _, n = z.shape
+    size = n if n <= _STRIP else _STRIP
+    out = z.new_empty(n, n)
+    for i in range(0, n, size):
+        j = i + size
+        strip = torch.bmm(z[:, :, i:j].transpose(1, 2), z[:, :, i:])  # [taps, rows i:j, columns i:]
+        if filters != 1:
+            strip.div_(filters)
+        if scale is not None:
+            strip.div_(scale[:, i:j, None] * scale[:, None, i:] + 1e-8)
+        strip = strip[0].abs_() if taps == 1 else strip.abs_().mean(dim=0)
+        out[i:j, i:] = strip
+        out[j:, i:j] = strip[:, size:].t()
     return out
 
 
@@ -86,18 +92,13 @@ def _similarity(w: Tensor, kind: str, normalize: str) -> Tensor:
     other channel's redundancy are what the released code computes.
     """
     w = w.float()
-    filters = w.shape[1]
-    # In place where it can be: a 2048-wide residual stream read by the classifier is a 16 MB matrix per tap.
     if kind == "pearson":
         z = w - w.mean(dim=1, keepdim=True)
         scale = z.pow(2).mean(dim=1).sqrt()  # population std, as np.std
-        sim = _gram(z).div_(filters)
+        m = _mean_abs_similarity(z, scale, w.shape[1])
     else:
         scale = w.norm(dim=1)
-        sim = _gram(w)
-    if kind != "inner":
-        sim.div_(scale.unsqueeze(2) * scale.unsqueeze(1) + 1e-8)
-    m = sim[0].abs_() if sim.shape[0] == 1 else sim.abs_().mean(dim=0)
+        m = _mean_abs_similarity(w, scale if kind == "cosine" else None, 1)
     m.fill_diagonal_(0)
     if normalize == "max":
         norm = m.max()
@@ -209,6 +210,10 @@ def _check_weights(alpha: float, beta: float, gamma: float) -> tuple[float, floa
     return chosen  # type: ignore[return-value]
 
 
+# The smallest positive float32: ``col >= max(kth, _POSITIVE)`` is ``col > 0 and col >= kth``.
+_POSITIVE = np.nextafter(np.float32(0), np.float32(1))
+
+
 class _Redundancy:
     """One consumer's normalised matrix and each row's current top-k (updated row by row on a cut)."""
 
@@ -216,33 +221,33 @@ class _Redundancy:
         self.m = matrix.detach().to("cpu", torch.float32).numpy()  # the greedy cut runs on the host
         self.alive = np.ones(self.m.shape[0], dtype=np.float32)
         self.k = max(1, min(top_k, self.m.shape[0] - 1))
-        self.r = np.zeros(self.m.shape[0])
-        self.kth = np.zeros(self.m.shape[0], dtype=np.float32)
-        self._rows(np.arange(self.m.shape[0]))
+        self.reach = np.zeros(self.m.shape[0], dtype=np.float32)  # a cut changes row i if m[i, j] >= reach[i]
+        self.r = self._rows(np.arange(self.m.shape[0]))
 
-    def _rows(self, rows: np.ndarray) -> None:
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        """The rows' redundancy: the mean of each row's k largest entries among the channels still there."""
         # Cut channels count as 0 (masked here rather than written into the matrix: zeroing a column of a
         # 2048 x 2048 matrix is 2048 cache misses per cut). This runs once per changed row per cut (ResNet-50:
         # ~12,000 times), so it makes one copy and partitions it in place.
-        a = self.m[rows]  # a copy: partitioned in place below
+        a = self.m[rows]
         a *= self.alive
         first = a.shape[1] - self.k
         a.partition(first, axis=1)  # the k largest last, the k-th largest itself at `first`
         top = a[:, first:]
-        self.r[rows] = top.sum(axis=1) / self.k  # ndarray.mean's float32 result
-        self.kth[rows] = top[:, 0]
+        self.reach[rows] = np.maximum(top[:, 0], _POSITIVE)
+        return top.sum(axis=1) / self.k  # ndarray.mean's float32 result
 
     def cut(self, j: int, alive: np.ndarray, total: np.ndarray) -> None:
         """Remove channel j; ``total`` (the sum of r over the group's consumers) follows the changed rows."""
         self.alive[j] = 0
-        # Only rows that held j among their top-k change. The matrix is symmetric, so row j (contiguous) reads
-        # as column j, except in a dead channel's row (all 1 there): its r stays 1 while k channels remain.
-        col = self.m[j]
-        rows = np.flatnonzero((col > 0) & (col >= self.kth) & alive)
+        # Only rows that held j (a positive entry) among their top-k change. The matrix is symmetric, so row j
+        # (contiguous) reads as column j, except in a dead channel's row (all 1 there): its r stays 1 while k
+        # channels remain.
+        rows = np.flatnonzero((self.m[j] >= self.reach) & alive)
         if len(rows):
-            old = self.r[rows]
-            self._rows(rows)
-            total[rows] += self.r[rows] - old
+            r = self._rows(rows)
+            total[rows] += r - self.r[rows]
+            self.r[rows] = r
 
 
 class COPImportance(tp.importance.Importance):
