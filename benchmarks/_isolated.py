@@ -10,12 +10,15 @@ as they finish, so that a stopped run resumes where it stopped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import multiprocessing
 import signal
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 def _child(conn, fn: Callable[..., dict], args: tuple, threads: int) -> None:
@@ -55,6 +58,49 @@ def isolated(fn: Callable[..., dict], *args: Any, timeout: float | None = None, 
     finally:
         child.join(5)
         receive.close()
+
+
+# Models whose default input has at least this many pixels are measured alone under --jobs.
+LARGE_INPUT_PIXELS = 320 * 320
+
+
+def large_input(spec: Any) -> bool:
+    """Whether a zoo model's (``bconv._zoo.ZooModel``) default input is large, read from its configuration
+    without building it."""
+    if spec.zoo == "torchvision":
+        from bconv._zoo import torchvision_input_size
+
+        size = torchvision_input_size(spec.name)
+    else:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(spec.name)
+        size = getattr(cfg, "input_size", None) or (3, 224, 224)
+    return size[-1] * size[-2] >= LARGE_INPUT_PIXELS
+
+
+def measure_each(
+    items: Iterable[T], run: Callable[[T], dict], jobs: int = 1, alone: Callable[[T], bool] = lambda item: False
+) -> Iterator[dict]:
+    """``run(item)`` for every item, ``jobs`` at once, yielding each row as it finishes (in the caller's thread).
+
+    ``run`` starts the measurement's child itself (:func:`isolated`); the threads here only wait on their
+    children. An item for which ``alone`` is true runs with nothing beside it: two large-input models at
+    once outgrew a 24 GB machine, and the OOM killer then took one of them.
+    """
+    queue = list(items)
+    running: dict[concurrent.futures.Future, bool] = {}  # future -> runs alone
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while queue or running:
+            while queue and len(running) < jobs and not any(running.values()):
+                by_itself = alone(queue[0])
+                if by_itself and running:
+                    break  # wait for the others to finish first
+                running[pool.submit(run, queue.pop(0))] = by_itself
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                del running[future]
+                yield future.result()
 
 
 class RowLog:

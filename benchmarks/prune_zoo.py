@@ -14,7 +14,7 @@ memory or time is a row, not the end of the run. Rows are appended to ``benchmar
 as they finish (a stopped run continues with ``--resume``); ``prune_zoo.md`` and ``prune_zoo.json`` are
 written from them at the end (or alone with ``--only-write``). Reproduce::
 
-    python -m benchmarks.prune_zoo                            # everything
+    python -m benchmarks.prune_zoo --jobs 2 --limit 400       # everything, two models at once
     python -m benchmarks.prune_zoo --resume                   # continue a stopped run
     python -m benchmarks.prune_zoo --models torchvision:resnet18 timm:convnext_atto
 """
@@ -35,7 +35,7 @@ from bconv.errors import BConvError
 from bconv.prune import cop_prune
 from bconv.surgery.anatomy import default_input_size
 
-from benchmarks._isolated import RowLog, isolated
+from benchmarks._isolated import RowLog, isolated, large_input, measure_each
 from benchmarks.common import RESULTS, command as run_command
 
 ROWS = RESULTS / "prune_zoo.jsonl"
@@ -116,7 +116,8 @@ def measure(spec: ZooModel, family: str, max_params: float | None = None) -> dic
 
 
 def write(command: str, note: str = "", wall_s: float | None = None) -> dict:
-    rows = RowLog(ROWS).rows()
+    order = {(spec.zoo, spec.name): i for i, (spec, _) in enumerate(models(None))}
+    rows = sorted(RowLog(ROWS).rows(), key=lambda r: order.get((r["zoo"], r["model"]), len(order)))  # zoo order
     count = lambda **kw: sum(all(r.get(k) == v for k, v in kw.items()) for r in rows)  # noqa: E731
     pruned = [r for r in rows if r["status"] == "pruned"]
     skipped = [r for r in rows if r["status"] in ("skipped", "excluded")]
@@ -164,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-write", action="store_true", help="only write the .md/.json from the rows, measure nothing")
     p.add_argument("--note", default="", help="a line for the .md (how the rows were collected)")
     p.add_argument("--limit", type=int, default=600, help="seconds per model (default 600)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per model (default 1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="models measured at once, each in its own child process (2 on an idle 2-core machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = run_command("prune_zoo", argv)
@@ -173,15 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only_write:
         log.start(args.resume or bool(args.models))  # a few models re-measured replace their rows only
         done = log.done()
-        for spec, family in models(args.models):
-            if (spec.zoo, spec.name) in done or (args.zoo and spec.zoo != args.zoo):
-                continue
+
+        def one(item: tuple[ZooModel, str]) -> dict:
+            spec, family = item
             row = {"zoo": spec.zoo, "family": family, "model": spec.name}
             if str(spec) in EXCLUDED:
-                row.update(status="excluded", reason=EXCLUDED[str(spec)])
-            else:
-                result = isolated(measure, spec, family, args.max_params, timeout=args.limit, threads=args.threads)
-                row.update(result if "model" in result else {**result, "status": "error"})
+                return {**row, "status": "excluded", "reason": EXCLUDED[str(spec)]}
+            result = isolated(measure, spec, family, args.max_params, timeout=args.limit, threads=args.threads)
+            return {**row, **(result if "model" in result else {**result, "status": "error"})}
+
+        todo = [(spec, family) for spec, family in models(args.models)
+                if (spec.zoo, spec.name) not in done and not (args.zoo and spec.zoo != args.zoo)]  # fmt: skip
+        # Each model in a forked child of its own, --jobs at once; one at a large input alone.
+        for row in measure_each(todo, one, args.jobs, alone=lambda item: large_input(item[0])):
             print(json.dumps(row), flush=True)
             log.append(row)
     wall = None if args.only_write or args.resume or args.models else time.perf_counter() - start

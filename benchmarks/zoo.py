@@ -35,7 +35,6 @@ Reproduce::
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import platform
 import time
@@ -51,7 +50,7 @@ from bconv.surgery._hooks import bconv_hooks_suspended
 from bconv.surgery.anatomy import default_input_size, find_stages
 
 from benchmarks._agreement import agreement
-from benchmarks._isolated import RowLog, isolated
+from benchmarks._isolated import RowLog, isolated, large_input, measure_each
 from benchmarks.common import RESULTS, command as run_command
 
 # Not built, to keep the run short on two CPU cores: by the FLOP counts torchvision publishes with their
@@ -106,22 +105,6 @@ def input_size_of(spec: ZooModel, model: torch.nn.Module) -> tuple[int, ...]:
     if spec.zoo == "torchvision":
         return torchvision_input_size(spec.name, model)
     return default_input_size(model)
-
-
-# Models whose default input has at least this many pixels are measured alone under --jobs.
-LARGE_INPUT_PIXELS = 320 * 320
-
-
-def _large_input(spec: ZooModel) -> bool:
-    """Whether the model's default input is large (read from its configuration, without building it)."""
-    if spec.zoo == "torchvision":
-        size = torchvision_input_size(spec.name)
-    else:
-        import timm
-
-        cfg = timm.models.get_pretrained_cfg(spec.name)
-        size = getattr(cfg, "input_size", None) or (3, 224, 224)
-    return size[-1] * size[-2] >= LARGE_INPUT_PIXELS
 
 
 def measure(spec: ZooModel, family: str) -> dict:
@@ -327,32 +310,20 @@ def main(argv: list[str] | None = None) -> dict:
     order = {(spec.zoo, spec.name): i for i, (spec, _) in enumerate(todo)}
     bar = tqdm(total=sum((spec.zoo, spec.name) not in done for spec, _ in todo), unit="model")
 
-    def one(spec: ZooModel, family: str) -> dict:
+    def one(item: tuple[ZooModel, str]) -> dict:
+        spec, family = item
         row = isolated(measure, spec, family, timeout=args.limit, threads=args.threads)
         if "model" not in row:  # the child died or ran out of time: the row says why
             row = {"zoo": spec.zoo, "family": family, "model": spec.name, "step": "benchmark", **row,
                    "status": "fail"}  # fmt: skip
         return row
 
-    # Each model runs in a forked child of its own; --jobs children at once (the threads only wait on them),
-    # except that a model at a large input runs alone: two of them at once outgrow 24 GB.
+    # Each model runs in a forked child of its own, --jobs at once; a model at a large input alone.
     queue = [(spec, family) for spec, family in todo if (spec.zoo, spec.name) not in done]
-    running: dict[concurrent.futures.Future, bool] = {}  # future -> runs alone
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        while queue or running:
-            while queue and len(running) < args.jobs and not any(running.values()):
-                alone = _large_input(queue[0][0])
-                if alone and running:
-                    break  # wait for the others to finish first
-                spec, family = queue.pop(0)
-                running[pool.submit(one, spec, family)] = alone
-            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in finished:
-                del running[future]
-                row = future.result()
-                log.append(row)  # appended here, in the main thread, as each model finishes
-                bar.set_postfix_str(f"{row['zoo']}:{row['model']}")
-                bar.update()
+    for row in measure_each(queue, one, args.jobs, alone=lambda item: large_input(item[0])):
+        log.append(row)  # appended here, in the main thread, as each model finishes
+        bar.set_postfix_str(f"{row['zoo']}:{row['model']}")
+        bar.update()
     bar.close()
     rows = sorted(log.rows(), key=lambda r: order.get((r["zoo"], r["model"]), len(order)))
     summary = summarise(rows, time.perf_counter() - start)

@@ -591,7 +591,7 @@ def test_zoo_jobs_run_models_side_by_side_and_a_large_input_alone(tmp_path, monk
         return {"zoo": spec.zoo, "model": spec.name, "status": "ok", "start": start, "end": time.time()}
 
     monkeypatch.setattr(zoo, "measure", timed)
-    monkeypatch.setattr(zoo, "_large_input", lambda spec: spec.name == "resnet34")
+    monkeypatch.setattr(zoo, "large_input", lambda spec: spec.name == "resnet34")
     out = tmp_path / "zoo"
     names = ["resnet18", "alexnet", "resnet34", "vgg11", "squeezenet1_0"]
     zoo.main(["--models", *[f"torchvision:{n}" for n in names], "--jobs", "2", "--out", str(out)])
