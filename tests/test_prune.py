@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 
 import bconv
 from bconv.prune import PruneError, PruneTargetError, cop_prune, format_report, load_pruned, save_pruned
@@ -598,6 +598,38 @@ def test_cop_importance_in_metapruner_on_a_timm_model_with_grouped_convolutions(
     for n, m in model.named_modules():
         if n in groups:  # grouped convolutions keep their group count, every group pruned alike
             assert m.groups == groups[n] and m.in_channels % m.groups == 0 == m.out_channels % m.groups
+
+
+def test_cop_importance_prunes_attention_head_dims_with_metapruners_num_heads():
+    # Torch-Pruning's recipe for ViTs: num_heads keeps the heads, head dims go. COP must rank the channels
+    # of the attention groups (not hand MetaPruner a constant), and the pruned model must run.
+    import timm
+    import torch_pruning as tp
+    from timm.models.vision_transformer import Attention
+
+    from bconv.prune import COPImportance
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=10)
+    x = torch.randn(1, 3, 160, 160)
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    importance = COPImportance(example_inputs=x)
+    scores: dict[str, Tensor] = {}
+
+    def spy(group):
+        scores[group[0].dep.target.name.split(" ")[0]] = imp = COPImportance.__call__(importance, group)
+        return imp
+
+    pruner = tp.pruner.MetaPruner(model, x, importance=spy, pruning_ratio=0.5, num_heads={m.qkv: m.num_heads for m in attention},
+                                  prune_head_dims=True, prune_num_heads=False, ignored_layers=[model.head])  # fmt: skip
+    pruner.step()
+    for m in attention:  # the model's own bookkeeping, as in Torch-Pruning's ViT example
+        m.attn_dim = m.qkv.out_features // 3
+        m.head_dim = m.attn_dim // m.num_heads
+    assert all(m.num_heads == 2 and m.qkv.out_features == 3 * 32 for m in attention)  # 2 heads of 32 -> of 16
+    assert model(torch.randn(2, 3, 160, 160)).shape == (2, 10)
+    proj = [imp for name, imp in scores.items() if name.endswith("attn.proj")]
+    assert proj and all(imp.std() > 1e-3 for imp in proj)
 
 
 def test_cop_importance_refuses_bad_arguments():
