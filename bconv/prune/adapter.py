@@ -19,59 +19,22 @@ from ..surgery._trace import eval_mode
 from .report import PruneError
 
 
-class _ModelRejected(Exception):
-    """The model's own forward failed on the example input (not Torch-Pruning's tracing)."""
-
-
-def _build_graph(
-    model: nn.Module, x: Tensor, measured: dict[str, Any] | None = None, positions: dict[nn.Module, int] | None = None
-) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph, from one forward of ``x``.
-
-    With ``measured``, that forward is also :func:`_measure`'s (its FLOPs and ``positions`` recorded, its
-    metrics and output stored in ``measured``), so that pruning runs the network once where it ran it
-    twice; a failure of the model's own forward is raised as :class:`_ModelRejected`.
-    """
-
-    def forward(m: nn.Module, inputs: Tensor) -> Any:
-        try:
-            with _recording_positions(m, positions), TotalFlopCounter() as counter:
-                out = m(inputs)
-        except Exception as e:
-            raise _ModelRejected(e) from e
-        measured.update(metrics=_metrics(m, counter), out=out)  # type: ignore[union-attr]
-        return out
-
+def _build_graph(model: nn.Module, x: Tensor) -> tp.DependencyGraph:
     try:
         with warnings.catch_warnings(), torch.enable_grad(), eval_mode(model):
             warnings.simplefilter("ignore")
+            # A forward of our own: given a tensor, Torch-Pruning first tries model(*x), which a network that
+            # accepts unbatched input (ResNet's convolutions do) runs almost to the end before failing, every
+            # layer it ran then counted as reused; then it runs model(x).
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=x, forward_fn=forward if measured is not None else None, verbose=False
+                model, example_inputs=x, forward_fn=lambda m, inputs: m(inputs), verbose=False
             )
-    except _ModelRejected as rejected:
-        if not _runs_without_grad(model, x):
-            raise
-        e = rejected.__cause__  # the forward fails only with autograd on, as Torch-Pruning traces it
-        raise _graph_error(model, e) from e
     except Exception as e:  # Torch-Pruning raises whatever its tracing hits
-        raise _graph_error(model, e) from e
-
-
-def _runs_without_grad(model: nn.Module, x: Tensor) -> bool:
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(x)
-    except Exception:
-        return False
-    return True
-
-
-def _graph_error(model: nn.Module, e: BaseException) -> PruneError:
-    return PruneError(
-        f"Torch-Pruning cannot build the dependency graph of {type(model).__name__}: "
-        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. It traces autograd from the output: "
-        f"the forward must return tensors computed from the input by differentiable ops."
-    )
+        raise PruneError(
+            f"Torch-Pruning cannot build the dependency graph of {type(model).__name__}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. It traces autograd from the output: "
+            f"the forward must return tensors computed from the input by differentiable ops."
+        ) from e
 
 
 @dataclass
@@ -232,15 +195,11 @@ def _measure(model: nn.Module, x: Tensor, positions: dict[nn.Module, int] | None
     and linear layer's output positions per sample."""
     with _recording_positions(model, positions), TotalFlopCounter() as counter:
         out = model(x)
-    return _metrics(model, counter), out
-
-
-def _metrics(model: nn.Module, counter: TotalFlopCounter) -> dict[str, int]:
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "flops": int(counter.get_total_flops()),
         "channels": sum(_out_channels(m) for m in model.modules() if _is_layer(m)),
-    }
+    }, out
 
 
 class _RunawayMapping(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Iterable, Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,9 +14,7 @@ from ..errors import BConvError, InputSizeError
 from ..surgery._checks import check_input_size, check_module_paths, refuse_wrapped, select_stages
 from ..surgery._trace import dummy_input, eval_mode, model_error_message
 from ..surgery.anatomy import anatomy
-from .adapter import (
-    _build_graph, _check_forward, _ModelRejected, _out_channels, _output_shapes, _protected_layers, _restore,
-)
+from .adapter import _build_graph, _check_forward, _measure, _out_channels, _output_shapes, _protected_layers, _restore
 from .importance import PRESETS, COPImportance, Normalization, Similarity
 from .planner import TOLERANCE, Floors, _Planner
 from .report import LayerWidth, PruneError, PruneReport, PruneResult, PruneTargetError, _skipped_hint
@@ -110,14 +108,14 @@ def cop_prune(
     allowed = _stage_modules(model, input_size, stages)
     backup = copy.deepcopy(model)
     try:
-        positions: dict[nn.Module, int] = {}
-        measured_once: dict[str, Any] = {}
-        try:  # one forward builds Torch-Pruning's graph and measures the network
-            graph = _build_graph(model, x, measured_once, positions)
-        except _ModelRejected as e:  # the model's own complaint, as find_stages and wrap_with_ptl report it
-            raise InputSizeError(model_error_message(model, x, e.__cause__)) from e.__cause__
-        before = measured_once["metrics"]
-        reference_shapes = _output_shapes(measured_once.pop("out"))
+        with eval_mode(model), torch.no_grad():
+            positions: dict[nn.Module, int] = {}
+            try:
+                before, out = _measure(model, x, positions)
+            except Exception as e:  # the model's own complaint, as find_stages and wrap_with_ptl report it
+                raise InputSizeError(model_error_message(model, x, e)) from e
+            reference_shapes = _output_shapes(out)
+        graph = _build_graph(model, x)
         protection = _protected_layers(model, input_size, graph, protect, keep_feature_width)
         try:
             planner = _Planner(model, graph, importance=importance, floors=floors, positions=positions,

@@ -159,9 +159,13 @@ def _consumer_kernel(module: nn.Module, idxs: list[int], root_idxs: list[int], n
     if len(set(root_idxs)) != n or len(idxs) % n or max(idxs) >= w.shape[1]:
         return None  # Torch-Pruning maps the channels through a reshape this kernel does not read one to one
     order = sorted(range(len(idxs)), key=lambda i: (root_idxs[i], i))
-    cols = torch.tensor([idxs[i] for i in order])
+    cols = [idxs[i] for i in order]
     per = len(idxs) // n  # >1 for a Linear reading a flattened map: each channel spans `per` inputs
-    sel = w[:, cols, :].reshape(w.shape[0], n, per * w.shape[2])  # [filters, n, taps]
+    if cols == list(range(cols[0], cols[0] + len(cols))):  # the usual case: a slice, not a gathered copy
+        sel = w[:, cols[0] : cols[0] + len(cols), :]
+    else:
+        sel = w[:, torch.tensor(cols), :]
+    sel = sel.reshape(w.shape[0], n, per * w.shape[2])  # [filters, n, taps]
     taps = sel.shape[2]
     affordable = max(1, int(_CORRELATION_BUDGET // max(1, sel.shape[0] * n * n)))
     if taps > affordable:
