@@ -48,8 +48,8 @@ from bconv.prune import reestimate_batchnorm
 
 __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "RESULTS", "Split", "balanced_subset", "batches", "command",
-    "commit", "crop_flip", "detectable_difference", "environment", "evaluate", "load_cifar10", "load_digits",
-    "load_fashion_mnist", "load_folder", "mean_std", "paired", "per_class_counts", "per_class_split", "read_idx",
+    "commit", "crop_flip", "detectable_difference", "environment", "evaluate", "interval", "load_cifar10", "load_digits",
+    "load_fashion_mnist", "load_folder", "mean_std", "paired", "per_class_counts", "per_class_split", "positive_int", "read_idx",
     "reestimate_bn", "relabel", "resize", "retrieval_metrics", "seeded", "shift", "train_epochs",
 ]  # fmt: skip
 
@@ -517,6 +517,24 @@ def detectable_difference(std: float, n: int, power: float = 0.8, alpha: float =
 def command(module: str, argv: Sequence[str] | None) -> str:
     """The shell line that reproduces a run: ``python -m benchmarks.<module> ARGS`` (``argv`` None: sys.argv)."""
     return shlex.join(["python", "-m", f"benchmarks.{module}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def interval(p: dict) -> str:
+    """A paired difference as ``+m.mm [+lo, +hi]`` (the mean and its 95% interval, from :func:`paired`)."""
+    return f"{p['mean']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]"
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count (``--jobs``, ``--repeats``, ``--threads``): an integer >= 1, else a usage error."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
 
 
 def commit() -> str | None:

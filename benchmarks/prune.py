@@ -41,8 +41,8 @@ from torch import Tensor, nn
 
 from bconv._flops import TotalFlopCounter
 from bconv.prune import cop_prune, reestimate_batchnorm
-from benchmarks.common import (RESULTS, Split, command, environment, evaluate, load_fashion_mnist, paired, seeded,
-                               shift, train_epochs)  # fmt: skip
+from benchmarks.common import (RESULTS, Split, command, environment, evaluate, interval, load_fashion_mnist, paired,
+                               positive_int, seeded, shift, train_epochs)  # fmt: skip
 
 COP = ["cop-balanced", "cop-smaller", "cop-faster"]
 OTHERS = ["l1", "fpgm", "random"]
@@ -283,10 +283,6 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _ci(p: dict) -> str:
-    return f"{p['mean']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]"
-
-
 def write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -322,7 +318,7 @@ def write(result: dict, out: Path) -> None:
             for p in [p for p in s["pairs"] if p["key"] == "acc_bn"]:
                 ft = next(q for q in s["pairs"] if q["key"] == "acc_ft" and q["target"] == p["target"]
                           and q["cop"] == p["cop"] and q["other"] == p["other"])  # fmt: skip
-                lines.append(f"| -{100 * p['target']:.0f}% | {p['cop']} | {p['other']} | {_ci(p)} | {_ci(ft)} |")
+                lines.append(f"| -{100 * p['target']:.0f}% | {p['cop']} | {p['other']} | {interval(p)} | {interval(ft)} |")
             lines += ["", a["verdict"]]
         lines += ["", "![accuracy against parameters removed](" + result["png"] + ")", ""]
         lines += ["## (b) Preset ablation (DESIGN.md §7): the same channel count", "",
@@ -364,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST's IDX files (default: the Debian package's)")
     p.add_argument("--quick", action="store_true", help="a tiny network and data: checks the script, measures nothing")
-    p.add_argument("--repeats", type=int, default=3, help="speed: repetitions of each pruner")
+    p.add_argument("--repeats", type=positive_int, default=3, help="speed: repetitions of each pruner")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the accuracy part")
     p.add_argument("--speed-threads", type=int, default=1,
                    help="torch threads of the speed part (one: no waits for a second core on a shared machine)")
@@ -453,6 +449,7 @@ def report_partial(args: argparse.Namespace, result: dict) -> dict:
     else:
         result["accuracy"]["merged"] = (f"Merged from {len(runs)} runs of the same configuration: {origin}."
                                         if len(runs) > 1 else f"Reported from the rows of {origin}.")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(summary, args.out.with_suffix(".png"))
     write(result, args.out)
     return result

@@ -105,8 +105,8 @@ from bconv.rollback import Rollback
 
 from benchmarks.common import (FASHION_MNIST_DIR, RESULTS, Split, balanced_subset, command as run_command, crop_flip,
                                detectable_difference, environment, evaluate, load_cifar10, load_digits,
-                               load_fashion_mnist, load_folder, mean_std, paired, per_class_counts, per_class_split,
-                               reestimate_bn, relabel, resize, retrieval_metrics, seeded, train_epochs)  # fmt: skip
+                               interval, load_fashion_mnist, load_folder, mean_std, paired, per_class_counts,
+                               per_class_split, reestimate_bn, relabel, resize, retrieval_metrics, seeded, train_epochs)  # fmt: skip
 
 CONDITIONS = ("plain", "ptl_v1", "ptl_v1_paper", "control", "ptl_v2", "std", "rollback")
 PTL = {"ptl_v1": ("v1", "identity"), "ptl_v1_paper": ("v1", "paper"), "control": ("v1", "paper"),
@@ -374,9 +374,6 @@ def _ptl_model(condition: str, backbone: nn.Module, data: TransferData, state_mo
     cell, final_init = PTL[condition]
     model = wrap_with_ptl(backbone, cell=cell, input_size=data.input_size, final_init=final_init, state_mode=state_mode)
     if condition == "control":
-        if not hasattr(model.ptl, "zero_cells"):
-            raise SystemExit("the control condition needs the rebuilt ladder (issue 18: PTLLadder.zero_cells); "
-                             "this bconv has none. Leave 'control' out of --conditions, or update bconv.")  # fmt: skip
         model.ptl.zero_cells = True
     return model
 
@@ -468,7 +465,7 @@ def run_task(task: Task, data: TransferData, pretrained: dict[str, Tensor], prot
         record["test_acc"] = 100.0 * float((logits.argmax(1) == data.target_test.y).float().mean())
         record["test_loss"] = float(F.cross_entropy(logits, data.target_test.y))
         record.update(retrieval_metrics(features, data.target_test.y))
-        if task.condition in PTL and hasattr(bconv, "ladder_usage"):
+        if task.condition in PTL:
             usage = bconv.ladder_usage(model, data.target_train.x[:USAGE_BATCH], data.target_train.y[:USAGE_BATCH])
             record["usage"] = usage.as_dict()
     else:
@@ -705,10 +702,6 @@ def plateau(records: list[dict], tuning: dict[str, _Tuning]) -> dict | None:
 # ----------------------------------------------------------------------------------------------- output
 
 
-def _ci(p: dict) -> str:
-    return f"{p['mean']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]"
-
-
 def plot(results: dict[str, dict], title: str, path: Path) -> None:
     """Mean test accuracy per epoch with the min-max band over the evaluation seeds; rolling back (several
     periods) on a panel of its own."""
@@ -787,7 +780,7 @@ def write_markdown(report: dict, path: Path) -> None:
         cells = []
         for base in ("plain", "control"):
             p = r.get(f"test_acc_vs_{base}")
-            cells += [_ci(p), f"{p['detectable']:.2f}"] if p else ["", ""]
+            cells += [interval(p), f"{p['detectable']:.2f}"] if p else ["", ""]
             if base == "plain":
                 cells.append(f"{p['better']} / {p['worse']}" if p else "")
         edge = " (grid edge)" if r["lr_at_edge"] else ""
@@ -807,7 +800,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "|---|---|---|---|---|---|",
     ]
     for c, r in results.items():
-        vs = [_ci(r[k]) if k in r else "" for k in ("map_vs_plain", "map_vs_control", "rank1_vs_plain")]
+        vs = [interval(r[k]) if k in r else "" for k in ("map_vs_plain", "map_vs_control", "rank1_vs_plain")]
         lines.append(f"| {c} | {r['map_mean']:.2f} ± {r['map_std']:.2f} | {vs[0]} | {vs[1]} | "
                      f"{r['rank1_mean']:.2f} ± {r['rank1_std']:.2f} | {vs[2]} |")  # fmt: skip
     usage = {c: r["usage"] for c, r in results.items() if "usage" in r}
@@ -837,9 +830,9 @@ def write_markdown(report: dict, path: Path) -> None:
             "|---|---|---|---|---|---|---|",
         ]
         for name, r in ab.items():
-            vs_plain = _ci(r["test_acc_vs_plain"]) if "test_acc_vs_plain" in r else ""
+            vs_plain = interval(r["test_acc_vs_plain"]) if "test_acc_vs_plain" in r else ""
             lines.append(f"| {name} | {r['change']} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} | "
-                         f"{_ci(r['test_acc_vs_ptl_v1'])} | {r['test_acc_vs_ptl_v1']['detectable']:.2f} | {vs_plain} | "
+                         f"{interval(r['test_acc_vs_ptl_v1'])} | {r['test_acc_vs_ptl_v1']['detectable']:.2f} | {vs_plain} | "
                          f"{r['map_mean']:.2f} |")  # fmt: skip
     lines += ["", "## Learning-rate tuning (mean ± std final validation accuracy over the tuning seeds; chosen in bold)", ""]
     for c in results:
@@ -852,7 +845,7 @@ def write_markdown(report: dict, path: Path) -> None:
         lines += ["", "## Plateau check", "",
                   f"Plain at its lr for {p['longer_epochs']} epochs against {p['epochs']} (tuning seeds, validation "
                   f"accuracy): {statistics.fmean(p['longer_val_acc']):.2f}% against "
-                  f"{statistics.fmean(p['val_acc']):.2f}%, difference {_ci(p['gain'])}."]  # fmt: skip
+                  f"{statistics.fmean(p['val_acc']):.2f}%, difference {interval(p['gain'])}."]  # fmt: skip
     lines += ["", "Per evaluation seed (test accuracy %):", "",
               "| condition | " + " | ".join(f"seed {s}" for s in proto["eval_seeds"]) + " |",
               "|---|" + "---|" * n]  # fmt: skip
@@ -1061,12 +1054,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return estimate(args)
     report = run(args, run_command("transfer", argv))
     for c, r in report["results"].items():
-        gains = "".join(f"; vs {b} {_ci(r[f'test_acc_vs_{b}'])}" for b in ("plain", "control") if f"test_acc_vs_{b}" in r)
+        gains = "".join(f"; vs {b} {interval(r[f'test_acc_vs_{b}'])}" for b in ("plain", "control") if f"test_acc_vs_{b}" in r)
         print(f"{c:13s} lr {r['lr']:<6g} test acc {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}% "
               f"(n={len(r['seeds'])}){gains}")  # fmt: skip
     for name, r in report["ablation"].items():
         print(f"ablation {name}: test acc {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}%; "
-              f"vs ptl_v1 {_ci(r['test_acc_vs_ptl_v1'])}")  # fmt: skip
+              f"vs ptl_v1 {interval(r['test_acc_vs_ptl_v1'])}")  # fmt: skip
     print(f"wall time {report['wall_s'] / 60:.1f} min; wrote {args.out.with_suffix('.md')}")
     return report
 

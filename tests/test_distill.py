@@ -14,7 +14,6 @@ from torch import nn
 
 import bconv
 from bconv.surgery._hooks import BConvHook
-import bconv.distill as distill
 import bconv.surgery.anatomy as anatomy_module
 import timm
 from bconv.distill import (

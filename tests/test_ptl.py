@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import warnings
 
 import pytest
 import torch
@@ -12,8 +11,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import timm
-from bconv import BConvError, PTLModel, find_stages, unwrap_ptl, wrap_with_ptl
-from bconv.cells import BConvCell, BConvCellV2, StatefulCell
+from bconv import BConvError, unwrap_ptl, wrap_with_ptl
+from bconv.cells import BConvCellV2, StatefulCell
 from bconv._zoo import torchvision_names
 
 from conftest import TinyCNN, timm_family_params, zoo_model

@@ -160,6 +160,11 @@ def _check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) -
     return measured
 
 
+def _plain_history(history: Iterable[Any]) -> list[list[Any]]:
+    """Torch-Pruning's ``pruning_history()`` as plain ``[name, prunes_outputs, [indices]]`` lists (JSON, torch.save)."""
+    return [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in history]
+
+
 def _restore(model: nn.Module, backup: nn.Module) -> None:
     """Put back the model the user passed (Torch-Pruning replaced parameters and attributes in place)."""
     model.__dict__.clear()

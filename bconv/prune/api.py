@@ -14,7 +14,9 @@ from ..errors import BConvError, InputSizeError
 from ..surgery._checks import check_input_size, check_module_paths, refuse_wrapped, select_stages
 from ..surgery._trace import dummy_input, eval_mode, model_error_message
 from ..surgery.anatomy import anatomy
-from .adapter import _build_graph, _check_forward, _measure, _out_channels, _output_shapes, _protected_layers, _restore
+from .adapter import (
+    _build_graph, _check_forward, _measure, _out_channels, _output_shapes, _plain_history, _protected_layers, _restore,
+)
 from .importance import PRESETS, COPImportance, Normalization, Similarity
 from .planner import TOLERANCE, Floors, _Planner
 from .report import LayerWidth, PruneError, PruneReport, PruneResult, PruneTargetError, _skipped_hint
@@ -176,7 +178,7 @@ def cop_prune(
         alpha=importance.alpha, beta=importance.beta, gamma=importance.gamma, skipped=planner.skipped,
         input_size=input_size, seconds=time.perf_counter() - start,
     )  # fmt: skip
-    history = [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in graph.pruning_history()]
+    history = _plain_history(graph.pruning_history())
     return PruneResult(model=model, report=report, history=history)
 
 

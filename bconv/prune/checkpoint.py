@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import CheckpointError, InputSizeError
 from ..surgery._checks import check_input_size, refuse_wrapped
 from ..surgery._trace import dummy_input, eval_mode
-from .adapter import _build_graph
+from .adapter import _build_graph, _plain_history
 from .report import PruneResult
 
 __all__ = ["save_pruned", "load_pruned"]
@@ -58,7 +58,7 @@ def save_pruned(
         "format": "bconv.prune/1",
         "model_class": type(model).__name__,
         "input_size": [int(s) for s in input_size],
-        "history": [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in history],
+        "history": _plain_history(history),
         "state_dict": model.state_dict(),
     }, path)  # fmt: skip
 
