@@ -88,9 +88,11 @@ def measure_each(
     children. An item for which ``alone`` is true runs with nothing beside it: two large-input models at
     once outgrew a 24 GB machine, and the OOM killer then took one of them.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} must be an integer >= 1 (models measured at once)")
     queue = list(items)
     running: dict[concurrent.futures.Future, bool] = {}  # future -> runs alone
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         while queue or running:
             while queue and len(running) < jobs and not any(running.values()):
                 by_itself = alone(queue[0])

@@ -26,7 +26,6 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -36,7 +35,7 @@ from bconv.prune import cop_prune
 from bconv.surgery.anatomy import default_input_size
 
 from benchmarks._isolated import RowLog, isolated, large_input, measure_each
-from benchmarks.common import RESULTS, command as run_command
+from benchmarks.common import RESULTS, command as run_command, positive_int
 
 ROWS = RESULTS / "prune_zoo.jsonl"
 SMALL = (3, 64, 64)
@@ -164,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-params", type=float, help="skip (row 'skipped') models with more parameters, in millions")
     p.add_argument("--only-write", action="store_true", help="only write the .md/.json from the rows, measure nothing")
     p.add_argument("--note", default="", help="a line for the .md (how the rows were collected)")
-    p.add_argument("--limit", type=int, default=600, help="seconds per model (default 600)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per model (default 1)")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--limit", type=positive_int, default=600, help="seconds per model (default 600)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per model (default 1)")
+    p.add_argument("--jobs", type=positive_int, default=1,
                    help="models measured at once, each in its own child process (2 on an idle 2-core machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if not args.only_write:
         log.start(args.resume or bool(args.models))  # a few models re-measured replace their rows only
-        done = log.done()
+        done = log.done() if args.resume else set()  # --models re-measures its models, replacing their rows
 
         def one(item: tuple[ZooModel, str]) -> dict:
             spec, family = item

@@ -51,7 +51,7 @@ from bconv.surgery.anatomy import default_input_size, find_stages
 
 from benchmarks._agreement import agreement
 from benchmarks._isolated import RowLog, isolated, large_input, measure_each
-from benchmarks.common import RESULTS, command as run_command
+from benchmarks.common import RESULTS, command as run_command, positive_int
 
 # Not built, to keep the run short on two CPU cores: by the FLOP counts torchvision publishes with their
 # weights, each of these needs at least half the compute of all the torchvision classifiers measured here
@@ -289,15 +289,15 @@ def write(rows: list[dict], summary: dict, command: str, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", help="only these models (resnet50, timm:NAME, torchvision:NAME)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default 1: on a shared machine more threads contend for the cores)")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--jobs", type=positive_int, default=1,
                         help="models measured at once, each in its own child process (default 1; 2 on an idle "
                              "2-core machine with --threads 1 halves the wall time)")
     parser.add_argument("--out", type=Path, default=RESULTS / "zoo", help="output path without suffix")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in OUT.jsonl and measure only the models not there")
-    parser.add_argument("--limit", type=float, default=1800, help="seconds per model before it counts as failed")
+    parser.add_argument("--limit", type=positive_int, default=1800, help="seconds per model before it counts as failed")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 

@@ -601,6 +601,16 @@ def test_zoo_jobs_run_models_side_by_side_and_a_large_input_alone(tmp_path, monk
     assert not any(overlap("resnet34", other) for other in names if other != "resnet34")
 
 
+def test_zoo_jobs_below_one_is_a_usage_error_not_a_hang(capsys):
+    from benchmarks._isolated import measure_each
+
+    with pytest.raises(SystemExit):
+        zoo.main(["--models", "torchvision:resnet18", "--jobs", "0"])
+    assert "--jobs: '0' is not an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="jobs=0 must be an integer >= 1"):
+        list(measure_each([1, 2], lambda item: {}, jobs=0))
+
+
 # ------------------------------------------------------------------------------ feature_info agreement
 
 
