@@ -220,6 +220,44 @@ def test_load_ptl_leaves_a_network_whose_weights_do_not_fit_unwrapped():
     wrap_with_ptl(network, input_size=SIZE)  # can be wrapped again
 
 
+class _Scaled(nn.Module):
+    """A layer with its own non-tensor extra state (a dict), as some user modules keep."""
+
+    def __init__(self):
+        super().__init__()
+        self.factor, self.refuse = 1.0, False
+
+    def forward(self, x):
+        return x * self.factor
+
+    def get_extra_state(self):
+        return {"factor": self.factor}
+
+    def set_extra_state(self, state):
+        if self.refuse:
+            raise RuntimeError("this build cannot take that state")
+        self.factor = state["factor"]
+
+
+class _WithExtraState(TinyCNN):
+    def __init__(self):
+        super().__init__()
+        self.stage1.append(_Scaled())
+
+
+def test_load_ptl_takes_a_modules_own_extra_state_and_unwraps_when_it_refuses():
+    source = wrap_with_ptl(_WithExtraState(), input_size=SIZE)
+    source.model.stage1[2].factor = 0.5
+    saved = source.state_dict()
+    loaded = load_ptl(_WithExtraState(), saved)  # a dict, not a tensor, under stage1.2._extra_state
+    assert loaded.model.stage1[2].factor == 0.5
+    network = _WithExtraState()
+    network.stage1[2].refuse = True
+    with pytest.raises(RuntimeError, match="cannot take that state"):
+        load_ptl(network, saved)
+    assert not bconv.surgery._checks.is_wrapped(network)  # handed back as it came, not left wrapped
+
+
 def test_a_corrupt_config_gets_a_clear_error():
     saved = _wrap().state_dict()
     stored = json.loads(bytes(saved["_extra_state"].tolist()))

@@ -74,7 +74,11 @@ def load_ptl(
             "Nothing of the network was changed. load_ptl needs the network the checkpoint was trained from, "
             "freshly built with the same architecture and head (number of classes)."
         )
-    wrapped.load_state_dict(state_dict)  # every key and shape is known to fit
+    try:
+        wrapped.load_state_dict(state_dict)  # every key and shape is known to fit
+    except BaseException:  # what a key and shape check cannot see (a module's own set_extra_state): not wrapped
+        unwrap_ptl(wrapped)
+        raise
     return wrapped
 
 
@@ -88,8 +92,8 @@ def _mismatches(expected: Mapping[str, Any], given: Mapping[str, Any], shown: in
     unexpected = [k for k in given if k not in expected]
     wrong = []
     for k, v in expected.items():
-        if k == _KEY or k not in given:
-            continue
+        if k == _KEY or k not in given or not isinstance(v, torch.Tensor):
+            continue  # a module's own extra state (any object) is its set_extra_state's to check
         if not isinstance(given[k], torch.Tensor):
             wrong.append(f"{k} is a {type(given[k]).__name__}, not a tensor")
         elif given[k].shape != v.shape:
