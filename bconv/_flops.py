@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["TotalFlopCounter"]
@@ -27,6 +28,11 @@ class TotalFlopCounter(FlopCounterMode):
     ``AssertionError: Expected gradient function to be set``, in no_grad and inference mode alike).
     The counting itself, torch's per-op formulas, is unchanged.
 
+    Counting also switches off ``nn.MultiheadAttention``'s (and ``nn.TransformerEncoderLayer``'s) fast
+    path, which runs only without autograd, as one fused op the counter has no formula for: its matmuls
+    would count with autograd on and not without, so the same network would count differently in
+    ``torch.no_grad()``. The fast path is restored on exit.
+
     Example::
 
         >>> with TotalFlopCounter() as counter:
@@ -37,3 +43,19 @@ class TotalFlopCounter(FlopCounterMode):
     def __init__(self) -> None:
         super().__init__(display=False)
         self.mod_tracker = _NoModuleTracking()
+        self._fastpath: list[bool] = []
+
+    def __enter__(self) -> "TotalFlopCounter":
+        self._fastpath.append(torch.backends.mha.get_fastpath_enabled())
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return super().__enter__()
+        except BaseException:
+            torch.backends.mha.set_fastpath_enabled(self._fastpath.pop())
+            raise
+
+    def __exit__(self, *args: object) -> None:
+        try:
+            super().__exit__(*args)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(self._fastpath.pop())

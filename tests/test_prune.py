@@ -324,6 +324,21 @@ def test_flops_before_and_after_are_counted_alike_on_multihead_attention():
     assert counter.get_total_flops() == result.report.flops_after
 
 
+def test_flop_counter_counts_multihead_attention_alike_with_and_without_autograd():
+    from bconv._flops import TotalFlopCounter
+
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 10, 32)
+    counts = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), TotalFlopCounter() as counter:
+            mha(x, x, x)
+        counts.append(counter.get_total_flops())
+    # in- and out-projections (2 x 4 x 20 x 32 x 32) and the two attention matmuls (2 x 2 x 2 x 10 x 10 x 32)
+    assert counts[0] == counts[1] == 2 * 4 * 20 * 32 * 32 + 2 * 2 * 2 * 10 * 10 * 32
+    assert torch.backends.mha.get_fastpath_enabled()  # switched off while counting only
+
+
 def test_layer_producing_the_output_is_kept_when_fx_cannot_find_the_head():
     model = Branchy()
     result = cop_prune(model, SMALL, ratio=0.3, metric="channels")
