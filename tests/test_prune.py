@@ -201,6 +201,32 @@ def test_unreachable_target_is_refused_with_reachable_ratio_and_model_unchanged(
     assert model.layer1[0].conv1.out_channels == 64
 
 
+class HardWired(Chain):
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        y = y.view(y.shape[0], 8, *y.shape[2:])  # conv1's width written into the code: pruning it breaks this
+        return self.fc(self.conv2(y).mean((2, 3)))
+
+
+def test_a_failure_after_pruning_puts_back_the_very_objects_the_user_holds():
+    # Torch-Pruning had already replaced conv1's weight and width when the pruned forward failed.
+    model = HardWired()
+    x = torch.randn(2, *SMALL)
+    before = model(x)
+    weight, optimizer = model.conv1.weight, torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    handle = model.conv1.register_forward_hook(lambda m, args, out: calls.append(out.shape[1]))
+    with pytest.raises(PruneError, match="after pruning, HardWired fails"):
+        cop_prune(model, SMALL, ratio=0.3, metric="channels")
+    assert model.conv1.weight is weight and model.conv1.out_channels == 8 and weight.shape[0] == 8
+    assert optimizer.param_groups[0]["params"][0] is model.conv1.weight  # the optimizer still trains the model
+    assert torch.equal(model(x), before) and calls[-1] == 8
+    handle.remove()  # the user's handle still reaches the hook
+    n = len(calls)
+    model(x)
+    assert len(calls) == n
+
+
 def test_floors_hold():
     model = torchvision.models.resnet18(num_classes=10)
     report = cop_prune(model, SMALL, ratio=0.5, metric="flops", min_channels=24, max_fraction=0.6, round_to=8).report

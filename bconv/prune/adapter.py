@@ -3,32 +3,41 @@ they need), which layers are protected, and measuring the model before and after
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
 from .._flops import TotalFlopCounter
-from ..errors import TraceError
+from ..errors import BConvError, TraceError
 from ..surgery._trace import eval_mode
 from .report import PruneError
 
 
-def _build_graph(model: nn.Module, x: Tensor) -> tp.DependencyGraph:
+def _build_graph(
+    model: nn.Module, x: Tensor, forward: Callable[[nn.Module, Tensor], Any] | None = None
+) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``, traced from one forward of ``x`` (eval mode, autograd on).
+
+    ``forward(model, x)`` runs that forward when given (``cop_prune`` measures the model in it); it must
+    return the model's output. An error of bconv's own raised in it passes through unchanged.
+    """
+    # A forward of our own by default too: given a tensor, Torch-Pruning first tries model(*x), which a network
+    # that accepts unbatched input (ResNet's convolutions do) runs almost to the end before failing, every layer
+    # it ran then counted as reused; then it runs model(x).
+    forward = forward or (lambda m, inputs: m(inputs))
     try:
         with warnings.catch_warnings(), torch.enable_grad(), eval_mode(model):
             warnings.simplefilter("ignore")
-            # A forward of our own: given a tensor, Torch-Pruning first tries model(*x), which a network that
-            # accepts unbatched input (ResNet's convolutions do) runs almost to the end before failing, every
-            # layer it ran then counted as reused; then it runs model(x).
-            return tp.DependencyGraph().build_dependency(
-                model, example_inputs=x, forward_fn=lambda m, inputs: m(inputs), verbose=False
-            )
+            return tp.DependencyGraph().build_dependency(model, example_inputs=x, forward_fn=forward, verbose=False)
+    except BConvError:
+        raise
     except Exception as e:  # Torch-Pruning raises whatever its tracing hits
         raise PruneError(
             f"Torch-Pruning cannot build the dependency graph of {type(model).__name__}: "
@@ -165,10 +174,31 @@ def _plain_history(history: Iterable[Any]) -> list[list[Any]]:
     return [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in history]
 
 
-def _restore(model: nn.Module, backup: nn.Module) -> None:
-    """Put back the model the user passed (Torch-Pruning replaced parameters and attributes in place)."""
-    model.__dict__.clear()
-    model.__dict__.update(backup.__dict__)
+class _Snapshot:
+    """Every module's attributes as they are now, to put back if pruning fails half way.
+
+    Torch-Pruning prunes by assignment, never by writing into a tensor: a new ``Parameter`` from
+    ``index_select``, new buffers, new widths (``out_channels``), all through ``setattr``. Each module's
+    attributes, and the contents of the containers among them (``_parameters``, ``_buffers``, hook dicts, an
+    RNN's ``_flat_weights``), are therefore enough to restore the model exactly, in place: the same module,
+    parameter, buffer and container objects the user holds (an optimizer built on the parameters, a hook's
+    handle), with no copy of the weights.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._saved = []
+        for module in model.modules():
+            attributes = dict(vars(module))
+            contents = [(v, copy.copy(v)) for v in attributes.values() if isinstance(v, (dict, list, set))]
+            self._saved.append((module, attributes, contents))
+
+    def restore(self) -> None:
+        for module, attributes, contents in self._saved:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for container, items in contents:
+                container.clear()
+                container.extend(items) if isinstance(container, list) else container.update(items)
 
 
 def _out_channels(module: nn.Module) -> int:

@@ -3,9 +3,8 @@ and the model put back as it was on any failure)."""
 
 from __future__ import annotations
 
-import copy
 import time
-from typing import Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +14,7 @@ from ..surgery._checks import check_input_size, check_module_paths, refuse_wrapp
 from ..surgery._trace import dummy_input, eval_mode, model_error_message
 from ..surgery.anatomy import anatomy
 from .adapter import (
-    _build_graph, _check_forward, _measure, _out_channels, _output_shapes, _plain_history, _protected_layers, _restore,
+    _build_graph, _check_forward, _measure, _out_channels, _output_shapes, _plain_history, _protected_layers, _Snapshot,
 )
 from .importance import PRESETS, COPImportance, Normalization, Similarity
 from .planner import TOLERANCE, Floors, _Planner
@@ -108,16 +107,28 @@ def cop_prune(
     importance = COPImportance(*weights, top_k=top_k, similarity=similarity, normalize=normalize, example_inputs=x)
     floors = Floors(min_channels, max_fraction, round_to)
     allowed = _stage_modules(model, input_size, stages)
-    backup = copy.deepcopy(model)
+    snapshot = _Snapshot(model)
     try:
-        with eval_mode(model), torch.no_grad():
-            positions: dict[nn.Module, int] = {}
+        positions: dict[nn.Module, int] = {}
+        measured: dict[str, Any] = {}
+
+        def measuring_forward(m: nn.Module, inputs: Tensor) -> Any:
+            # Torch-Pruning's tracing forward measures the model too, one forward fewer. It runs with autograd
+            # on, and so does the check after pruning: both count alike (see TotalFlopCounter).
             try:
-                before, out = _measure(model, x, positions)
-            except Exception as e:  # the model's own complaint, as find_stages and wrap_with_ptl report it
-                raise InputSizeError(model_error_message(model, x, e)) from e
-            reference_shapes = _output_shapes(out)
-        graph = _build_graph(model, x)
+                measured["before"], out = _measure(m, inputs, positions)
+            except Exception as e:
+                try:
+                    with torch.no_grad():
+                        m(inputs)
+                except Exception:  # the model's own complaint, as find_stages and wrap_with_ptl report it
+                    raise InputSizeError(model_error_message(model, x, e)) from e
+                raise  # it fails with autograd only: Torch-Pruning's graph cannot be built (a PruneError)
+            measured["shapes"] = _output_shapes(out)
+            return out
+
+        graph = _build_graph(model, x, measuring_forward)
+        before, reference_shapes = measured["before"], measured["shapes"]
         protection = _protected_layers(model, input_size, graph, protect, keep_feature_width)
         try:
             planner = _Planner(model, graph, importance=importance, floors=floors, positions=positions,
@@ -132,7 +143,7 @@ def cop_prune(
             ) from e
         target = ratio
         achieved = 0.0
-        measured = before
+        after = before
         for _ in range(6):
             reached = planner.run(metric, target, before)
             reachable = planner.estimated_reduction(metric, before)
@@ -145,9 +156,9 @@ def cop_prune(
                     + _skipped_hint(planner.skipped)
                 )
             planner.apply()
-            with eval_mode(model), torch.no_grad():
-                measured = _check_forward(model, x, reference_shapes)
-            achieved = 1 - measured[metric] / before[metric]
+            with eval_mode(model), torch.enable_grad():
+                after = _check_forward(model, x, reference_shapes)
+            achieved = 1 - after[metric] / before[metric]
             if achieved >= ratio - TOLERANCE / 4 or not reached:
                 break
             # The estimate counts convolutions and linear layers only: ask it for the remaining gap.
@@ -166,13 +177,13 @@ def cop_prune(
                 + _skipped_hint(planner.skipped)
             )
     except BaseException:
-        _restore(model, backup)
+        snapshot.restore()
         raise
     report = PruneReport(
         metric=metric, ratio=ratio, achieved=achieved,
-        params_before=before["params"], params_after=measured["params"],
-        flops_before=before["flops"], flops_after=measured["flops"],
-        channels_before=before["channels"], channels_after=measured["channels"],
+        params_before=before["params"], params_after=after["params"],
+        flops_before=before["flops"], flops_after=after["flops"],
+        channels_before=before["channels"], channels_after=after["channels"],
         layers=[LayerWidth(n, w, _out_channels(model.get_submodule(n))) for n, w in planner.widths_before.items()
                 if _out_channels(model.get_submodule(n)) != w],
         alpha=importance.alpha, beta=importance.beta, gamma=importance.gamma, skipped=planner.skipped,

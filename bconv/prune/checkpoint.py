@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Sequence
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 from ..errors import CheckpointError, InputSizeError
 from ..surgery._checks import check_input_size, refuse_wrapped
 from ..surgery._trace import dummy_input, eval_mode
-from .adapter import _build_graph, _plain_history
+from .adapter import _build_graph, _plain_history, _Snapshot
 from .report import PruneResult
 
 __all__ = ["save_pruned", "load_pruned"]
@@ -67,9 +66,9 @@ def load_pruned(model: nn.Module, path: str) -> nn.Module:
     """Replay a saved pruning history (Torch-Pruning's ``load_pruning_history``) on a freshly built original
     ``model`` and load the weights.
 
-    Everything is checked before ``model`` is touched: the file, its fields, the model class, the
-    module paths and weight names, and the replay itself (on a copy of ``model``, with the pruned
-    shapes compared to the saved weights). On any error ``model`` is left exactly as it was.
+    The file, its fields, the model class, the module paths and the weight names are checked before
+    ``model`` is touched; then the replay, and the pruned shapes against the saved weights. On any error
+    ``model`` is put back exactly as it was: the same module and parameter objects, the same weights.
 
     Args:
         model: the original architecture, unpruned (e.g. ``torchvision.models.resnet50()``); pruned in place.
@@ -106,29 +105,31 @@ def load_pruned(model: nn.Module, path: str) -> nn.Module:
         found += [f"{len(missing)} weights of this {name} are not in it ({', '.join(missing[:3])}, ...)"] if missing else []
         found += [f"{len(extra)} of its weights are not this {name}'s ({', '.join(extra[:3])}, ...)"] if extra else []
         raise CheckpointError(f"{path} was saved from another {name}: {'; '.join(found)}. {_SAME_NETWORK}")
-    # Pruning cannot be undone in place: the history is replayed on a copy first, where a failure costs nothing.
-    trial = copy.deepcopy(model)
+    # A failed replay, or one that does not fit the saved weights, is undone: the model the user holds comes back.
+    snapshot = _Snapshot(model)
     try:
-        _replay(trial, data)
-    except Exception as e:
-        raise CheckpointError(
-            f"{path}'s pruning history does not replay on this {name} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). {_SAME_NETWORK}"
-        ) from e
-    pruned = trial.state_dict()
-    wrong = [
-        f"{k}: {list(v.shape)} saved, {list(pruned[k].shape)} after the replay"
-        for k, v in data["state_dict"].items() if v.shape != pruned[k].shape
-    ]  # fmt: skip
-    if wrong:
-        raise CheckpointError(
-            f"{path} does not fit this {name} once pruned ({len(wrong)} weights differ in shape: "
-            f"{'; '.join(wrong[:3])}). {_SAME_NETWORK}"
-        )
-    del trial, pruned
-    _replay(model, data)  # known to work: the same replay as on the copy
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.load_state_dict({k: v.to(device) for k, v in data["state_dict"].items()})
+        try:
+            _replay(model, data)
+        except Exception as e:
+            raise CheckpointError(
+                f"{path}'s pruning history does not replay on this {name} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). {_SAME_NETWORK}"
+            ) from e
+        pruned = model.state_dict()
+        wrong = [
+            f"{k}: {list(v.shape)} saved, {list(pruned[k].shape)} after the replay"
+            for k, v in data["state_dict"].items() if v.shape != pruned[k].shape
+        ]  # fmt: skip
+        if wrong:
+            raise CheckpointError(
+                f"{path} does not fit this {name} once pruned ({len(wrong)} weights differ in shape: "
+                f"{'; '.join(wrong[:3])}). {_SAME_NETWORK}"
+            )
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        model.load_state_dict({k: v.to(device) for k, v in data["state_dict"].items()})
+    except BaseException:
+        snapshot.restore()
+        raise
     return model
 
 

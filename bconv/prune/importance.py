@@ -91,7 +91,7 @@ def _similarity(w: Tensor, kind: str, normalize: str) -> Tensor:
     gives it the largest redundancy, 1, in its own row only, after normalising: the scale and every
     other channel's redundancy are what the released code computes.
     """
-    w = w.float()
+    w = w.float().contiguous()  # a consumer's [taps, filters, n] is a permuted view: bmm would copy it per strip
     if kind == "pearson":
         z = w - w.mean(dim=1, keepdim=True)
         scale = z.pow(2).mean(dim=1).sqrt()  # population std, as np.std
