@@ -30,7 +30,7 @@ class _Group:
     ch_groups: int  # channels move in units of ch_groups (grouped convolutions prune every group alike)
     step: int  # units removed per greedy step (round_to)
     floor: int  # fewest units kept
-    consumers: list[_Redundancy]
+    consumers: _Redundancy | None  # None: no kernel reads the group's channels one by one
     alive_ch: np.ndarray = field(init=False)  # original channel -> still there
     applied: np.ndarray = field(init=False)  # original channel -> its cut was already applied to the model
     cuts: int = 0  # channels cut (planned)
@@ -38,7 +38,6 @@ class _Group:
     def __post_init__(self) -> None:
         self.alive_ch = np.ones(self.n, dtype=bool)
         self.applied = np.zeros(self.n, dtype=bool)
-        self.total = np.sum([c.r for c in self.consumers], axis=0) if self.consumers else np.zeros(self.n)
 
     @property
     def units(self) -> int:
@@ -53,7 +52,7 @@ class _Group:
 
     def unit_redundancy(self) -> np.ndarray:
         """Redundancy of each unit, averaged over the consumers (coupled layers) and the unit's channels."""
-        r = self.total / max(1, len(self.consumers))
+        r = self.consumers.mean if self.consumers is not None else np.zeros(self.n)
         if self.ch_groups > 1:
             r = r.reshape(self.ch_groups, self.units).mean(axis=0)
             return np.where(self.alive_ch.reshape(self.ch_groups, self.units).all(axis=0), r, -np.inf)
@@ -62,8 +61,8 @@ class _Group:
     def cut_unit(self, unit: int) -> None:
         for ch in self.channels_of(unit):
             self.alive_ch[ch] = False
-            for c in self.consumers:
-                c.cut(ch, self.alive_ch, self.total)
+            if self.consumers is not None:
+                self.consumers.cut(ch, self.alive_ch)
         self.cuts += self.ch_groups
 
 
@@ -189,7 +188,7 @@ class _Planner:
                 matrices = [_similarity(a.unsqueeze(0), similarity, normalize)]
             else:
                 matrices = _group_matrices(outs, ins, n, similarity, normalize)
-            consumers = [_Redundancy(m, top_k) for m in matrices]
+            consumers = _Redundancy(matrices, top_k) if matrices else None
             g = _Group(root, root_name, n, ch_groups, q, floor, consumers)
             row_in, row_out = np.zeros(len(layers)), np.zeros(len(layers))
             per_channel = 0.0
@@ -224,52 +223,56 @@ class _Planner:
             raise PruneTargetError(
                 f"no channel of {type(model).__name__} may be pruned." + _skipped_hint(self.skipped)
             )
-        self.a_in, self.a_out = np.stack(a_in, 1), np.stack(a_out, 1)  # [layers, groups]
-        self.touch = ((self.a_in + self.a_out) > 0).T.astype(np.float64)  # [groups, layers]
+        # Each group's channel removes a_io[group, layer] = (input, output) channels of each layer.
+        self.a_io = np.stack([np.stack(a_in), np.stack(a_out)], axis=2)  # [groups, layers, 2]
+        self.touch = (self.a_io.sum(axis=2) > 0).astype(np.float64)  # [groups, layers]
         self.extra = np.array(extra)
-        self.in0 = np.array([_in_channels(m) for m in layers], dtype=np.float64)
-        self.out0 = np.array([_out_channels(m) for m in layers], dtype=np.float64)
-        self.taps = np.array([_taps(m) for m in layers], dtype=np.float64)
-        self.conv_groups = np.array([1 if _depthwise(m) else getattr(m, "groups", 1) for m in layers], dtype=np.float64)
-        self.dw = np.array([_depthwise(m) for m in layers])
-        self.bias = np.array([m.bias is not None for m in layers], dtype=np.float64)
-        self.pos = np.array([positions.get(m, 0) for m in layers], dtype=np.float64)
+        # A layer's params are out x (in x taps / groups + bias), its FLOPs 2 x out x in x taps / groups x positions
+        # (a depthwise layer's: taps per output channel, whatever its input width): [params, FLOPs] of every layer
+        # is out x (in x rate + base), both [layers, 2].
+        dw = np.array([_depthwise(m) for m in layers])
+        taps = np.array([_taps(m) for m in layers], dtype=np.float64)
+        groups_ = np.array([getattr(m, "groups", 1) for m in layers], dtype=np.float64)
+        bias = np.array([m.bias is not None for m in layers], dtype=np.float64)
+        flops_per_mac = 2 * np.array([positions.get(m, 0) for m in layers], dtype=np.float64)
+        per_in = np.where(dw, 0.0, taps / groups_)
+        per_out = np.where(dw, taps, 0.0)
+        self.rate = np.stack([per_in, per_in * flops_per_mac], axis=1)
+        self.base = np.stack([per_out + bias, per_out * flops_per_mac], axis=1)
+        self.cost_weights = np.array([self.gamma, self.beta])  # of the [params, FLOPs] terms
         self.cuts = np.zeros(len(groups))
-        self.inn, self.out = self.in0.copy(), self.out0.copy()
-        self.p0, self.f0 = self._layer_costs()
-        self.p0_sum, self.f0_sum, self.out0_sum = self.p0.sum(), self.f0.sum(), self.out0.sum()
-        self.p, self.f = self.p0, self.f0
+        # [in, out] width of every layer, and its [params, FLOPs], at the planned cuts.
+        self.io = np.array([[_in_channels(m), _out_channels(m)] for m in layers], dtype=np.float64)
+        self.costs = self._layer_costs()
+        self.params0, self.flops0 = self.costs.sum(axis=0)
+        self.out0 = self.io[:, 1].sum()
         self.open = np.array([g.alive_units - self._step(g) >= g.floor for g in groups])
         self.redundancy = [g.unit_redundancy() for g in groups]
         self.best = np.array([r.max() for r in self.redundancy])
 
-    def _layer_costs(self, inn: np.ndarray | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        inn = self.inn if inn is None else inn
-        out = self.out if out is None else out
-        per_filter = np.where(self.dw, 1.0, inn / self.conv_groups) * self.taps
-        weight = out * per_filter
-        return weight + self.bias * out, 2 * weight * self.pos
+    def _layer_costs(self) -> np.ndarray:
+        """[params, FLOPs] of every layer at the current widths."""
+        return self.io[:, 1:] * (self.io[:, :1] * self.rate + self.base)
 
     def _cut_channels(self, gi: int, count: float) -> None:
         """Widths and costs after ``count`` more channels of group gi are cut (negative: undo)."""
         self.cuts[gi] += count
-        self.inn = self.inn - self.a_in[:, gi] * count
-        self.out = self.out - self.a_out[:, gi] * count
-        self.p, self.f = self._layer_costs()
+        self.io = self.io - self.a_io[gi] * count
+        self.costs = self._layer_costs()
 
     def estimated(self, before: dict[str, int], metric: str) -> float:
         """``metric`` of the network with the planned cuts (called a few times per greedy step: one metric only)."""
         if metric == "params":
-            return before["params"] - (self.p0_sum - self.p.sum()) - float(self.extra @ self.cuts)
+            return before["params"] - (self.params0 - self.costs[:, 0].sum()) - float(self.extra @ self.cuts)
         if metric == "flops":
-            return before["flops"] - (self.f0_sum - self.f.sum())
-        return before["channels"] - (self.out0_sum - self.out.sum())
+            return before["flops"] - (self.flops0 - self.costs[:, 1].sum())
+        return before["channels"] - (self.out0 - self.io[:, 1].sum())
 
     def estimated_reduction(self, metric: str, before: dict[str, int]) -> float:
         return 1 - self.estimated(before, metric) / before[metric]
 
     def _cost_terms(self) -> np.ndarray:
-        return _cost_terms(self.touch @ self.p, self.touch @ self.f, self.beta, self.gamma)
+        return _cost_terms(self.touch @ self.costs, self.cost_weights)
 
     def run(self, metric: str, target: float, before: dict[str, int]) -> bool:
         """Cut greedily until the estimated reduction of ``metric`` reaches ``target``; False if floors stop it."""
