@@ -15,7 +15,9 @@
     should remove more parameters and the beta-only preset ("faster") more FLOPs.
 (c) speed: ``cop_prune`` on ResNet-50 (224x224) to -50% FLOPs, timed side by side with Torch-Pruning's
     one-shot magnitude pruner (``MetaPruner`` + ``MagnitudeImportance(p=1)``, the classes protected) at the
-    channel ratio that reaches the same FLOPs (bisection beforehand, untimed), repetitions interleaved.
+    channel ratio that reaches the same FLOPs (bisection beforehand, untimed), repetitions interleaved on
+    fresh models, Python's garbage collected before each (a collection falling inside one run cost it up to
+    0.3 s), the median of 5.
 
 Writes ``benchmarks/results/prune.md``, ``.json`` and ``.png`` (``--out`` elsewhere). Reproduce::
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import gc
 import json
 import statistics
 import time
@@ -242,6 +245,7 @@ def speed(repeats: int, model_name: str, size: int) -> dict:
         for name in ("cop", "tp-magnitude") if rep % 2 == 0 else ("tp-magnitude", "cop"):
             model = build()
             base = flops(model, x)
+            gc.collect()
             start = time.perf_counter()
             if name == "cop":
                 cop_prune(model, (3, size, size), ratio=0.5, metric="flops")
@@ -335,7 +339,8 @@ def write(result: dict, out: Path) -> None:
     if "speed" in result:
         sp = result["speed"]
         lines += [f"## (c) Speed: {sp['model']}, {sp['size']}x{sp['size']}, -50% FLOPs", "",
-                  f"Repetitions interleaved on fresh models, {sp['threads']} thread(s).", "",
+                  f"Repetitions interleaved on fresh models, garbage collected before each, {sp['threads']} "
+                  f"thread(s).", "",
                   "| pruner | median time (s) | runs (s) | FLOPs removed |", "|---|---|---|---|"]  # fmt: skip
         for k, label in (("cop", "bconv cop_prune"), ("tp-magnitude", "Torch-Pruning MetaPruner + MagnitudeImportance(p=1), "
                                                          f"one shot at channel ratio {sp['tp_channel_ratio']:.3f}")):
@@ -360,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST's IDX files (default: the Debian package's)")
     p.add_argument("--quick", action="store_true", help="a tiny network and data: checks the script, measures nothing")
-    p.add_argument("--repeats", type=positive_int, default=3, help="speed: repetitions of each pruner")
+    p.add_argument("--repeats", type=positive_int, default=5, help="speed: repetitions of each pruner")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the accuracy part")
     p.add_argument("--speed-threads", type=int, default=1,
                    help="torch threads of the speed part (one: no waits for a second core on a shared machine)")

@@ -59,7 +59,7 @@ def consumer(seed: int = 0, out: int = 24, n: int = 10) -> torch.Tensor:
 def bconv_matrix_and_r(w: torch.Tensor, similarity: str, normalize: str, top_k: int = 3):
     taps = w.reshape(w.shape[0], w.shape[1], -1).permute(2, 0, 1)  # [taps, out, n]
     m = _similarity(taps, similarity, normalize)
-    return m.double().numpy(), _Redundancy([m], top_k).mean
+    return m.double().numpy(), _Redundancy(m[None], top_k).mean
 
 
 def tf_layout(w: torch.Tensor) -> np.ndarray:

@@ -16,7 +16,7 @@ recomputes only the rows that held the cut channel among their top-k.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal
 
 import numpy as np
 import torch
@@ -47,9 +47,9 @@ _CORRELATION_BUDGET = 2e9
 _STRIP = 256
 
 
-def _mean_abs_similarity(z: Tensor, scale: Tensor | None, filters: int) -> Tensor:
+def _mean_abs_similarity(z: Tensor, scale: Tensor | None, filters: int, out: Tensor | None = None) -> Tensor:
     """``mean_t |z_t^T z_t / filters / (scale_t scale_t^T + 1e-8)|`` (no scale: ``mean_t |z_t^T z_t|``),
-    the n x n matrix of ``z`` [taps, filters, n] and ``scale`` [taps, n].
+    the n x n matrix of ``z`` [taps, filters, n] and ``scale`` [taps, n], written into ``out`` when given.
 
     The matrix is symmetric: rows i..i+256 are computed against columns i.. only, scaled while the strip
     is in cache, and mirrored into the rows below, so each off-diagonal block is computed once. Each entry
@@ -59,22 +59,23 @@ def _mean_abs_similarity(z: Tensor, scale: Tensor | None, filters: int) -> Tenso
     """
     taps, _, n = z.shape
     size = n if n <= _STRIP else _STRIP
-    out = z.new_empty(n, n)
+    out = z.new_empty(n, n) if out is None else out
     for i in range(0, n, size):
         j = i + size
         strip = torch.bmm(z[:, :, i:j].transpose(1, 2), z[:, :, i:])  # [taps, rows i:j, columns i:]
         if filters != 1:
             strip.div_(filters)
         if scale is not None:
-            strip.div_(scale[:, i:j, None] * scale[:, None, i:] + 1e-8)
+            strip.div_(torch.mul(scale[:, i:j, None], scale[:, None, i:]).add_(1e-8))
         strip = strip[0].abs_() if taps == 1 else strip.abs_().mean(dim=0)
         out[i:j, i:] = strip
         out[j:, i:j] = strip[:, size:].t()
     return out
 
 
-def _similarity(w: Tensor, kind: str, normalize: str) -> Tensor:
-    """COP's normalised n x n redundancy matrix from a consumer kernel ``w`` of shape [taps, filters, n].
+def _similarity(w: Tensor, kind: str, normalize: str, out: Tensor | None = None) -> Tensor:
+    """COP's normalised n x n redundancy matrix from a consumer kernel ``w`` of shape [taps, filters, n]
+    (written into ``out`` when given).
 
     The released code (``prune_common.get_correlation``, ``get_cosine_sim``, ``get_inner_product``,
     ``get_normalized_feature``), for each tap t and input channels i, j seen as vectors over the filters:
@@ -95,10 +96,10 @@ def _similarity(w: Tensor, kind: str, normalize: str) -> Tensor:
     if kind == "pearson":
         z = w - w.mean(dim=1, keepdim=True)
         scale = z.pow(2).mean(dim=1).sqrt()  # population std, as np.std
-        m = _mean_abs_similarity(z, scale, w.shape[1])
+        m = _mean_abs_similarity(z, scale, w.shape[1], out)
     else:
         scale = w.norm(dim=1)
-        m = _mean_abs_similarity(w, scale if kind == "cosine" else None, 1)
+        m = _mean_abs_similarity(w, scale if kind == "cosine" else None, 1, out)
     m.fill_diagonal_(0)
     if normalize == "max":
         norm = m.max()
@@ -175,29 +176,31 @@ def _consumer_kernel(module: nn.Module, idxs: list[int], root_idxs: list[int], n
 
 def _group_matrices(
     outs: list[tuple[Any, Any]], ins: list[tuple[Any, Any]], n: int, similarity: str, normalize: str
-) -> list[Tensor]:
-    """The normalised n x n matrices of a Torch-Pruning group's n channels, one per consumer kernel.
+) -> Tensor | None:
+    """The normalised n x n matrices of a Torch-Pruning group's n channels, one per consumer kernel, as one
+    [consumers, n, n] tensor (None: no kernel gives per-channel vectors).
 
     ``outs`` and ``ins`` are the group's ``(module, item)`` pairs whose output / input channels it prunes.
     Depthwise and grouped consumers are skipped as in COP. A group that no dense kernel reads (a layer
     whose output is the model's) correlates its producers' filters instead.
     """
-    matrices = []
-    for m, it in ins:
-        if _is_layer(m):
-            w = _consumer_kernel(m, list(it.idxs), list(it.root_idxs), n)
-            if w is not None:
-                matrices.append(_similarity(w, similarity, normalize))
-    if not matrices:
+    # A consumer read through a mapping Torch-Pruning widened (split, reshape) gives no per-channel kernel.
+    kernels = [w for m, it in ins if _is_layer(m)
+               for w in [_consumer_kernel(m, list(it.idxs), list(it.root_idxs), n)] if w is not None]  # fmt: skip
+    if not kernels:
         for m, it in outs:
             if _is_layer(m) and not _depthwise(m) and len(it.idxs) == n and max(it.idxs) < _out_channels(m):
                 w = m.weight.detach()
                 w = w.transpose(0, 1) if getattr(m, "transposed", False) else w
                 w = w.reshape(w.shape[0], -1)[torch.tensor(list(it.idxs))]
-                matrices.append(_similarity(w.t().unsqueeze(0), similarity, normalize))
+                kernels = [w.t().unsqueeze(0)]
                 break
-    # A consumer read through a mapping Torch-Pruning widened (split, reshape) gives no per-channel matrix.
-    return [m for m in matrices if m.shape[0] == n]
+    if not kernels:
+        return None
+    matrices = torch.empty(len(kernels), n, n, device=kernels[0].device)  # filled in place: no stacking copy
+    for w, out in zip(kernels, matrices):
+        _similarity(w, similarity, normalize, out)
+    return matrices
 
 
 def _cost_terms(costs: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -219,17 +222,18 @@ _POSITIVE = np.nextafter(np.float32(0), np.float32(1))
 
 
 class _Redundancy:
-    """A group's normalised matrices, one per consumer kernel, and each row's current top-k, updated row by
-    row on a cut (all consumers at once: they lose the same channel)."""
+    """A group's normalised matrices [consumers, n, n], one per consumer kernel, and each row's current top-k,
+    updated row by row on a cut (all consumers at once: they lose the same channel)."""
 
-    def __init__(self, matrices: Sequence[Tensor], top_k: int):
-        host = [m.detach().to("cpu", torch.float32).numpy() for m in matrices]  # the greedy cut runs on the host
-        self.m = host[0][None] if len(host) == 1 else np.stack(host)  # [consumers, n, n]
+    def __init__(self, matrices: Tensor, top_k: int):
+        self.m = matrices.detach().to("cpu", torch.float32).numpy()  # the greedy cut runs on the host
         consumers, n, _ = self.m.shape
         self.alive = np.ones(n, dtype=np.float32)
         self.k = max(1, min(top_k, n - 1))
         self.reach = np.zeros((consumers, n), dtype=np.float32)  # a cut changes row i if m[c, i, j] >= reach[c, i]
-        self.r = np.stack([self._rows(np.full(n, c), np.arange(n)) for c in range(consumers)])
+        self.r = np.empty((consumers, n), dtype=np.float32)
+        for c in range(consumers):
+            self.r[c], self.reach[c] = self._top(self.m[c].copy())
         self.total = self.r.sum(axis=0)
 
     @property
@@ -237,18 +241,23 @@ class _Redundancy:
         """Each channel's redundancy averaged over the consumers."""
         return self.total / len(self.r)
 
+    def _top(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's redundancy (the mean of its k largest entries) and reach (its k-th largest, or the smallest
+        positive float), partitioning the rows ``a`` in place."""
+        first = a.shape[1] - self.k
+        a.partition(first, axis=1)  # the k largest last, the k-th largest itself at `first`
+        top = a[:, first:]
+        return top.sum(axis=1) / self.k, np.maximum(top[:, 0], _POSITIVE)  # ndarray.mean's float32 result
+
     def _rows(self, consumers: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """The rows' redundancy: the mean of each row's k largest entries among the channels still there."""
+        """The rows' redundancy among the channels still there."""
         # Cut channels count as 0 (masked here rather than written into the matrix: zeroing a column of a
         # 2048 x 2048 matrix is 2048 cache misses per cut). This runs once per cut for all the changed rows of
         # all consumers (ResNet-50: ~4,500 times), so it makes one copy and partitions it in place.
         a = self.m[consumers, rows]
         a *= self.alive
-        first = a.shape[1] - self.k
-        a.partition(first, axis=1)  # the k largest last, the k-th largest itself at `first`
-        top = a[:, first:]
-        self.reach[consumers, rows] = np.maximum(top[:, 0], _POSITIVE)
-        return top.sum(axis=1) / self.k  # ndarray.mean's float32 result
+        r, self.reach[consumers, rows] = self._top(a)
+        return r
 
     def cut(self, j: int, alive: np.ndarray) -> None:
         """Remove channel j (``alive``: the group's channels still there, j already not)."""
@@ -328,7 +337,7 @@ class COPImportance(tp.importance.Importance):
         outs, ins = _split(group, graph)
         r = np.zeros(n)
         matrices = _group_matrices(outs, ins, n, self.similarity, self.normalize)
-        if matrices:
+        if matrices is not None:
             r = _Redundancy(matrices, self.top_k).mean
         imp = self.alpha * (1 - r)
         if self.beta or self.gamma:
