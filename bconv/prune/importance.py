@@ -228,7 +228,6 @@ class _Redundancy:
     def __init__(self, matrices: Tensor, top_k: int):
         self.m = matrices.detach().to("cpu", torch.float32).numpy()  # the greedy cut runs on the host
         consumers, n, _ = self.m.shape
-        self.alive = np.ones(n, dtype=np.float32)
         self.k = max(1, min(top_k, n - 1))
         self.reach = np.zeros((consumers, n), dtype=np.float32)  # a cut changes row i if m[c, i, j] >= reach[c, i]
         self.r = np.empty((consumers, n), dtype=np.float32)
@@ -249,25 +248,24 @@ class _Redundancy:
         top = a[:, first:]
         return top.sum(axis=1) / self.k, np.maximum(top[:, 0], _POSITIVE)  # ndarray.mean's float32 result
 
-    def _rows(self, consumers: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """The rows' redundancy among the channels still there."""
+    def _rows(self, consumers: np.ndarray, rows: np.ndarray, alive: np.ndarray) -> np.ndarray:
+        """The rows' redundancy among the channels still there (``alive``)."""
         # Cut channels count as 0 (masked here rather than written into the matrix: zeroing a column of a
         # 2048 x 2048 matrix is 2048 cache misses per cut). This runs once per cut for all the changed rows of
         # all consumers (ResNet-50: ~4,500 times), so it makes one copy and partitions it in place.
         a = self.m[consumers, rows]
-        a *= self.alive
+        a *= alive
         r, self.reach[consumers, rows] = self._top(a)
         return r
 
     def cut(self, j: int, alive: np.ndarray) -> None:
         """Remove channel j (``alive``: the group's channels still there, j already not)."""
-        self.alive[j] = 0
         # Only rows that held j (a positive entry) among their top-k change. The matrices are symmetric, so row j
         # (contiguous) reads as column j, except in a dead channel's row (all 1 there): its r stays 1 while k
         # channels remain.
         consumers, rows = ((self.m[:, j] >= self.reach) & alive).nonzero()
         if len(rows):
-            self.r[consumers, rows] = self._rows(consumers, rows)
+            self.r[consumers, rows] = self._rows(consumers, rows, alive)
             self.total[rows] = self.r[:, rows].sum(axis=0)  # summed afresh: no drift over thousands of cuts
 
 

@@ -232,10 +232,10 @@ class _Planner:
         # is out x (in x rate + base), both [layers, 2].
         dw = np.array([_depthwise(m) for m in layers])
         taps = np.array([_taps(m) for m in layers], dtype=np.float64)
-        groups_ = np.array([getattr(m, "groups", 1) for m in layers], dtype=np.float64)
+        conv_groups = np.array([getattr(m, "groups", 1) for m in layers], dtype=np.float64)
         bias = np.array([m.bias is not None for m in layers], dtype=np.float64)
         flops_per_mac = 2 * np.array([positions.get(m, 0) for m in layers], dtype=np.float64)
-        per_in = np.where(dw, 0.0, taps / groups_)
+        per_in = np.where(dw, 0.0, taps / conv_groups)
         per_out = np.where(dw, taps, 0.0)
         self.rate = np.stack([per_in, per_in * flops_per_mac], axis=1)
         self.base = np.stack([per_out + bias, per_out * flops_per_mac], axis=1)
@@ -246,8 +246,8 @@ class _Planner:
         self.costs = self._layer_costs()
         self.params0, self.flops0 = self.costs.sum(axis=0)
         self.out0 = self.io[:, 1].sum()
-        self.open = np.array([g.alive_units - self._step(g) >= g.floor for g in groups])
-        self.closed = np.where(self.open, 0.0, np.inf)  # added to a closed group's importance
+        # Added to each group's importance: inf once another step would take it below its floor.
+        self.closed = np.array([0.0 if self._can_step(g) else np.inf for g in groups])
         self.redundancy = [g.unit_redundancy() for g in groups]
         self.redundancy_term = self.alpha * (1 - np.array([r.max() for r in self.redundancy]))
 
@@ -281,7 +281,7 @@ class _Planner:
         # ResNet-50 takes ~4,300 steps, so the loop keeps its numpy calls few.
         reduction = self.estimated_reduction(metric, before)
         while reduction < target - TOLERANCE / 4:  # within half a percent
-            if not self.open.any():
+            if np.isinf(self.closed).all():
                 return False
             imp = self.redundancy_term + self._cost_terms() + self.closed
             gi = self._choose(imp, metric, target, before, reduction)
@@ -291,8 +291,8 @@ class _Planner:
                 self.redundancy[gi] = g.unit_redundancy()
             self.redundancy_term[gi] = self.alpha * (1 - self.redundancy[gi].max())
             self._cut_channels(gi, g.cuts - self.cuts[gi])
-            if g.alive_units - self._step(g) < g.floor:
-                self.open[gi], self.closed[gi] = False, np.inf
+            if not self._can_step(g):
+                self.closed[gi] = np.inf
             reduction = self.estimated_reduction(metric, before)
         return True
 
@@ -300,6 +300,10 @@ class _Planner:
     def _step(g: _Group) -> int:
         """Units cut by one greedy step; the first step of a group brings its width to a multiple of round_to."""
         return g.alive_units % g.step or g.step
+
+    @classmethod
+    def _can_step(cls, g: _Group) -> bool:
+        return g.alive_units - cls._step(g) >= g.floor
 
     def _choose(self, imp: np.ndarray, metric: str, target: float, before: dict[str, int], reduction: float) -> int:
         """The least important group, unless its step would overshoot the target by more than the tolerance
