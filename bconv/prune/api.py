@@ -115,6 +115,7 @@ def cop_prune(
         def measuring_forward(m: nn.Module, inputs: Tensor) -> Any:
             # Torch-Pruning's tracing forward measures the model too, one forward fewer. It runs with autograd
             # on, and so does the check after pruning: both count alike (see TotalFlopCounter).
+            positions.clear()  # should a Torch-Pruning version run it twice, positions are counted once
             try:
                 measured["before"], out = _measure(m, inputs, positions)
             except Exception as e:
