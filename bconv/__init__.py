@@ -1,9 +1,16 @@
-"""bconv: model surgery on any CNN backbone (Progressive Transfer Learning with BConv-Cells)."""
+"""bconv: model surgery on any vision backbone (Progressive Transfer Learning with BConv-Cells).
 
+The public surface is the short list in ``__all__``; the techniques around PTL are the subpackages
+:mod:`bconv.distill`, :mod:`bconv.rollback` and :mod:`bconv.prune`, and every error is in
+:mod:`bconv.errors` (also re-exported here).
+"""
+
+from ._version import __version__
 from .cells import BConvCell, BConvCellV2
 from .errors import (
     BConvError,
     CheckpointError,
+    ConfigError,
     InputSizeError,
     LeafModuleError,
     ModulePathError,
@@ -13,41 +20,31 @@ from .errors import (
     UnsupportedModelError,
     WrappedModelError,
 )
-from ._version import __version__
-from .state import LatentState, detach_state, latent_state_dict, load_latent_state_dict, reset_state
-from .surgery.anatomy import Anatomy, Head, anatomy
-from .surgery import PTLConfig, PTLModel, Stage, find_stages, load_ptl, unwrap_ptl, wrap_with_ptl
-from .surgery.usage import LadderUsage, ladder_usage
+from .ptl import LadderUsage, LatentState, PTLConfig, PTLModel, ladder_usage, load_ptl, unwrap_ptl, wrap_with_ptl
+from .surgery import Anatomy, Head, Stage, anatomy
 
 __all__ = [
-    "wrap_with_ptl",
-    "unwrap_ptl",
-    "PTLModel",
-    "PTLConfig",
-    "load_ptl",
-    "ladder_usage",
-    "LadderUsage",
-    "reset_state",
-    "detach_state",
-    "latent_state_dict",
-    "load_latent_state_dict",
-    "LatentState",
-    "find_stages",
-    "Stage",
-    "anatomy",
-    "Anatomy",
-    "Head",
-    "BConvCell",
-    "BConvCellV2",
-    "BConvError",
-    "TraceError",
-    "NoSpatialStagesError",
-    "InputSizeError",
-    "UnsupportedModelError",
-    "StageSelectionError",
-    "ModulePathError",
-    "LeafModuleError",
-    "WrappedModelError",
-    "CheckpointError",
-    "__version__",
-]
+    "wrap_with_ptl", "unwrap_ptl", "load_ptl", "PTLModel", "PTLConfig", "ladder_usage", "LadderUsage",
+    "LatentState", "anatomy", "Anatomy", "Head", "Stage", "BConvCell", "BConvCellV2", "__version__",
+    "BConvError", "TraceError", "NoSpatialStagesError", "InputSizeError", "UnsupportedModelError",
+    "StageSelectionError", "ModulePathError", "LeafModuleError", "WrappedModelError", "CheckpointError",
+    "ConfigError",
+]  # fmt: skip
+
+# Synonyms of bconv 0.2, kept for a while: one way to do each thing (CHANGELOG.md).
+_DEPRECATED = {
+    "find_stages": ("bconv.anatomy(model).stages", "bconv.surgery.anatomy", "find_stages"),
+    "reset_state": ("model.reset_state()", "bconv.ptl.state", "reset_state"),
+    "detach_state": ("model.detach_state()", "bconv.ptl.state", "detach_state"),
+    "latent_state_dict": ("model.latent_state_dict()", "bconv.ptl.state", "latent_state_dict"),
+    "load_latent_state_dict": ("model.load_latent_state_dict(...)", "bconv.ptl.state", "load_latent_state_dict"),
+}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        from ._deprecation import moved
+
+        new, module, attribute = _DEPRECATED[name]
+        return moved(f"bconv.{name}", new, module, attribute)
+    raise AttributeError(f"module 'bconv' has no attribute {name!r}")

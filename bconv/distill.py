@@ -31,10 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ClassifierNotFoundError
-from .surgery._hooks import original_network
-from .surgery._trace import dummy_input, eval_mode
-from .surgery._checks import check_input_size
-from .surgery.anatomy import anatomy
+from .surgery import anatomy, check_input_size, dummy_input, eval_mode, original_network
 
 __all__ = [
     "std_loss",

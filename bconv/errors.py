@@ -17,7 +17,7 @@ checkpoint that does not fit is a :class:`CheckpointError` in ``load_ptl`` and
 __all__ = [
     "BConvError", "TraceError", "NoSpatialStagesError", "InputSizeError", "ClassifierNotFoundError",
     "UnsupportedModelError", "StageSelectionError", "ModulePathError", "LeafModuleError", "WrappedModelError",
-    "CheckpointError", "PruneError", "PruneTargetError", "UnknownModelError",
+    "CheckpointError", "ConfigError", "PruneError", "PruneTargetError", "UnknownModelError",
 ]  # fmt: skip
 
 
@@ -51,6 +51,11 @@ class StageSelectionError(BConvError, ValueError):
 
 class ModulePathError(BConvError, ValueError):
     """A module path the model does not have (a typo in ``protect=[...]``); lists the closest paths."""
+
+
+class ConfigError(BConvError, ValueError):
+    """An option of :class:`bconv.PTLConfig` (or of ``wrap_with_ptl``) that is unknown or out of its range;
+    names the option and its valid values."""
 
 
 class LeafModuleError(BConvError, TypeError):

@@ -19,9 +19,8 @@ from typing import Sequence
 
 from ._zoo import UnknownModelError, build, resolve, torchvision_input_size
 from .errors import BConvError
-from .surgery.plan import Plan, ptl_plan
-from .surgery.ptl import wrap_with_ptl
-from .surgery.anatomy import Head, Stage, anatomy, default_input_size
+from .ptl import Plan, ptl_plan, wrap_with_ptl
+from .surgery import Head, Stage, anatomy, default_input_size
 
 __all__ = ["main", "format_table", "format_head", "format_plan"]
 

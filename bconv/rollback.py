@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ModulePathError
-from .surgery.anatomy import Source, Stage, anatomy, stem_modules
+from .surgery import Source, Stage, anatomy, stem_modules
 
 __all__ = ["Block", "Rollback", "released_sgd"]
 

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from bconv.surgery._trace import propagate_shapes, trace
-from bconv.surgery._stages import group_modules, main_chain, stage_runs
+from bconv.surgery import propagate_shapes, trace
+from bconv.surgery import group_modules, main_chain, stage_runs
 
 __all__ = ["agreement", "diagnose"]
 

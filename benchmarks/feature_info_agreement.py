@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from bconv import find_stages
+from bconv.surgery import find_stages
 from bconv._zoo import build, timm_families, ZooModel
 from bconv.errors import NoSpatialStagesError
-from bconv.surgery._stages import feature_info_entries
+from bconv.surgery import feature_info_entries
 
 from benchmarks._agreement import agreement
 from benchmarks.common import RESULTS

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from bconv import find_stages, unwrap_ptl, wrap_with_ptl
+from bconv import unwrap_ptl, wrap_with_ptl
+from bconv.surgery import find_stages
 from bconv._zoo import build, resolve
 from bconv.surgery import anatomy as anatomy_module
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from bconv import PTLModel, unwrap_ptl, wrap_with_ptl
-from bconv._flops import TotalFlopCounter
+from bconv.surgery import TotalFlopCounter
 from bconv._zoo import build, resolve, torchvision_input_size
 
 from benchmarks.common import RESULTS, seeded

@@ -42,7 +42,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from bconv._flops import TotalFlopCounter
+from bconv.surgery import TotalFlopCounter
 from bconv.prune import cop_prune, reestimate_batchnorm
 from benchmarks.common import (RESULTS, Split, command, environment, evaluate, interval, load_fashion_mnist, paired,
                                positive_int, seeded, shift, train_epochs)  # fmt: skip

@@ -32,7 +32,7 @@ import torch
 from bconv._zoo import ZooModel, build, resolve, timm_families, torchvision_input_size, torchvision_names
 from bconv.errors import BConvError
 from bconv.prune import cop_prune
-from bconv.surgery.anatomy import default_input_size
+from bconv.surgery import default_input_size
 
 from benchmarks._isolated import RowLog, isolated, large_input, measure_each
 from benchmarks.common import RESULTS, command as run_command, positive_int

@@ -46,8 +46,8 @@ import torch
 from bconv import wrap_with_ptl
 from bconv._zoo import ZooModel, build, resolve, timm_families, torchvision_input_size, torchvision_names
 from bconv.errors import NoSpatialStagesError
-from bconv.surgery._hooks import bconv_hooks_suspended
-from bconv.surgery.anatomy import default_input_size, find_stages
+from bconv.surgery import bconv_hooks_suspended
+from bconv.surgery import default_input_size, find_stages
 
 from benchmarks._agreement import agreement
 from benchmarks._isolated import RowLog, isolated, large_input, measure_each

@@ -8,11 +8,13 @@ import torchvision
 from torch import nn
 
 import bconv.surgery.anatomy as anatomy_module
-from bconv import BConvError, InputSizeError, TraceError, find_stages, wrap_with_ptl
+from bconv import BConvError, InputSizeError, TraceError, wrap_with_ptl
+from bconv.surgery import find_stages
 from bconv.distill import STDTrainer, classifier_path
 from bconv.rollback import Rollback
-from bconv.surgery.anatomy import UnsupportedModelError, anatomy
-from bconv.surgery.stages import spatial_layout
+from bconv.errors import UnsupportedModelError
+from bconv.surgery import anatomy
+from bconv.surgery import spatial_layout
 
 from conftest import TinyCNN, zoo_model
 from test_stages import check_stage_invariants
@@ -77,7 +79,7 @@ def test_person_reid_input_384x128_is_measured_and_wraps(spec):
 
 
 def _unwrapped_output(wrapped, x):
-    from bconv.surgery._hooks import bconv_hooks_suspended
+    from bconv.surgery import bconv_hooks_suspended
 
     with bconv_hooks_suspended(wrapped.model):
         return wrapped.model(x)
@@ -274,7 +276,7 @@ NHWC_FAMILIES = ["gcvit", "hieradet_sam2", "mambaout", "maxxvit", "nest", "seque
 def _measured_with_hooks(model: nn.Module, stages, input_size):
     """Each stage's (layout, reduction, channels) re-measured from real outputs at two sizes (one if refused)."""
     from test_stages import _stage_outputs
-    from bconv.surgery._trace import second_size
+    from bconv.surgery import second_size
 
     first = _stage_outputs(model.eval(), stages, torch.randn(1, *input_size))
     alt_size = second_size(input_size)
@@ -292,7 +294,7 @@ def _measured_with_hooks(model: nn.Module, stages, input_size):
 @pytest.mark.parametrize("family", NHWC_FAMILIES)
 def test_channels_last_families_report_what_their_tensors_are(family):
     from bconv._zoo import timm_families
-    from bconv.surgery.stages import default_input_size
+    from bconv.surgery import default_input_size
 
     model = zoo_model(f"timm:{timm_families()[family]}")
     size = default_input_size(model)

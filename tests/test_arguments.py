@@ -13,7 +13,8 @@ import torchvision
 from torch import nn
 
 import bconv
-from bconv import find_stages, wrap_with_ptl
+from bconv import wrap_with_ptl
+from bconv.surgery import find_stages
 from bconv.distill import STDTrainer, classifier_path
 from bconv.errors import (
     InputSizeError,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import bconv
-from bconv import find_stages
+from bconv.surgery import find_stages
 
 for _extra in ("sklearn", "matplotlib", "tqdm", "torchmetrics"):  # the bench extra: pip install -e ".[bench]"
     pytest.importorskip(_extra, reason='the benchmarks need the bench extra: pip install -e ".[test,bench]"')

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import bconv
+import bconv.ptl.state
 from bconv import BConvError, PTLConfig, load_ptl, wrap_with_ptl
 
 import _resume
@@ -216,7 +217,7 @@ def test_load_ptl_leaves_a_network_whose_weights_do_not_fit_unwrapped():
     network = Wider()
     with pytest.raises(bconv.errors.CheckpointError, match=r"size mismatch for model\.head\.weight: \[5, 32\] in the checkpoint"):
         load_ptl(network, _wrap().state_dict())
-    assert not bconv.surgery._checks.is_wrapped(network)
+    assert not bconv.surgery.is_wrapped(network)
     wrap_with_ptl(network, input_size=SIZE)  # can be wrapped again
 
 
@@ -255,7 +256,7 @@ def test_load_ptl_takes_a_modules_own_extra_state_and_unwraps_when_it_refuses():
     network.stage1[2].refuse = True
     with pytest.raises(RuntimeError, match="cannot take that state"):
         load_ptl(network, saved)
-    assert not bconv.surgery._checks.is_wrapped(network)  # handed back as it came, not left wrapped
+    assert not bconv.surgery.is_wrapped(network)  # handed back as it came, not left wrapped
 
 
 def test_a_corrupt_config_gets_a_clear_error():
@@ -390,7 +391,7 @@ def test_model_level_functions_work_on_a_ptl_model_nested_in_another_network():
 
     outer = Outer().train()
     outer(torch.randn(3, *SIZE))
-    latent = bconv.latent_state_dict(outer)
+    latent = bconv.ptl.state.latent_state_dict(outer)
     assert list(latent) == ["backbone.ptl.cells.0.0", "backbone.ptl.cells.1.0", "backbone.ptl.cells.2.0"]
     assert {
         k.removeprefix("backbone."): v for k, v in latent.items()
@@ -398,17 +399,17 @@ def test_model_level_functions_work_on_a_ptl_model_nested_in_another_network():
 
     twin = Outer()
     twin.load_state_dict(outer.state_dict())  # the nested config is checked too
-    bconv.load_latent_state_dict(twin, latent)
+    bconv.ptl.state.load_latent_state_dict(twin, latent)
     x = torch.randn(3, *SIZE)
     assert torch.equal(twin.train()(x), outer(x))
 
-    bconv.reset_state(outer)
-    assert all(v is None for s in bconv.latent_state_dict(outer).values() for k, v in s.items() if k != "state_mode")
+    bconv.ptl.state.reset_state(outer)
+    assert all(v is None for s in bconv.ptl.state.latent_state_dict(outer).values() for k, v in s.items() if k != "state_mode")
     outer(x)
     assert outer.backbone.ptl.cells[0][0].c_prev.grad_fn is not None
-    bconv.detach_state(outer)
+    bconv.ptl.state.detach_state(outer)
     assert outer.backbone.ptl.cells[0][0].c_prev.grad_fn is None
-    for fn in (bconv.reset_state, bconv.detach_state, bconv.latent_state_dict):
+    for fn in (bconv.ptl.state.reset_state, bconv.ptl.state.detach_state, bconv.ptl.state.latent_state_dict):
         with pytest.raises(ValueError, match="holds no BConv-Cell.*wrap_with_ptl"):
             fn(TinyCNN())
 

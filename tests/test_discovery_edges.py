@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from bconv import find_stages, wrap_with_ptl
+from bconv import wrap_with_ptl
+from bconv.surgery import find_stages
 from bconv.rollback import Rollback
 from conftest import TinyCNN
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bconv
-from bconv.surgery._hooks import BConvHook
+from bconv.surgery import BConvHook
 import bconv.surgery.anatomy as anatomy_module
 import timm
 from bconv.distill import (

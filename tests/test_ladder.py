@@ -13,7 +13,7 @@ from torch import nn
 import bconv
 from bconv import BConvError, ladder_usage, wrap_with_ptl
 from bconv.errors import CheckpointError
-from bconv.surgery.ptl import FinalFusion, Fusion
+from bconv.ptl.ladder import FinalFusion, Fusion
 
 from benchmarks.ladder import SmallNet, fresh_pretrained, target_split, train
 

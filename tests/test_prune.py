@@ -8,6 +8,7 @@ import torchvision
 from torch import Tensor, nn
 
 import bconv
+import bconv.surgery
 from bconv.prune import PruneError, PruneTargetError, cop_prune, format_report, load_pruned, save_pruned
 from conftest import zoo_model
 
@@ -345,13 +346,13 @@ def test_flops_before_and_after_are_counted_alike_on_multihead_attention():
                             num_classes=10)  # fmt: skip
     result = cop_prune(vit, SMALL, ratio=0.5, metric="flops")
     assert abs(result.report.achieved - 0.5) <= 0.02
-    with torch.no_grad(), bconv._flops.TotalFlopCounter() as counter:
+    with torch.no_grad(), bconv.surgery.TotalFlopCounter() as counter:
         vit.eval()(torch.randn(1, *SMALL))
     assert counter.get_total_flops() == result.report.flops_after
 
 
 def test_flop_counter_counts_multihead_attention_alike_with_and_without_autograd():
-    from bconv._flops import TotalFlopCounter
+    from bconv.surgery import TotalFlopCounter
 
     mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
     x = torch.randn(2, 10, 32)
@@ -375,7 +376,7 @@ def test_layer_producing_the_output_is_kept_when_fx_cannot_find_the_head():
 
 def test_flops_are_counted_on_modules_that_receive_a_parameter_view():
     # torch's FlopCounterMode's module tracker raises "Expected gradient function to be set" on PiT.
-    from bconv._flops import TotalFlopCounter
+    from bconv.surgery import TotalFlopCounter
     from torch.utils.flop_counter import FlopCounterMode
 
     resnet = torchvision.models.resnet18().eval()
@@ -453,7 +454,7 @@ def test_ptl_teacher_distilled_student_pruned_then_distilled_again():
 
 def test_report_formats_stage_widths():
     model = torchvision.models.resnet18(num_classes=10)
-    stages = bconv.find_stages(model, SMALL)
+    stages = bconv.surgery.find_stages(model, SMALL)
     text = format_report(cop_prune(model, SMALL, ratio=0.5).report, stages)
     assert "layer3" in text and "parameters" in text and "FLOPs" in text
 

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bconv
+import bconv.surgery
 import timm
 from bconv.rollback import Rollback
-from bconv.surgery._hooks import BConvHook
+from bconv.surgery import BConvHook
 
 from conftest import zoo_model
 
@@ -188,7 +189,7 @@ def test_run_keeps_the_stem_then_adds_one_stage_per_period():
 
 def test_given_stages_split_the_folded_stem_too():
     model = CifarNet()
-    rb = Rollback(model, stages=bconv.find_stages(model, SIZE))
+    rb = Rollback(model, stages=bconv.surgery.find_stages(model, SIZE))
     assert [b.name for b in rb.blocks] == ["stem", "layer1", "layer2", "layer3"]
 
 

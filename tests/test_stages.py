@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 import timm
-from bconv import InputSizeError, NoSpatialStagesError, Stage, TraceError, find_stages
+from bconv import InputSizeError, NoSpatialStagesError, Stage, TraceError
+from bconv.surgery import find_stages
 from bconv._zoo import torchvision_input_size, torchvision_names
-from bconv.surgery._trace import second_size
-from bconv.surgery.stages import spatial_layout
+from bconv.surgery import second_size
+from bconv.surgery import spatial_layout
 
 from conftest import timm_family_params, zoo_model
 

@@ -14,9 +14,8 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .._flops import TotalFlopCounter
 from ..errors import BConvError, TraceError
-from ..surgery._trace import eval_mode
+from ..surgery import TotalFlopCounter, eval_mode
 from .report import PruneError
 
 

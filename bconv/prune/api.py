@@ -10,8 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import BConvError, InputSizeError
-from ..surgery._checks import check_input_size, check_module_paths, refuse_wrapped, select_stages
-from ..surgery._trace import dummy_input, eval_mode, model_error_message
+from ..surgery import check_input_size, check_module_paths, dummy_input, eval_mode, model_error_message, refuse_wrapped, select_stages
 from ..surgery.anatomy import anatomy
 from .adapter import (
     _build_graph, _check_forward, _measure, _out_channels, _output_shapes, _plain_history, _protected_layers, _Snapshot,

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InputSizeError
-from ..surgery._checks import check_input_size, refuse_wrapped
-from ..surgery._trace import dummy_input, eval_mode
+from ..surgery import check_input_size, dummy_input, eval_mode, refuse_wrapped
 from .adapter import _build_graph, _plain_history, _Snapshot
 from .report import PruneResult
 

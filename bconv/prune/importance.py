@@ -23,7 +23,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from ..surgery._trace import eval_mode
+from ..surgery import eval_mode
 from .adapter import _all_groups, _depthwise, _is_layer, _out_channels, _recording_positions
 
 __all__ = ["COPImportance", "PRESETS"]

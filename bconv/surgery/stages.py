@@ -1,12 +1,13 @@
-"""Kept so that ``from bconv.surgery.stages import find_stages, Stage`` still works.
+"""Deprecated: ``bconv.surgery.stages`` moved in bconv 0.3 (see CHANGELOG.md); its names still resolve, with a warning."""
 
-A network's description, stages included, comes from :mod:`bconv.surgery.anatomy`, the one public
-entry point; the stage rules are the private ``bconv.surgery._stages``. Import from ``bconv`` or
-``bconv.surgery.anatomy`` in new code.
-"""
+from bconv._deprecation import module_getattr
 
-from ._checks import default_input_size
-from ._stages import Stage, spatial_layout
-from .anatomy import find_stages
-
-__all__ = ["Stage", "find_stages", "default_input_size", "spatial_layout"]
+__getattr__ = module_getattr(
+    'bconv.surgery.stages',
+    {
+        'Stage': ('bconv.Stage', 'bconv.surgery', 'Stage'),
+        'find_stages': ('bconv.anatomy(model).stages', 'bconv.surgery', 'find_stages'),
+        'default_input_size': ('bconv.surgery.default_input_size', 'bconv.surgery', 'default_input_size'),
+        'spatial_layout': ('bconv.surgery.spatial_layout', 'bconv.surgery', 'spatial_layout'),
+    },
+)
