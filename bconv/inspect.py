@@ -17,9 +17,10 @@ import json
 import sys
 from typing import Sequence
 
+from ._options import choices
 from ._zoo import UnknownModelError, build, resolve, torchvision_input_size
 from .errors import BConvError
-from .ptl import Plan, ptl_plan, wrap_with_ptl
+from .ptl import Plan, PTLConfig, ptl_plan, wrap_with_ptl
 from .surgery import Head, Stage, anatomy, default_input_size
 
 __all__ = ["main", "format_table", "format_head", "format_plan"]
@@ -79,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="model name: NAME (torchvision first, then timm), timm:NAME or torchvision:NAME")
     p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), help="dummy input size (default: the model's own)")
-    p.add_argument("--source", choices=("auto", "fx", "feature_info"), default="auto", help="how to find stages (default: auto)")
+    p.add_argument("--source", choices=choices(PTLConfig, "source"), default=PTLConfig.source, help="how to find stages (default: auto)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
-    p.add_argument("--cell", choices=("v1", "v2"), default="v1", help="BConv-Cell of the PTL preview (default: v1)")
+    p.add_argument("--cell", choices=choices(PTLConfig, "cell"), default=PTLConfig.cell, help="BConv-Cell of the PTL preview (default: v1)")
     p.add_argument("--no-plan", action="store_true", help="only the stages, no PTL preview")
     p.add_argument("--prune", type=float, metavar="RATIO", help="preview COP pruning of this fraction of --metric (instead of PTL)")
     p.add_argument("--metric", choices=("flops", "params", "channels"), default="flops", help="what --prune removes (default: flops)")

@@ -5,7 +5,7 @@
 find every cell with ``isinstance(m, StatefulCell)`` over ``model.modules()``.
 """
 
-from bconv.cells._state import StatefulCell
+from bconv.cells._state import StatefulCell, StateOptions
 from bconv.cells.bconv_cell import BConvCell, BConvCellV2
 
-__all__ = ["BConvCell", "BConvCellV2", "StatefulCell"]
+__all__ = ["BConvCell", "BConvCellV2", "StatefulCell", "StateOptions"]

@@ -1,6 +1,6 @@
 """State machinery shared by the cells that carry a latent state across mini-batches.
 
-The state contract (DESIGN.md §4) lives here, once; the cells themselves hold only
+The state contract (docs/design.md §4) lives here, once; the cells themselves hold only
 their equations. A state is a plain tensor attribute of the module: not a Parameter,
 not a buffer, never in ``state_dict()``. It is registered by name in one place
 (:meth:`StatefulCell._register_state`), moved with the module by overriding
@@ -14,20 +14,57 @@ there is no global registry.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bconv.errors import BConvError
+from bconv._options import build, check_fields
+from bconv.errors import BConvError, ConfigError
 
-__all__ = ["StatefulCell", "STATE_MODES", "SIZE_CHANGE_POLICIES"]
+__all__ = ["StatefulCell", "StateOptions", "StateMode", "SizeChangePolicy"]
 
-STATE_MODES = ("per_sample", "pooled")
-SIZE_CHANGE_POLICIES = ("reset", "raise")
+StateMode = Literal["per_sample", "pooled"]
+SizeChangePolicy = Literal["reset", "raise"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StateOptions:
+    """How a cell keeps its state across mini-batches: the one declaration of these options.
+
+    :class:`StatefulCell` takes them as keyword arguments and :class:`bconv.PTLConfig` inherits them,
+    so each has one name, one type and one default (docs/design.md §4).
+
+    Attributes:
+        state_mode: ``"per_sample"`` (one state slot per batch position, as in the paper) or ``"pooled"``
+            (one state, the batch mean; independent of the batch size).
+        detach: store the new state detached from the autograd graph (truncated back-propagation of length
+            one, as in the paper's code). ``False`` keeps the graph until ``detach_state()``.
+        on_size_change: what a training forward does when the stored state's spatial size differs from the
+            current one: ``"reset"`` (warn and start from zeros) or ``"raise"``.
+        sync_state: with ``state_mode="pooled"``, average the pooled state across DistributedDataParallel ranks.
+
+    Raises:
+        bconv.errors.ConfigError: a value outside its choices, or ``sync_state`` without the pooled mode.
+    """
+
+    state_mode: StateMode = "per_sample"
+    detach: bool = True
+    on_size_change: SizeChangePolicy = "reset"
+    sync_state: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.sync_state and self.state_mode != "pooled":
+            raise ConfigError("sync_state=True averages the pooled state across ranks: it needs state_mode='pooled'")
+
+    def state_options(self) -> StateOptions:
+        """Only these options (of a record that extends them, such as :class:`bconv.PTLConfig`)."""
+        return StateOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(StateOptions)})
 
 
 def _usable_in_training(value: Tensor) -> Tensor:
@@ -78,42 +115,17 @@ class StatefulCell(nn.Module):
       round, without error.
 
     Args:
-        state_mode: ``"per_sample"`` (one state slot per batch position, as in the
-            paper) or ``"pooled"`` (one state, the batch mean).
-        detach: store the new state detached from the autograd graph (truncated
-            back-propagation of length one, as in the paper's code). With ``False``
-            the graph is kept across batches until :meth:`detach_state` is called.
-        on_size_change: what a training forward does when the stored state's spatial
-            size differs from the current one: ``"reset"`` (warn and start from zeros)
-            or ``"raise"``.
-        sync_state: with ``state_mode="pooled"``, average the pooled state across
-            DistributedDataParallel ranks (see :meth:`_pool`).
+        **options: the :class:`StateOptions` (``state_mode``, ``detach``, ``on_size_change``,
+            ``sync_state``), declared there once with their defaults.
     """
 
-    def __init__(
-        self,
-        state_mode: str = "per_sample",
-        detach: bool = True,
-        on_size_change: str = "reset",
-        sync_state: bool = False,
-    ) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        if state_mode not in STATE_MODES:
-            raise ValueError(f"state_mode must be one of {STATE_MODES}; got {state_mode!r}")
-        if not isinstance(detach, bool):
-            raise ValueError(f"detach must be a bool; got {detach!r}")
-        if on_size_change not in SIZE_CHANGE_POLICIES:
-            raise ValueError(
-                f"on_size_change must be one of {SIZE_CHANGE_POLICIES}; got {on_size_change!r}"
-            )
-        if not isinstance(sync_state, bool):
-            raise ValueError(f"sync_state must be a bool; got {sync_state!r}")
-        if sync_state and state_mode != "pooled":
-            raise ValueError("sync_state=True averages the pooled state across ranks: it needs state_mode='pooled'")
-        self.sync_state = sync_state
-        self.state_mode = state_mode
-        self.detach = detach
-        self.on_size_change = on_size_change
+        opts = build(StateOptions, options, type(self).__name__)
+        self.state_mode = opts.state_mode
+        self.detach = opts.detach
+        self.on_size_change = opts.on_size_change
+        self.sync_state = opts.sync_state
         self._state_names: tuple[str, ...] = ()
 
     # -- registration, reset, detach, device and dtype moves -------------------------
@@ -152,7 +164,7 @@ class StatefulCell(nn.Module):
             state[name] = None if value is None else value.detach()
         return state
 
-    def _latent_state_problems(self, state: Any) -> list[str]:
+    def latent_state_problems(self, state: Any) -> list[str]:
         """What prevents :meth:`load_latent_state` from restoring ``state`` here (empty: nothing)."""
         if not isinstance(state, Mapping):
             return [f"expected a dict from latent_state(), got {type(state).__name__}"]
@@ -197,7 +209,7 @@ class StatefulCell(nn.Module):
             bconv.BConvError: the state does not fit this cell (its names, state mode or channels);
                 the cell's state is left as it was.
         """
-        problems = self._latent_state_problems(state)
+        problems = self.latent_state_problems(state)
         if problems:
             raise BConvError(f"cannot restore the latent state of this {type(self).__name__}: " + "; ".join(problems))
         param = next(self.parameters(), None)

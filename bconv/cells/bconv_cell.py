@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from typing import Any
+
 from bconv.cells._state import StatefulCell
 
 __all__ = ["BConvCell", "BConvCellV2"]
@@ -19,19 +21,8 @@ def _positive_int(name: str, value: object) -> int:
 class _BConvBase(StatefulCell):
     """Validation and description shared by the two cells."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        stride: int,
-        state_mode: str,
-        detach: bool,
-        on_size_change: str,
-        sync_state: bool,
-    ) -> None:
-        super().__init__(
-            state_mode=state_mode, detach=detach, on_size_change=on_size_change, sync_state=sync_state
-        )
+    def __init__(self, in_channels: int, out_channels: int, stride: int, **options: Any) -> None:
+        super().__init__(**options)
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
         self.stride = _positive_int("stride", stride)
@@ -114,12 +105,8 @@ class BConvCell(_BConvBase):
         in_channels: channels of the input.
         out_channels: channels of the output and of the state.
         stride: stride of the 3x3 convolution (``H_out = (H - 1) // stride + 1``).
-        state_mode: ``"per_sample"`` (the paper's) or ``"pooled"``; see
-            :class:`~bconv.cells.StatefulCell` for when to prefer which.
-        detach: store the state detached (default). ``False`` keeps the graph across
-            batches until :meth:`detach_state` is called.
-        on_size_change: ``"reset"`` (warn and start from zeros) or ``"raise"``.
-        sync_state: with ``state_mode="pooled"``, average the state across DDP ranks.
+        **options: how the state is kept: the :class:`~bconv.cells.StateOptions`
+            (``state_mode``, ``detach``, ``on_size_change``, ``sync_state``).
 
     Example::
 
@@ -135,13 +122,9 @@ class BConvCell(_BConvBase):
         in_channels: int,
         out_channels: int,
         stride: int = 1,
-        *,
-        state_mode: str = "per_sample",
-        detach: bool = True,
-        on_size_change: str = "reset",
-        sync_state: bool = False,
+        **options: Any,
     ) -> None:
-        super().__init__(in_channels, out_channels, stride, state_mode, detach, on_size_change, sync_state)
+        super().__init__(in_channels, out_channels, stride, **options)
         self.conv = nn.Conv2d(
             in_channels, 4 * out_channels, 3, stride=stride, padding=1, bias=False
         )
@@ -178,10 +161,8 @@ class BConvCellV2(_BConvBase):
         in_channels: channels of the input.
         out_channels: channels of the output and of the state.
         stride: stride of the 3x3 convolution and of the transpose convolution.
-        state_mode: ``"per_sample"`` (the paper's) or ``"pooled"``.
-        detach: store the state detached (default).
-        on_size_change: ``"reset"`` (warn and start from zeros) or ``"raise"``.
-        sync_state: with ``state_mode="pooled"``, average the state across DDP ranks.
+        **options: how the state is kept: the :class:`~bconv.cells.StateOptions`
+            (``state_mode``, ``detach``, ``on_size_change``, ``sync_state``).
 
     Example::
 
@@ -196,13 +177,9 @@ class BConvCellV2(_BConvBase):
         in_channels: int,
         out_channels: int,
         stride: int = 1,
-        *,
-        state_mode: str = "per_sample",
-        detach: bool = True,
-        on_size_change: str = "reset",
-        sync_state: bool = False,
+        **options: Any,
     ) -> None:
-        super().__init__(in_channels, out_channels, stride, state_mode, detach, on_size_change, sync_state)
+        super().__init__(in_channels, out_channels, stride, **options)
         self.conv = nn.Conv2d(
             2 * in_channels, 4 * out_channels, 3, stride=stride, padding=1, bias=False
         )

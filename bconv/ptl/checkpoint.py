@@ -55,9 +55,8 @@ def load_ptl(
     if stored is None or (isinstance(stored, torch.Tensor) and stored.numel() == 0):  # none, or a hand-built wrapper's
         raise CheckpointError(_no_config_message(state_dict))
     config = PTLConfig.from_extra_state(stored)
-    kwargs = config.wrap_kwargs(leaf_modules)
     try:
-        wrapped = wrap_with_ptl(model, **kwargs)
+        wrapped = wrap_with_ptl(model, config=config, leaf_modules=config.leaf_module_classes(leaf_modules))
     except WrappedModelError:
         raise
     except ValueError as e:

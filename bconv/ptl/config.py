@@ -17,44 +17,64 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import numbers
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, Mapping
 
 import torch
+from torch import nn
 
+from .._options import build, check_fields, show_choices
 from .._version import __version__
-from ..errors import CheckpointError
+from ..cells import StateOptions
+from ..errors import BConvError, CheckpointError, ConfigError
+from ..surgery import Source, check_input_size, check_leaf_modules
 
-__all__ = ["PTLConfig", "CONFIG_FORMAT"]
+__all__ = ["PTLConfig", "CONFIG_FORMAT", "CellVersion", "FinalInit", "mismatch_message"]
 
 # Version of the layout of the extra state (not of bconv): bumped when its keys change meaning.
 CONFIG_FORMAT = 1
 
+CellVersion = Literal["v1", "v2"]
+FinalInit = Literal["identity", "paper"]
 
-@dataclass(frozen=True)
-class PTLConfig:
-    """Every option :func:`bconv.wrap_with_ptl` took, as ``wrapped.config``; ``state_dict()`` carries it.
 
-    The values are the resolved ones: ``stages`` holds the names of the paired stages whatever the
-    call used (indices, names or ``None``), and ``input_size`` the size actually used to find them.
-    Comparing two configs (``==``) ignores ``version``: a checkpoint written by another bconv
-    version loads if its options are the same.
+@dataclass(frozen=True, kw_only=True)
+class PTLConfig(StateOptions):
+    """Every option of PTL, declared once: what :func:`bconv.wrap_with_ptl` takes, and ``wrapped.config``.
+
+    Build one and pass it (``wrap_with_ptl(model, config=PTLConfig(cell="v2"))``), or pass the same
+    options as keywords (``wrap_with_ptl(model, cell="v2")``); each is checked here, when the config is
+    made. The wrapped model's ``config`` holds the resolved values: ``stages`` the names of the paired
+    stages whatever the call used (indices, names or ``None``), ``input_size`` the size used to find them;
+    ``state_dict()`` carries it. Comparing two configs (``==``) ignores ``version``: a checkpoint written
+    by another bconv version loads if its options are the same. The state options (``state_mode``,
+    ``detach``, ``on_size_change``, ``sync_state``) are :class:`bconv.cells.StateOptions`, inherited.
 
     Attributes:
-        stages: names of the paired stages, in network order (``("layer2", "layer3", "layer4")``).
-        cell: ``"v1"`` or ``"v2"``.
-        input_size: ``(C, H, W)`` used to find the stages.
-        cell_width: cell channels as a fraction of the paired stage's.
-        fuse_width: fusion channels as a fraction of the paired stage's.
-        state_mode: ``"per_sample"`` or ``"pooled"``.
-        sync_state: average the pooled state across DistributedDataParallel ranks.
-        detach: store the cells' state detached after each forward.
-        on_size_change: ``"reset"`` or ``"raise"``.
-        final_init: ``"identity"`` or ``"paper"``.
-        source: how the stages were found: ``"auto"``, ``"fx"`` or ``"feature_info"``.
-        leaf_modules: the classes fx did not trace through, as ``"module:QualName"`` strings (a class
-            is not a plain value a checkpoint may hold; :func:`bconv.load_ptl` imports them back).
+        stages: the stages to pair: ``None`` (all), indices (negative allowed) or names as
+            ``python -m bconv.inspect`` prints them; order does not matter. Resolved: their names in
+            network order (``("layer2", "layer3", "layer4")``).
+        cell: ``"v1"`` (paper Eq. 1) or ``"v2"`` (paper Fig. 1 right).
+        input_size: ``(C, H, W)`` used to find the stages (``None``: the model's own, or 3x224x224).
+        cell_width: cell output channels as a fraction of the paired stage's channels (at least 8), in (0, 4].
+            At the default 1/8: ResNet-50 25.6M -> 27.8M parameters, DenseNet-161 28.7M -> 33.7M; with
+            ``final_init="paper"`` 32.0M and 38.6M (paper: 28M -> 35M, 32M -> 42M).
+        fuse_width: channels of each intermediate fusion ``z_i``, as a fraction of stage ``i``'s, in (0, 4].
+        final_init: ``"identity"`` (default): ``out = x_n + proj(y_n)`` with the last cell silenced, so the
+            wrapped model computes exactly what the original did and the ladder gets gradients from the first
+            step; ``"paper"``: the released code's randomly initialised ``Fuse(cat(x_n, y_n))`` replaces
+            ``x_n`` (docs/design.md §3).
+        source: how to find the stages: ``"auto"``, ``"fx"`` or ``"feature_info"`` (timm).
+        leaf_modules: module classes fx calls whole instead of tracing through. Recorded as
+            ``"module:QualName"`` strings (a class is not a plain value a checkpoint may hold); the classes
+            given are kept for the wrap.
         version: the bconv version that wrapped the model (informational, not compared).
+
+    Raises:
+        bconv.errors.ConfigError: an option outside its choices or range.
+        bconv.errors.InputSizeError: a malformed ``input_size``.
+        bconv.errors.LeafModuleError: ``leaf_modules`` holds something other than module classes.
 
     Example::
 
@@ -63,24 +83,72 @@ class PTLConfig:
         (('layer3', 'layer4'), 'v2')
     """
 
-    stages: tuple[str, ...]
-    cell: str = "v1"
-    input_size: tuple[int, ...] = (3, 224, 224)
+    stages: tuple[int | str, ...] | None = None
+    cell: CellVersion = "v1"
+    input_size: tuple[int, ...] | None = None
     cell_width: float = 0.125
     fuse_width: float = 0.125
-    state_mode: str = "per_sample"
-    sync_state: bool = False
-    detach: bool = True
-    on_size_change: str = "reset"
-    final_init: str = "identity"
-    source: str = "auto"
+    final_init: FinalInit = "identity"
+    source: Source = "auto"
     leaf_modules: tuple[str, ...] = ()
     version: str = dataclasses.field(default=__version__, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        stages = self.stages
+        if isinstance(stages, (numbers.Integral, str)) and not isinstance(stages, bool):
+            stages = (stages,)
+        elif stages is not None and isinstance(stages, Iterable):
+            stages = tuple(stages)  # what each item names is checked against the model (StageSelectionError)
+        object.__setattr__(self, "stages", stages)
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", check_input_size(self.input_size))
+        for name in ("cell_width", "fuse_width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 4:
+                raise ConfigError(f"{name} must be a fraction of the stage's channels in (0, 4]; got {value!r}")
+            object.__setattr__(self, name, float(value))
+        recorded = isinstance(self.leaf_modules, (list, tuple)) and all(
+            isinstance(c, str) and ":" in c for c in self.leaf_modules
+        )
+        classes = () if recorded else check_leaf_modules(self.leaf_modules)
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules) if recorded else tuple(map(_name, classes)))
+        object.__setattr__(self, "_classes", classes)  # the classes themselves, where they were given
+
+    @classmethod
+    def from_options(cls, config: PTLConfig | None = None, /, **options: Any) -> PTLConfig:
+        """``config`` (or the defaults) with ``options`` replaced; an unknown option is named.
+
+        Raises:
+            bconv.errors.ConfigError: an unknown option, or a value outside its choices or range.
+        """
+        if config is None:
+            return build(cls, options, "wrap_with_ptl")
+        if not isinstance(config, cls):
+            raise ConfigError(f"config must be a bconv.PTLConfig; got {type(config).__name__} ({config!r})")
+        if not options:
+            return config
+        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.name != "version"}
+        if config.leaf_modules and "leaf_modules" not in options:
+            values["leaf_modules"] = config.leaf_module_classes()
+        return build(cls, {**values, **options}, "wrap_with_ptl")
+
+    def leaf_module_classes(self, given: Iterable[type] | None = None) -> tuple[type[nn.Module], ...]:
+        """The ``leaf_modules`` classes: ``given``, else the ones this config was made with, else imported.
+
+        Raises:
+            bconv.errors.CheckpointError: a recorded class cannot be imported and none was given.
+        """
+        if given is not None:
+            return check_leaf_modules(given)
+        if self._classes or not self.leaf_modules:
+            return self._classes
+        return tuple(_import_class(n) for n in self.leaf_modules)
 
     @staticmethod
     def class_name(klass: type) -> str:
         """``"module:QualName"`` of a class, the form ``leaf_modules`` records."""
-        return f"{klass.__module__}:{klass.__qualname__}"
+        return _name(klass)
 
     def to_extra_state(self) -> torch.Tensor:
         """The value ``state_dict()`` stores: ``{"format": 1, "config": {...}}`` as JSON in a uint8 tensor."""
@@ -127,20 +195,27 @@ class PTLConfig:
                 f"this checkpoint's PTL config has options this bconv ({__version__}) does not know: "
                 f"{', '.join(unknown)}; it was written by bconv {values.get('version', 'unknown')}: upgrade bconv"
             )
-        if "stages" not in values:
-            raise CheckpointError("this checkpoint's PTL config has no `stages`")
-        for key, value in values.items():
-            check, expected = _OPTION_TYPES[key]
-            if not check(value):
-                raise CheckpointError(
-                    f"this checkpoint's PTL config records {key}={value!r}, which should be {expected}: the config "
-                    f"was edited or damaged after PTLModel.state_dict() wrote it. Fix `{key}` in the "
-                    f"checkpoint, or wrap the network by hand and load the weights without the `_extra_state` key."
-                )
+        if not (
+            isinstance(values.get("stages"), (list, tuple)) and values["stages"]
+            and all(isinstance(v, str) for v in values["stages"])
+        ):  # fmt: skip
+            raise CheckpointError(_damaged("stages", values.get("stages"), "a non-empty list of stage names"))
+        if not isinstance(values.get("input_size"), (list, tuple)):
+            raise CheckpointError(_damaged("input_size", values.get("input_size"), "three positive integers (C, H, W)"))
+        if not (isinstance(values.get("leaf_modules", []), (list, tuple))
+                and all(isinstance(v, str) and ":" in v for v in values.get("leaf_modules", []))):  # fmt: skip
+            raise CheckpointError(_damaged("leaf_modules", values["leaf_modules"], "a list of 'module:QualName' strings"))
+        recorded = dict(values)
         for key in ("stages", "input_size", "leaf_modules"):
             if key in values:
                 values[key] = tuple(values[key])
-        return cls(**values)
+        try:
+            return cls(**values)
+        except BConvError as e:  # the config's own checks, on a value that was edited or damaged
+            key = next((k for k in values if str(e).startswith((f"{k}=", f"{k} "))), None)
+            raise CheckpointError(
+                _damaged(key, recorded[key], f"valid ({e})") if key else f"this checkpoint's PTL config is damaged: {e}"
+            ) from e
 
     def differences(self, other: PTLConfig) -> list[tuple[str, Any, Any]]:
         """``(option, self's value, other's value)`` for every compared option that differs."""
@@ -150,52 +225,9 @@ class PTLConfig:
             if f.compare and getattr(self, f.name) != getattr(other, f.name)
         ]
 
-    def wrap_kwargs(self, leaf_modules: Iterable[type] | None = None) -> dict[str, Any]:
-        """Keyword arguments that make :func:`bconv.wrap_with_ptl` build this wrapper again.
 
-        Args:
-            leaf_modules: the classes themselves, when the recorded names cannot be imported (a class
-                defined in a script's ``__main__`` or inside a function).
-
-        Raises:
-            bconv.errors.CheckpointError: a recorded leaf module class cannot be imported and none was given.
-        """
-        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "version"}
-        kwargs["stages"] = list(self.stages)
-        kwargs["leaf_modules"] = (
-            tuple(leaf_modules) if leaf_modules is not None else tuple(_import_class(n) for n in self.leaf_modules)
-        )
-        return kwargs
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_strings(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-
-
-# What each recorded option must be, checked before any of it is used (``stages: null`` would otherwise
-# mean "every stage", ``input_size: 5`` fail inside a tuple()).
-_OPTION_TYPES: dict[str, tuple[Any, str]] = {
-    "stages": (lambda v: _is_strings(v) and len(v) > 0, "a non-empty list of stage names"),
-    "cell": (lambda v: isinstance(v, str), "a string ('v1' or 'v2')"),
-    "input_size": (
-        lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_int(n) and n > 0 for n in v),
-        "three positive integers (C, H, W)",
-    ),
-    "cell_width": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    "fuse_width": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    "state_mode": (lambda v: isinstance(v, str), "a string"),
-    "sync_state": (lambda v: isinstance(v, bool), "true or false"),
-    "detach": (lambda v: isinstance(v, bool), "true or false"),
-    "on_size_change": (lambda v: isinstance(v, str), "a string"),
-    "final_init": (lambda v: isinstance(v, str), "a string"),
-    "source": (lambda v: isinstance(v, str), "a string"),
-    "leaf_modules": (_is_strings, "a list of 'module:QualName' strings"),
-    "version": (lambda v: isinstance(v, str), "a string"),
-}
+def _name(klass: type) -> str:
+    return f"{klass.__module__}:{klass.__qualname__}"
 
 
 def _import_class(name: str) -> type:
@@ -213,6 +245,14 @@ def _import_class(name: str) -> type:
         # A checkpoint is data: what it names is only used if it is a module class.
         raise CheckpointError(f"leaf module {name} recorded in the checkpoint is not an nn.Module class here")
     return obj
+
+
+def _damaged(key: str, value: Any, expected: str) -> str:
+    return (
+        f"this checkpoint's PTL config records {key}={value!r}, which should be {expected}: the config was "
+        f"edited or damaged after PTLModel.state_dict() wrote it. Fix `{key}` in the checkpoint, or wrap the "
+        f"network by hand and load the weights without the `_extra_state` key."
+    )
 
 
 def mismatch_message(checkpoint: PTLConfig, model: PTLConfig) -> str:

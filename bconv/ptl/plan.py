@@ -78,7 +78,7 @@ def ptl_plan(wrapped: PTLModel, input_size: Sequence[int]) -> Plan:
 
     rows = []
     n = len(ladder.cells)
-    for i, (name, chain) in enumerate(zip(ladder.stage_names, ladder.cells)):
+    for i, (name, chain) in enumerate(zip(wrapped.adapter.stage_names, ladder.cells)):
         first, last = chain[0], chain[-1]
         version = "v2" if hasattr(first, "recover") else "v1"
         cells = f"{version} {first.in_channels}->{last.out_channels} " + "x".join(f"s{c.stride}" for c in chain)

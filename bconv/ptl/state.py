@@ -138,7 +138,7 @@ def load_latent_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
         problems.append(f"states for {unexpected}, which are not cells of this {type(model).__name__}")
     for name, cell in cells.items():
         if name in state_dict:
-            problems += [f"{name}: {p}" for p in cell._latent_state_problems(state_dict[name])]
+            problems += [f"{name}: {p}" for p in cell.latent_state_problems(state_dict[name])]
     if problems:
         hint = (
             f" The cells of this model are {list(cells)}. Keys are module paths relative to the model "

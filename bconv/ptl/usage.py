@@ -31,7 +31,8 @@ from torch.utils._pytree import tree_leaves
 
 from ..cells import StatefulCell
 from ..errors import BConvError
-from .wrapper import PTLLadder, PTLModel
+from .ladder import PTLLadder
+from .wrapper import PTLModel
 
 __all__ = ["LadderUsage", "ladder_usage"]
 
@@ -98,7 +99,7 @@ def ladder_usage(
     wrapped = _only_ptl_model(model)
     args = x if isinstance(x, tuple) else (x,)
     ladder = wrapped.ptl
-    tap = dict(wrapped.model.named_modules())[ladder.tap_names[-1]]
+    tap = dict(wrapped.model.named_modules())[wrapped.adapter.tap_names[-1]]
     with _untouched(model):
         with torch.no_grad(), _mode(model, train=False):
             stage, out = _run(model, args, tap)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,7 +42,7 @@ __all__ = [
 
 Layout = Literal["NCHW", "NHWC"]
 Source = Literal["auto", "fx", "feature_info"]
-SOURCES = ("auto", "fx", "feature_info")
+SOURCES = typing.get_args(Source)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from torch import fx, nn
 from ..errors import (
     BConvError,
     ClassifierNotFoundError,
+    ConfigError,
     InputSizeError,
     NoSpatialStagesError,
     TraceError,
@@ -234,7 +235,7 @@ def anatomy(
         (['relu', 'layer1', 'layer2', 'layer3', 'layer4'], 'avgpool', 'fc', 2048)
     """
     if source not in SOURCES:
-        raise ValueError(f"source={source!r} is not one of {', '.join(map(repr, SOURCES))}")
+        raise ConfigError(f"source={source!r} is not one of {', '.join(map(repr, SOURCES))}")
     network, prefix = original_network(model)
     _check_kind(network)  # a video network's (C, T, H, W) is no malformed input_size: say what it is first
     size = check_input_size(input_size, network)
