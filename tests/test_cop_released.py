@@ -1,14 +1,14 @@
 """bconv's COP importance against the released code (ZJULearning/COP, prune_algorithm/prune_common.py).
 
 The reference below transcribes the released NumPy code line for line, in its TensorFlow kernel layout
-[kh, kw, in, out]; bconv must compute the same numbers on the same weights (DESIGN.md §8).
+[kh, kw, in, out]; bconv must compute the same numbers on the same weights (docs/design.md §8).
 """
 
 import numpy as np
 import pytest
 import torch
 
-from bconv.prune.importance import _Redundancy, _similarity
+from bconv.prune.importance import Redundancy, similarity_matrix
 
 
 def released_matrix(weights: np.ndarray, method: str) -> np.ndarray:
@@ -58,8 +58,8 @@ def consumer(seed: int = 0, out: int = 24, n: int = 10) -> torch.Tensor:
 
 def bconv_matrix_and_r(w: torch.Tensor, similarity: str, normalize: str, top_k: int = 3):
     taps = w.reshape(w.shape[0], w.shape[1], -1).permute(2, 0, 1)  # [taps, out, n]
-    m = _similarity(taps, similarity, normalize)
-    return m.double().numpy(), _Redundancy(m[None], top_k).mean
+    m = similarity_matrix(taps, similarity, normalize)
+    return m.double().numpy(), Redundancy(m[None], top_k).mean
 
 
 def tf_layout(w: torch.Tensor) -> np.ndarray:
@@ -78,7 +78,7 @@ def test_matrix_and_redundancy_match_the_released_formulas(similarity, normalize
     # The released top-k leaves out each column's largest entry, meaning the diagonal (a channel with itself).
     # That holds for pearson and cosine (|corr| <= 1 = the diagonal); with inner products a channel's product
     # with a larger one can exceed its own norm, and there bconv takes the top-k of the other channels as
-    # DESIGN.md §8 says, where the released code would count the channel with itself.
+    # docs/design.md §8 says, where the released code would count the channel with itself.
     itself = np.argmax(stat, axis=0) == np.arange(len(stat))
     assert itself.all() or similarity == "inner"
     assert itself.sum() >= len(stat) - 2
@@ -101,16 +101,16 @@ def test_dead_channel_is_most_redundant_and_leaves_the_other_scores_as_released(
 @pytest.mark.parametrize("taps, filters, n", [(1, 40, 513), (3, 24, 700), (1, 16, 1030), (2, 8, 300)])
 def test_wide_similarity_in_strips_is_the_whole_product(taps, filters, n):
     # Wide consumers (ResNet-50's 2048-wide stream) compute each off-diagonal block once and mirror it.
-    from bconv.prune.importance import _mean_abs_similarity
+    from bconv.prune.importance import mean_abs_similarity
 
     z = torch.randn(taps, filters, n, generator=torch.Generator().manual_seed(n))
     scale = z.norm(dim=1)
     whole = torch.bmm(z.transpose(1, 2), z)
     expected = (whole / filters / (scale.unsqueeze(2) * scale.unsqueeze(1) + 1e-8)).abs().mean(dim=0)
-    torch.testing.assert_close(_mean_abs_similarity(z, scale, filters), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(_mean_abs_similarity(z, None, 1), whole.abs().mean(dim=0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mean_abs_similarity(z, scale, filters), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean_abs_similarity(z, None, 1), whole.abs().mean(dim=0), rtol=1e-5, atol=1e-4)
     wide = torch.randn(1, filters, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     released = released_matrix(wide[0].t().reshape(1, 1, n, filters).numpy(), "pearson")
     off = ~np.eye(n, dtype=bool)
-    np.testing.assert_allclose(_similarity(wide, "pearson", "max").double().numpy()[off],
+    np.testing.assert_allclose(similarity_matrix(wide, "pearson", "max").double().numpy()[off],
                                released_normalized(released, "max")[off], rtol=1e-5, atol=1e-6)

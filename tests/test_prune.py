@@ -1,7 +1,10 @@
 """COP pruning (bconv.prune): which channels go, coupled widths, floors, targets, save/load, errors."""
 
 import math
+import warnings
+from copy import deepcopy
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -9,7 +12,10 @@ from torch import Tensor, nn
 
 import bconv
 import bconv.surgery
-from bconv.prune import PruneError, PruneTargetError, cop_prune, format_report, load_pruned, save_pruned
+from bconv.errors import ConfigError
+from bconv.prune import (
+    COPImportance, Floors, PruneError, PruneTargetError, cop_prune, format_report, load_pruned, save_pruned,
+)
 from conftest import zoo_model
 
 SMALL = (3, 32, 32)
@@ -170,7 +176,7 @@ def cifar_vgg16_bn() -> nn.Module:
 
 @pytest.mark.parametrize("build", [cifar_vgg16_bn, lambda: torchvision.models.resnet18(num_classes=10)], ids=["vgg16_bn", "resnet18"])
 def test_ablation_direction_smaller_removes_params_faster_removes_flops(build):
-    # COP's ablation (DESIGN §7): gamma favours parameters, beta favours FLOPs, at the same channel count.
+    # COP's ablation (docs/design.md §7): gamma favours parameters, beta favours FLOPs, at the same channel count.
     reports = {}
     for prefer in ("smaller", "faster"):
         torch.manual_seed(0)
@@ -196,7 +202,7 @@ def test_unreachable_target_is_refused_with_reachable_ratio_and_model_unchanged(
     model = torchvision.models.resnet18(num_classes=10)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PruneTargetError, match=r"about 0\.\d+ can be removed"):
-        cop_prune(model, SMALL, ratio=0.9, metric="params", max_fraction=0.5)
+        cop_prune(model, SMALL, ratio=0.9, metric="params", floors=Floors(max_fraction=0.5))
     after = model.state_dict()
     assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
     assert model.layer1[0].conv1.out_channels == 64
@@ -230,7 +236,8 @@ def test_a_failure_after_pruning_puts_back_the_very_objects_the_user_holds():
 
 def test_floors_hold():
     model = torchvision.models.resnet18(num_classes=10)
-    report = cop_prune(model, SMALL, ratio=0.5, metric="flops", min_channels=24, max_fraction=0.6, round_to=8).report
+    floors = Floors(min_channels=24, max_fraction=0.6, round_to=8)
+    report = cop_prune(model, SMALL, ratio=0.5, metric="flops", floors=floors).report
     assert report.layers
     for w in report.layers:
         assert w.after >= max(24, math.ceil(0.4 * w.before)), w
@@ -264,18 +271,121 @@ def test_load_pruned_refuses_another_architecture(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"ratio": 0.0}, "strictly between 0 and 1"),
-    ({"ratio": 1.5}, "strictly between 0 and 1"),
-    ({"metric": "latency"}, "'flops', 'params', 'channels'"),
-    ({"prefer": "fast"}, "'balanced', 'smaller', 'faster'"),
+    (lambda: {"ratio": 0.0}, "strictly between 0 and 1"),
+    (lambda: {"ratio": 1.5}, "strictly between 0 and 1"),
+    (lambda: {"metric": "latency"}, "'flops', 'params', 'channels'"),
+    (lambda: {"prefer": "fast"}, "'balanced', 'smaller', 'faster'"),
+    (lambda: {"importance": COPImportance(similarity="spearman", example_inputs=torch.randn(1, *SMALL))},
+     "'pearson', 'cosine', 'inner'"),
+    (lambda: {"floors": Floors(max_fraction=0.0)}, r"\(0, 1\]"),
+    (lambda: {"floors": Floors(round_to=0)}, ">= 1"),
+    (lambda: {"stages": ["layer9"]}, r"stage 'layer9' is not a module of the model.*layer3.*bconv\.inspect"),
+], ids=["ratio0", "ratio1.5", "metric", "prefer", "similarity", "max_fraction", "round_to", "stages"])  # fmt: skip
+def test_bad_arguments_get_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cop_prune(torchvision.models.resnet18(num_classes=10), SMALL, **kwargs())
+
+
+# --------------------------------------------------------------------------- grouped arguments, deprecated keywords
+
+
+def test_deprecated_keywords_warn_and_prune_exactly_as_the_grouped_objects():
+    # The keywords of COP's score and of the floors still work until bconv 0.5: each warns with its new spelling,
+    # and alpha= overrides prefer's weight as it did.
+    model = torchvision.models.resnet18(num_classes=10)
+    twin = deepcopy(model)
+    old = {"alpha": 2.0, "top_k": 5, "similarity": "cosine", "min_channels": 4, "round_to": 2}
+    with pytest.warns(DeprecationWarning) as caught:
+        before = cop_prune(model, SMALL, ratio=0.4, metric="params", prefer="faster", **old)
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert len(messages) == len(old)
+    for keyword, message in zip(old, messages):
+        group = "importance=COPImportance" if keyword in ("alpha", "top_k", "similarity") else "floors=Floors"
+        assert message.startswith(f"cop_prune({keyword}=...) is deprecated and will be removed in bconv 0.5: "
+                                  f"use cop_prune({group}({keyword}=...))"), message  # fmt: skip
+    assert "importance=COPImportance(2.0, 3.0, 0.0, top_k=5, similarity='cosine', " \
+           "example_inputs=torch.zeros(1, 3, 32, 32))" in messages[0]  # fmt: skip
+    assert "floors=Floors(min_channels=4, round_to=2)" in messages[-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # the new spelling does not warn
+        importance = COPImportance(2.0, 3.0, 0.0, top_k=5, similarity="cosine", example_inputs=torch.zeros(1, *SMALL))
+        after = cop_prune(twin, SMALL, ratio=0.4, metric="params", importance=importance,
+                          floors=Floors(min_channels=4, round_to=2))  # fmt: skip
+    assert after.history == before.history and after.history
+    assert after.report.layers == before.report.layers and after.report.achieved == before.report.achieved
+    assert (after.report.alpha, after.report.beta, after.report.gamma) == (2.0, 3.0, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+@pytest.mark.parametrize("kwargs, match", [
     ({"similarity": "spearman"}, "'pearson', 'cosine', 'inner'"),
     ({"max_fraction": 0.0}, r"\(0, 1\]"),
     ({"round_to": 0}, ">= 1"),
-    ({"stages": ["layer9"]}, r"stage 'layer9' is not a module of the model.*layer3.*bconv\.inspect"),
 ])  # fmt: skip
-def test_bad_arguments_get_clear_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_deprecated_keywords_still_get_clear_errors(kwargs, match):
+    with pytest.warns(DeprecationWarning, match="is deprecated"), pytest.raises(ValueError, match=match):
         cop_prune(torchvision.models.resnet18(num_classes=10), SMALL, **kwargs)
+
+
+def test_floors_is_exported_and_validates_its_input():
+    import dataclasses
+
+    import bconv.prune
+
+    assert "Floors" in bconv.prune.__all__ and bconv.prune.Floors is Floors
+    assert (Floors().min_channels, Floors().max_fraction, Floors().round_to) == (1, 0.9, 1)
+    assert Floors(16, 0.5, 8) == Floors(min_channels=16, max_fraction=0.5, round_to=8)
+    for bad, match in [
+        ({"min_channels": 0}, r"min_channels=0 must be an integer >= 1"),
+        ({"min_channels": 2.5}, r"min_channels=2\.5 must be an integer >= 1"),
+        ({"min_channels": True}, r"min_channels=True must be an integer >= 1"),
+        ({"round_to": 0}, r"round_to=0 must be an integer >= 1"),
+        ({"max_fraction": 0.0}, r"max_fraction=0\.0 must be in \(0, 1\]"),
+        ({"max_fraction": 1.5}, r"max_fraction=1\.5 must be in \(0, 1\]"),
+        ({"max_fraction": "0.5"}, r"max_fraction='0\.5' must be in \(0, 1\]"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            Floors(**bad)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Floors().round_to = 8
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (lambda: {"importance": COPImportance(beta=0.0), "alpha": 2.0}, ConfigError, r"importance= and alpha="),
+    (lambda: {"importance": COPImportance(beta=0.0), "top_k": 5, "normalize": "l1"}, ConfigError,
+     r"importance= and top_k=, normalize="),
+    (lambda: {"importance": COPImportance(beta=0.0), "prefer": "faster"}, ConfigError,
+     r"importance= and prefer='faster'"),
+    (lambda: {"floors": Floors(), "round_to": 8}, ConfigError,
+     r"floors= and round_to=.*floors=Floors\(round_to=\.\.\."),
+    (lambda: {"importance": "faster"}, TypeError, r"importance='faster' must be a bconv\.prune\.COPImportance"),
+    (lambda: {"floors": (1, 0.9, 1)}, TypeError, r"must be a bconv\.prune\.Floors"),
+    (lambda: {"min_channel": 4}, TypeError, r"unexpected keyword argument 'min_channel'"),
+], ids=["importance+alpha", "importance+options", "importance+prefer", "floors+round_to", "importance-type",
+        "floors-type", "unknown-keyword"])  # fmt: skip
+def test_conflicting_or_unknown_spellings_are_refused_before_anything_changes(kwargs, error, match):
+    model = Chain()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # refused before any deprecation warning
+        with pytest.raises(error, match=match):
+            cop_prune(model, SMALL, ratio=0.1, metric="channels", **kwargs())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, bconv.BConvError)
+
+
+def test_cost_terms_are_cops_log_ratios_over_the_largest_group():
+    # imp = alpha (1 - r) + beta (1 - log2 F / max log2 F) + gamma (1 - log2 P / max log2 P), computed in one place.
+    from bconv.prune.importance import cost_terms, redundancy_term
+
+    costs = np.array([[8.0, 64.0], [2.0, 1.0], [32.0, 16.0]])  # (params, FLOPs); below 2 counts as 2
+    gamma, beta = 3.0, 0.5
+    expected = [beta * (1 - math.log2(max(f, 2)) / 6) + gamma * (1 - math.log2(p) / 5) for p, f in costs]
+    np.testing.assert_allclose(cost_terms(costs, np.array([gamma, beta])), expected, rtol=1e-12)
+    largest = np.array([math.log2(64), math.log2(128)])  # another group of the network is the largest
+    np.testing.assert_allclose(cost_terms(costs[:1], np.array([gamma, beta]), largest),
+                               [beta * (1 - 6 / 7) + gamma * (1 - 3 / 6)], rtol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(redundancy_term(np.array([0.0, 0.25, 1.0]), 2.0), [2.0, 1.5, 0.0])
 
 
 class Detached(nn.Module):
@@ -582,8 +692,6 @@ def _metapruner_cut(model: nn.Module, importance) -> list[int]:
 
 @pytest.mark.parametrize("source, copy", [(2, 5), (6, 1)])
 def test_cop_importance_in_metapruner_cuts_what_cop_prune_cuts(source, copy):
-    from bconv.prune import COPImportance
-
     model = Chain()
     with torch.no_grad():
         model.conv2.weight[:, copy] = 2 * model.conv2.weight[:, source] + 0.1
@@ -599,8 +707,6 @@ def test_cop_importance_in_metapruner_cuts_what_cop_prune_cuts(source, copy):
 
 def test_cop_importance_scores_channels_in_metapruner_global_iterative_on_torchvision():
     import torch_pruning as tp
-
-    from bconv.prune import COPImportance
 
     model = torchvision.models.resnet18(num_classes=10)
     x = torch.randn(1, *SMALL)
@@ -623,8 +729,6 @@ def test_cop_prune_and_cop_importance_run_on_a_cuda_model():
     # The greedy cut runs on the host: the redundancy matrices leave the GPU before numpy sees them.
     import torch_pruning as tp
 
-    from bconv.prune import COPImportance
-
     model = torchvision.models.resnet18(num_classes=10).cuda()
     batches = [torch.randn(4, *SMALL, device="cuda")]
     result = cop_prune(model, SMALL, ratio=0.3, metric="params", calibration=batches)
@@ -641,7 +745,7 @@ def test_cop_prune_and_cop_importance_run_on_a_cuda_model():
 def test_cop_importance_in_metapruner_on_a_timm_model_with_grouped_convolutions():
     import torch_pruning as tp
 
-    from bconv.prune import PRESETS, COPImportance
+    from bconv.prune import PRESETS
 
     model = zoo_model("timm:regnetx_002").eval()
     x = torch.randn(1, 3, 64, 64)
@@ -663,8 +767,6 @@ def test_cop_importance_prunes_attention_head_dims_with_metapruners_num_heads():
     import timm
     import torch_pruning as tp
     from timm.models.vision_transformer import Attention
-
-    from bconv.prune import COPImportance
 
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False, num_classes=10)
@@ -690,8 +792,6 @@ def test_cop_importance_prunes_attention_head_dims_with_metapruners_num_heads():
 
 
 def test_cop_importance_refuses_bad_arguments():
-    from bconv.prune import COPImportance
-
     with pytest.raises(ValueError, match="example_inputs"):
         COPImportance(beta=1.0)
     with pytest.raises(ValueError, match="'pearson', 'cosine', 'inner'"):
@@ -702,8 +802,6 @@ def test_cop_importance_refuses_bad_arguments():
 
 def test_a_metapruner_pruned_model_saves_and_replays_from_torch_prunings_history(tmp_path):
     import torch_pruning as tp
-
-    from bconv.prune import COPImportance
 
     model = torchvision.models.resnet18(num_classes=10)
     x = torch.randn(1, *SMALL)

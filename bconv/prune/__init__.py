@@ -2,7 +2,7 @@
 
 Torch-Pruning's dependency graph says which channels are coupled (residual sums,
 concatenations, depthwise convolutions) and removes them; bconv decides *which* channels go,
-with the importance of the released COP code (see DESIGN.md §8):
+with the importance of the released COP code (see docs/design.md §8):
 
 - redundancy is data-free: for each spatial tap of the kernel that consumes a layer's
   channels, every input channel is a vector over the consumer's filters; the |Pearson|
@@ -18,14 +18,14 @@ pruned (``keep_feature_width=True`` keeps the pooled width STD compares). Where 
 it: coupled layers (every kernel that reads the same channels) average their redundancies; a
 channel whose consumer weights are constant (a dead channel) is the most redundant, not the least,
 and the other channels' scores stay the released ones; every layer keeps a floor
-(``min_channels``, ``max_fraction``, ``round_to``); the target is met within 2% of the metric or
-refused before anything is changed.
+(:class:`Floors`: ``min_channels``, ``max_fraction``, ``round_to``); the target is met within 2% of the
+metric or refused before anything is changed.
 
 The package, one part per file:
 
-- :mod:`.importance`: COP's score (the formulas of DESIGN.md §8), and :class:`COPImportance`, the
-  same score as a Torch-Pruning importance for ``tp.pruner.MetaPruner``;
-- :mod:`.planner`: the greedy, global selection over Torch-Pruning's channel groups;
+- :mod:`.importance`: COP's score (the formulas of docs/design.md §8, computed there only), and
+  :class:`COPImportance`, the same score as a Torch-Pruning importance for ``tp.pruner.MetaPruner``;
+- :mod:`.planner`: the greedy, global selection over Torch-Pruning's channel groups, and :class:`Floors`;
 - :mod:`.adapter`: everything asked of Torch-Pruning (graph, groups, protections, measuring);
 - :mod:`.checkpoint`: :func:`save_pruned` / :func:`load_pruned` on Torch-Pruning's pruning history;
 - :mod:`.batchnorm`: :func:`reestimate_batchnorm`, to read after any pruning;
@@ -34,8 +34,9 @@ The package, one part per file:
 
 from .api import cop_prune
 from .batchnorm import reestimate_batchnorm
-from .importance import PRESETS, COPImportance
 from .checkpoint import load_pruned, save_pruned
+from .importance import PRESETS, COPImportance
+from .planner import Floors
 from .report import LayerWidth, PruneError, PruneReport, PruneResult, PruneTargetError, format_report
 
 __all__ = [
@@ -50,5 +51,6 @@ __all__ = [
     "PruneTargetError",
     "PRESETS",
     "COPImportance",
+    "Floors",
     "reestimate_batchnorm",
 ]

@@ -18,8 +18,14 @@ from ..errors import BConvError, TraceError
 from ..surgery import TotalFlopCounter, eval_mode
 from .report import PruneError
 
+__all__ = [
+    "Protection", "Snapshot", "all_groups", "build_graph", "check_forward", "has_submodule", "in_channels",
+    "is_depthwise", "is_inside", "is_layer", "kernel_taps", "measure", "out_channels", "output_shapes",
+    "plain_history", "protected_layers", "recording_positions",
+]  # fmt: skip
 
-def _build_graph(
+
+def build_graph(
     model: nn.Module, x: Tensor, forward: Callable[[nn.Module, Tensor], Any] | None = None
 ) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of ``model``, traced from one forward of ``x`` (eval mode, autograd on).
@@ -60,7 +66,7 @@ class Protection:
     outputs: dict[str, str] = field(default_factory=dict)
 
 
-def _protected_layers(
+def protected_layers(
     model: nn.Module,
     input_size: tuple[int, ...],
     graph: tp.DependencyGraph,
@@ -109,7 +115,7 @@ def _protected_layers(
         if any(other != name and (name == "" or other.startswith(name + ".")) for other in with_heads):
             continue  # an inner module keeps the heads
         for sub, layer in module.named_modules():
-            if _is_layer(layer) or isinstance(layer, nn.MultiheadAttention):
+            if is_layer(layer) or isinstance(layer, nn.MultiheadAttention):
                 protected.whole.setdefault(f"{name}.{sub}" if sub else name, f"attention with {heads} heads")
     # Walk back from every model output through parameter-free ops (add, interpolate, reshape, ...): the
     # first module with parameters on each path produces output channels.
@@ -131,11 +137,12 @@ def _protected_layers(
     return protected
 
 
-def _output_shapes(out: Any) -> list[tuple[int, ...]]:
+def output_shapes(out: Any) -> list[tuple[int, ...]]:
+    """The shapes of every tensor in a model's output (nested lists, tuples and dicts flattened)."""
     return [tuple(t.shape) for t in tp.utils.flatten_as_list(out) if isinstance(t, Tensor)]
 
 
-def _check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) -> dict[str, int]:
+def check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) -> dict[str, int]:
     """Measure the pruned model; it must still run and return outputs of the same shapes (else name the
     failing module)."""
     stack: list[str] = []
@@ -150,7 +157,7 @@ def _check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) -
     handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
     handles += [m.register_forward_hook(leave) for m in model.modules()]
     try:
-        measured, out = _measure(model, x)
+        measured, out = measure(model, x)
     except Exception as e:
         where = stack[-1] if stack else type(model).__name__
         raise PruneError(
@@ -162,18 +169,18 @@ def _check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) -
     finally:
         for h in handles:
             h.remove()
-    if _output_shapes(out) != shapes:
-        raise PruneError(f"after pruning, {type(model).__name__}'s outputs have shapes {_output_shapes(out)} "
+    if output_shapes(out) != shapes:
+        raise PruneError(f"after pruning, {type(model).__name__}'s outputs have shapes {output_shapes(out)} "
                          f"instead of {shapes}; the model is unchanged")  # fmt: skip
     return measured
 
 
-def _plain_history(history: Iterable[Any]) -> list[list[Any]]:
+def plain_history(history: Iterable[Any]) -> list[list[Any]]:
     """Torch-Pruning's ``pruning_history()`` as plain ``[name, prunes_outputs, [indices]]`` lists (JSON, torch.save)."""
     return [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in history]
 
 
-class _Snapshot:
+class Snapshot:
     """Every module's attributes as they are now, to put back if pruning fails half way.
 
     Torch-Pruning prunes by assignment, never by writing into a tensor: a new ``Parameter`` from
@@ -200,23 +207,25 @@ class _Snapshot:
                 container.extend(items) if isinstance(container, list) else container.update(items)
 
 
-def _out_channels(module: nn.Module) -> int:
+def out_channels(module: nn.Module) -> int:
+    """A convolution's or linear layer's output channels."""
     return int(module.out_features if isinstance(module, nn.Linear) else module.out_channels)
 
 
-def _is_layer(module: Any) -> bool:
+def is_layer(module: Any) -> bool:
+    """Whether ``module`` is a convolution or a linear layer, the layers COP prunes."""
     return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
 
 
 @contextmanager
-def _recording_positions(model: nn.Module, positions: dict[nn.Module, int] | None) -> Iterator[None]:
+def recording_positions(model: nn.Module, positions: dict[nn.Module, int] | None) -> Iterator[None]:
     """While inside, forwards add each convolution's and linear layer's output positions per sample to
     ``positions`` (its FLOPs are 2 x weight x positions); nothing is recorded when it is None."""
     def hook(m: nn.Module, args: Any, out: Any) -> None:
         if isinstance(out, Tensor):
-            positions[m] = positions.get(m, 0) + out.numel() // max(out.shape[0], 1) // _out_channels(m)
+            positions[m] = positions.get(m, 0) + out.numel() // max(out.shape[0], 1) // out_channels(m)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if _is_layer(m)] if positions is not None else []
+    handles = [m.register_forward_hook(hook) for m in model.modules() if is_layer(m)] if positions is not None else []
     try:
         yield
     finally:
@@ -224,15 +233,15 @@ def _recording_positions(model: nn.Module, positions: dict[nn.Module, int] | Non
             h.remove()
 
 
-def _measure(model: nn.Module, x: Tensor, positions: dict[nn.Module, int] | None = None) -> tuple[dict[str, int], Any]:
+def measure(model: nn.Module, x: Tensor, positions: dict[nn.Module, int] | None = None) -> tuple[dict[str, int], Any]:
     """Params, FLOPs and channels, and the output, from one forward; ``positions`` receives each convolution's
     and linear layer's output positions per sample."""
-    with _recording_positions(model, positions), TotalFlopCounter() as counter:
+    with recording_positions(model, positions), TotalFlopCounter() as counter:
         out = model(x)
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "flops": int(counter.get_total_flops()),
-        "channels": sum(_out_channels(m) for m in model.modules() if _is_layer(m)),
+        "channels": sum(out_channels(m) for m in model.modules() if is_layer(m)),
     }, out
 
 
@@ -240,7 +249,7 @@ class _RunawayMapping(Exception):
     """Torch-Pruning's index mapping grew past any width in the model."""
 
 
-def _all_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[nn.Module, Any, str]]:
+def all_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[nn.Module, Any, str]]:
     """Torch-Pruning's ``get_all_groups`` (every convolution and linear layer as a root, each layer in one
     group), one group at a time: ``(root, group, "")``, or ``(root, None, why)`` for a group it cannot build.
 
@@ -284,7 +293,7 @@ def _all_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[nn.Mo
     tp.dependency.Group.add_dep = bounded_add
     try:
         for m in list(graph.module2node):
-            if not _is_layer(m) or m in visited or m in graph.IGNORED_LAYERS_IN_TRACING:
+            if not is_layer(m) or m in visited or m in graph.IGNORED_LAYERS_IN_TRACING:
                 continue
             pruner = graph.get_pruner_of_module(m)
             if pruner is None or pruner.get_out_channels(m) is None:
@@ -305,7 +314,8 @@ def _all_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[nn.Mo
     return found
 
 
-def _has(model: nn.Module, path: str) -> bool:
+def has_submodule(model: nn.Module, path: str) -> bool:
+    """Whether ``model`` has a submodule at ``path``."""
     try:
         model.get_submodule(path)
         return True
@@ -313,17 +323,21 @@ def _has(model: nn.Module, path: str) -> bool:
         return False
 
 
-def _depthwise(m: nn.Module) -> bool:
+def is_depthwise(m: nn.Module) -> bool:
+    """Whether ``m`` is a depthwise convolution (one group per output channel, more than one group)."""
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.out_channels
 
 
-def _in_channels(m: nn.Module) -> int:
+def in_channels(m: nn.Module) -> int:
+    """A convolution's or linear layer's input channels."""
     return int(m.in_features if isinstance(m, nn.Linear) else m.in_channels)
 
 
-def _taps(m: nn.Module) -> int:
+def kernel_taps(m: nn.Module) -> int:
+    """A convolution's kernel positions (``kh x kw``); 1 for a linear layer."""
     return int(math.prod(m.kernel_size)) if isinstance(m, nn.modules.conv._ConvNd) else 1
 
 
-def _inside(name: str, prefixes: Iterable[str]) -> bool:
+def is_inside(name: str, prefixes: Iterable[str]) -> bool:
+    """Whether module path ``name`` is one of ``prefixes`` or inside one of them (``""`` holds every path)."""
     return any(name == p or name.startswith(p + ".") or p == "" for p in prefixes)

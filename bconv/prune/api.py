@@ -4,26 +4,33 @@ and the model put back as it was on any failure)."""
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import BConvError, InputSizeError
-from ..surgery import check_input_size, check_module_paths, dummy_input, eval_mode, model_error_message, refuse_wrapped, select_stages
+from .._deprecation import REMOVED_IN
+from ..errors import BConvError, ConfigError, InputSizeError
+from ..surgery import (
+    check_input_size, check_module_paths, dummy_input, eval_mode, model_error_message, refuse_wrapped, select_stages,
+)
 from ..surgery.anatomy import anatomy
 from .adapter import (
-    _build_graph, _check_forward, _measure, _out_channels, _output_shapes, _plain_history, _protected_layers, _Snapshot,
+    Snapshot, build_graph, check_forward, measure, out_channels, output_shapes, plain_history, protected_layers,
 )
-from .importance import PRESETS, COPImportance, Normalization, Similarity
-from .planner import TOLERANCE, Floors, _Planner
-from .report import LayerWidth, PruneError, PruneReport, PruneResult, PruneTargetError, _skipped_hint
+from .importance import PRESETS, COPImportance
+from .planner import TOLERANCE, Floors, Planner
+from .report import LayerWidth, PruneError, PruneReport, PruneResult, PruneTargetError, skipped_hint
 
 __all__ = ["cop_prune"]
 
 Metric = Literal["flops", "params", "channels"]
 Prefer = Literal["balanced", "smaller", "faster"]
 _METRICS = ("flops", "params", "channels")
+# The keywords cop_prune took before importance= and floors= grouped them (deprecated).
+_IMPORTANCE_KEYWORDS = ("alpha", "beta", "gamma", "top_k", "similarity", "normalize")
+_FLOORS_KEYWORDS = ("min_channels", "max_fraction", "round_to")
 
 
 def cop_prune(
@@ -31,21 +38,15 @@ def cop_prune(
     input_size: Sequence[int] = (3, 224, 224),
     ratio: float = 0.5,
     metric: Metric = "flops",
-    prefer: Prefer = "balanced",
+    prefer: Prefer | None = None,
     *,
-    alpha: float | None = None,
-    beta: float | None = None,
-    gamma: float | None = None,
-    top_k: int = 3,
-    similarity: Similarity = "pearson",
-    normalize: Normalization = "max",
-    min_channels: int = 1,
-    max_fraction: float = 0.9,
-    round_to: int = 1,
+    importance: COPImportance | None = None,
+    floors: Floors | None = None,
     stages: Sequence[str | int] | None = None,
     protect: Sequence[str] = (),
     keep_feature_width: bool = False,
     calibration: Iterable[Tensor] | None = None,
+    **deprecated: Any,
 ) -> PruneResult:
     """Prune ``model``'s channels with COP until ``ratio`` of ``metric`` is removed.
 
@@ -56,17 +57,15 @@ def cop_prune(
         ratio: fraction of ``metric`` to remove, in (0, 1); met within 2% of the metric.
         metric: ``"flops"``, ``"params"`` or ``"channels"`` (output channels of all convolutions
             and linear layers), each counted on the whole model.
-        prefer: preset of ``(alpha, beta, gamma)``: ``"balanced"`` (1, 1, 1), ``"smaller"``
-            (1, 0, 3: parameters weigh), ``"faster"`` (1, 3, 0: FLOPs weigh).
-        alpha, beta, gamma: override the preset's weight of redundancy, FLOPs and params.
-        top_k: how many of a channel's largest correlations make its redundancy.
-        similarity: ``"pearson"`` (COP's default), ``"cosine"`` or ``"inner"`` (inner product).
-        normalize: how each layer's correlation matrix (zero diagonal) is scaled once, as in the released
-            code: divided by its largest entry (``"max"``), by the sum of the matrix / 2 (``"l1"``) or by
-            its Frobenius norm (``"l2"``).
-        min_channels: no layer keeps fewer channels than this (and never fewer than 1).
-        max_fraction: the largest fraction of a layer's channels that may be removed.
-        round_to: kept widths are multiples of this (the original width is always allowed).
+        prefer: preset of ``(alpha, beta, gamma)`` (``PRESETS``): ``"balanced"`` (1, 1, 1, the default),
+            ``"smaller"`` (1, 0, 3: parameters weigh), ``"faster"`` (1, 3, 0: FLOPs weigh). Pass it or
+            ``importance``, not both.
+        importance: COP's score, its weights and similarity: a :class:`COPImportance` (its ``alpha``, ``beta``,
+            ``gamma``, ``top_k``, ``similarity`` and ``normalize`` are read; its ``example_inputs`` are not,
+            FLOPs are counted at ``input_size``). Default: ``COPImportance(*PRESETS[prefer])`` with
+            ``top_k=3``, ``similarity="pearson"``, ``normalize="max"``.
+        floors: how far any one layer may be narrowed, a :class:`Floors` (``min_channels``, ``max_fraction``,
+            ``round_to``). Default: ``Floors()``, at least 1 channel kept and at most 90% removed.
         stages: only prune channels produced inside these stages, named (or indexed) as
             ``python -m bconv.inspect MODEL`` prints them. Default: every stage.
         protect: extra module paths whose channels must not change; a block's path (``layer4``) keeps every
@@ -77,12 +76,19 @@ def cop_prune(
         calibration: optional input batches (an extension of COP, which is data-free): redundancy is
             then the correlation of the channels' activations (each layer's output, over samples and
             positions) instead of their consumer kernels. A few batches suffice.
+        **deprecated: the keywords ``alpha``, ``beta``, ``gamma`` (each overriding ``prefer``'s weight),
+            ``top_k``, ``similarity``, ``normalize`` (now ``importance=``) and ``min_channels``,
+            ``max_fraction``, ``round_to`` (now ``floors=``) still work, with a ``DeprecationWarning`` each,
+            until bconv 0.5.
 
     Returns:
         A :class:`PruneResult`: ``.model`` (the same object), ``.report`` and ``.history``.
 
     Raises:
         ValueError: a bad argument (names what is valid).
+        TypeError: ``importance`` or ``floors`` of another type, or an unknown keyword.
+        bconv.errors.ConfigError: ``importance`` with ``prefer`` or a deprecated keyword of COP's score, or
+            ``floors`` with a deprecated keyword of the floors.
         bconv.errors.InputSizeError: a malformed ``input_size``, or one the model rejects.
         bconv.errors.StageSelectionError: ``stages`` names no stage of the model (as in ``wrap_with_ptl``).
         bconv.errors.ModulePathError: ``protect`` names a module the model does not have.
@@ -94,19 +100,26 @@ def cop_prune(
 
         >>> result = cop_prune(torchvision.models.resnet18(), ratio=0.5, metric="flops", prefer="faster")
         >>> print(format_report(result.report))
+        >>> x = torch.randn(1, 3, 224, 224)
+        >>> result = cop_prune(torchvision.models.resnet18(), (3, 224, 224), ratio=0.5, metric="params",
+        ...                    importance=COPImportance(1.0, 0.0, 3.0, top_k=5, example_inputs=x),
+        ...                    floors=Floors(min_channels=16, round_to=8))
     """
     start = time.perf_counter()
     _check_target(ratio, metric, prefer)
+    _check_grouped(importance, floors, prefer, deprecated)
     input_size = check_input_size(input_size)
+    _warn_deprecated(deprecated, prefer, input_size)
     refuse_wrapped(model, _PTL_REFUSAL)
     protect = check_module_paths(model, protect, "protect")
     x = dummy_input(model, input_size)
-    preset = PRESETS[prefer]
-    weights = [p if w is None else w for w, p in zip((alpha, beta, gamma), preset)]
-    importance = COPImportance(*weights, top_k=top_k, similarity=similarity, normalize=normalize, example_inputs=x)
-    floors = Floors(min_channels, max_fraction, round_to)
+    if importance is None:
+        weights, options = _spelled_importance(deprecated, prefer)
+        importance = COPImportance(*weights, **options, example_inputs=x)
+    if floors is None:
+        floors = Floors(**{k: deprecated[k] for k in _FLOORS_KEYWORDS if k in deprecated})
     allowed = _stage_modules(model, input_size, stages)
-    snapshot = _Snapshot(model)
+    snapshot = Snapshot(model)
     try:
         positions: dict[nn.Module, int] = {}
         measured: dict[str, Any] = {}
@@ -116,7 +129,7 @@ def cop_prune(
             # on, and so does the check after pruning: both count alike (see TotalFlopCounter).
             positions.clear()  # should a Torch-Pruning version run it twice, positions are counted once
             try:
-                measured["before"], out = _measure(m, inputs, positions)
+                measured["before"], out = measure(m, inputs, positions)
             except Exception as e:
                 try:
                     with torch.no_grad():
@@ -124,15 +137,15 @@ def cop_prune(
                 except Exception:  # the model's own complaint, as find_stages and wrap_with_ptl report it
                     raise InputSizeError(model_error_message(model, x, e)) from e
                 raise  # it fails with autograd only: Torch-Pruning's graph cannot be built (a PruneError)
-            measured["shapes"] = _output_shapes(out)
+            measured["shapes"] = output_shapes(out)
             return out
 
-        graph = _build_graph(model, x, measuring_forward)
+        graph = build_graph(model, x, measuring_forward)
         before, reference_shapes = measured["before"], measured["shapes"]
-        protection = _protected_layers(model, input_size, graph, protect, keep_feature_width)
+        protection = protected_layers(model, input_size, graph, protect, keep_feature_width)
         try:
-            planner = _Planner(model, graph, importance=importance, floors=floors, positions=positions,
-                               protection=protection, allowed=allowed, calibration=calibration)  # fmt: skip
+            planner = Planner(model, graph, importance=importance, floors=floors, positions=positions,
+                              protection=protection, allowed=allowed, calibration=calibration)  # fmt: skip
         except BConvError:
             raise
         except Exception as e:  # Torch-Pruning's groups of an op it mis-handles (seen: ZeroDivisionError, IndexError)
@@ -150,14 +163,13 @@ def cop_prune(
             if not reached and planner.applied_cuts == 0 and reachable < ratio - TOLERANCE:
                 raise PruneTargetError(
                     f"ratio={ratio} of {metric} is not reachable: with every prunable layer at its floor "
-                    f"(min_channels={min_channels}, max_fraction={max_fraction}, round_to={round_to}"
-                    f"{', stages=' + repr(list(stages)) if stages is not None else ''}) about {reachable:.3f} "
-                    f"can be removed. Pass ratio<={reachable:.3f}, or loosen the floors."
-                    + _skipped_hint(planner.skipped)
+                    f"({_floors_text(floors)}{', stages=' + repr(list(stages)) if stages is not None else ''}) "
+                    f"about {reachable:.3f} can be removed. Pass ratio<={reachable:.3f}, or loosen the floors."
+                    + skipped_hint(planner.skipped)
                 )
             planner.apply()
             with eval_mode(model), torch.enable_grad():
-                after = _check_forward(model, x, reference_shapes)
+                after = check_forward(model, x, reference_shapes)
             achieved = 1 - after[metric] / before[metric]
             if achieved >= ratio - TOLERANCE / 4 or not reached:
                 break
@@ -172,9 +184,9 @@ def cop_prune(
         if achieved < ratio - TOLERANCE:
             raise PruneTargetError(
                 f"ratio={ratio} of {metric} is not reachable: pruning stopped at {achieved:.3f} with every "
-                f"prunable layer at its floor (min_channels={min_channels}, max_fraction={max_fraction}, "
-                f"round_to={round_to}). Pass ratio<={achieved:.3f}, or loosen the floors."
-                + _skipped_hint(planner.skipped)
+                f"prunable layer at its floor ({_floors_text(floors)}). Pass ratio<={achieved:.3f}, or loosen the "
+                f"floors."
+                + skipped_hint(planner.skipped)
             )
     except BaseException:
         snapshot.restore()
@@ -184,22 +196,82 @@ def cop_prune(
         params_before=before["params"], params_after=after["params"],
         flops_before=before["flops"], flops_after=after["flops"],
         channels_before=before["channels"], channels_after=after["channels"],
-        layers=[LayerWidth(n, w, _out_channels(model.get_submodule(n))) for n, w in planner.widths_before.items()
-                if _out_channels(model.get_submodule(n)) != w],
+        layers=[LayerWidth(n, w, out_channels(model.get_submodule(n))) for n, w in planner.widths_before.items()
+                if out_channels(model.get_submodule(n)) != w],
         alpha=importance.alpha, beta=importance.beta, gamma=importance.gamma, skipped=planner.skipped,
         input_size=input_size, seconds=time.perf_counter() - start,
     )  # fmt: skip
-    history = _plain_history(graph.pruning_history())
+    history = plain_history(graph.pruning_history())
     return PruneResult(model=model, report=report, history=history)
 
 
-def _check_target(ratio: float, metric: str, prefer: str) -> None:
+def _check_target(ratio: float, metric: str, prefer: str | None) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ValueError(f"ratio={ratio!r} must be a fraction of the metric to remove, strictly between 0 and 1")
     if metric not in _METRICS:
         raise ValueError(f"metric={metric!r} is not one of {', '.join(map(repr, _METRICS))}")
-    if prefer not in PRESETS:
+    if prefer is not None and prefer not in PRESETS:
         raise ValueError(f"prefer={prefer!r} is not one of {', '.join(map(repr, PRESETS))}")
+
+
+def _check_grouped(importance: Any, floors: Any, prefer: str | None, deprecated: dict[str, Any]) -> None:
+    """``importance`` and ``floors`` of the right types, each given once: as the object or as the deprecated
+    keywords, never both."""
+    unknown = [k for k in deprecated if k not in _IMPORTANCE_KEYWORDS + _FLOORS_KEYWORDS]
+    if unknown:
+        raise TypeError(f"cop_prune() got an unexpected keyword argument {unknown[0]!r}")
+    if importance is not None and not isinstance(importance, COPImportance):
+        raise TypeError(f"importance={importance!r} must be a bconv.prune.COPImportance (or None: the preset's)")
+    if floors is not None and not isinstance(floors, Floors):
+        raise TypeError(f"floors={floors!r} must be a bconv.prune.Floors (or None: Floors())")
+    for name, given, keywords, spelling in (
+        ("importance", importance, _IMPORTANCE_KEYWORDS, "COPImportance"),
+        ("floors", floors, _FLOORS_KEYWORDS, "Floors"),
+    ):
+        both = [k for k in keywords if k in deprecated]
+        if given is not None and both:
+            raise ConfigError(
+                f"cop_prune got both {name}= and {', '.join(f'{k}=' for k in both)}, which {name}= already sets: "
+                f"pass {name}={spelling}({', '.join(f'{k}=...' for k in both)}, ...) only"
+            )
+    if importance is not None and prefer is not None:
+        raise ConfigError(
+            f"cop_prune got both importance= and prefer={prefer!r}, which chooses the importance's weights: pass "
+            f"importance=COPImportance(*PRESETS[{prefer!r}], ...) only, or prefer= only"
+        )
+
+
+def _spelled_importance(deprecated: dict[str, Any], prefer: str | None) -> tuple[list[Any], dict[str, Any]]:
+    """The weights ``(alpha, beta, gamma)`` and the options of the :class:`COPImportance` that ``prefer`` and the
+    deprecated keywords spell (each weight given, and not None, overrides the preset's)."""
+    preset = PRESETS[prefer or "balanced"]
+    weights = [p if deprecated.get(w) is None else deprecated[w] for w, p in zip(("alpha", "beta", "gamma"), preset)]
+    return weights, {k: deprecated[k] for k in ("top_k", "similarity", "normalize") if k in deprecated}
+
+
+def _warn_deprecated(deprecated: dict[str, Any], prefer: str | None, input_size: tuple[int, ...]) -> None:
+    """One DeprecationWarning for each deprecated keyword, naming its new spelling and this call's equivalent."""
+    if not deprecated:
+        return
+    weights, given = _spelled_importance(deprecated, prefer)
+    options = [f"{k}={v!r}" for k, v in given.items()]
+    if weights[1] != 0:  # COPImportance needs an example input to weigh FLOPs (cop_prune does not read it)
+        options.append(f"example_inputs=torch.zeros(1, {', '.join(map(str, input_size))})")
+    same_importance = f"importance=COPImportance({', '.join([*map(repr, weights), *options])})"
+    same_floors = f"floors=Floors({', '.join(f'{k}={deprecated[k]!r}' for k in _FLOORS_KEYWORDS if k in deprecated)})"
+    for k in deprecated:
+        new, same = ("importance=COPImportance", same_importance) if k in _IMPORTANCE_KEYWORDS else \
+            ("floors=Floors", same_floors)
+        warnings.warn(
+            f"cop_prune({k}=...) is deprecated and will be removed in bconv {REMOVED_IN}: use "
+            f"cop_prune({new}({k}=...)); the same as this call: cop_prune(..., {same})",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+
+
+def _floors_text(floors: Floors) -> str:
+    return f"min_channels={floors.min_channels}, max_fraction={floors.max_fraction}, round_to={floors.round_to}"
 
 
 _PTL_REFUSAL = (

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputSizeError
 from ..surgery import check_input_size, dummy_input, eval_mode, refuse_wrapped
-from .adapter import _build_graph, _plain_history, _Snapshot
+from .adapter import Snapshot, build_graph, plain_history
 from .report import PruneResult
 
 __all__ = ["save_pruned", "load_pruned"]
@@ -56,7 +56,7 @@ def save_pruned(
         "format": "bconv.prune/1",
         "model_class": type(model).__name__,
         "input_size": [int(s) for s in input_size],
-        "history": _plain_history(history),
+        "history": plain_history(history),
         "state_dict": model.state_dict(),
     }, path)  # fmt: skip
 
@@ -105,7 +105,7 @@ def load_pruned(model: nn.Module, path: str) -> nn.Module:
         found += [f"{len(extra)} of its weights are not this {name}'s ({', '.join(extra[:3])}, ...)"] if extra else []
         raise CheckpointError(f"{path} was saved from another {name}: {'; '.join(found)}. {_SAME_NETWORK}")
     # A failed replay, or one that does not fit the saved weights, is undone: the model the user holds comes back.
-    snapshot = _Snapshot(model)
+    snapshot = Snapshot(model)
     try:
         try:
             _replay(model, data)
@@ -140,7 +140,7 @@ _SAME_NETWORK = (
 
 def _replay(model: nn.Module, data: dict[str, Any]) -> None:
     with eval_mode(model):
-        graph = _build_graph(model, dummy_input(model, data["input_size"]))
+        graph = build_graph(model, dummy_input(model, data["input_size"]))
         graph.load_pruning_history(data["history"])  # Torch-Pruning replays its own history
 
 

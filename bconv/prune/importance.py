@@ -1,4 +1,4 @@
-"""COP's importance: how redundant each channel is, and what it costs (DESIGN.md §8).
+"""COP's importance: how redundant each channel is, and what it costs (docs/design.md §8).
 
 Redundancy is data-free: for each spatial tap of the kernel that consumes a layer's channels,
 every input channel is a vector over the consumer's filters; the |Pearson| correlation of every
@@ -8,9 +8,10 @@ channel i's ``top_k`` largest correlations. The cost terms are log2 of the param
 
     imp_i = alpha (1 - r_i) + beta (1 - log2 F / max log2 F) + gamma (1 - log2 P / max log2 P)
 
-and the lowest goes first. :class:`COPImportance` is this score as a Torch-Pruning importance;
-``cop_prune``'s greedy planner (``planner.py``) uses the same functions and, after each cut,
-recomputes only the rows that held the cut channel among their top-k.
+and the lowest goes first. This module is the one place that formula is written:
+:func:`redundancy_term` is its first term and :func:`cost_terms` the other two. :class:`COPImportance`
+is the score as a Torch-Pruning importance; ``cop_prune``'s greedy planner (``planner.py``) calls the
+same functions and, after each cut, recomputes only the rows that held the cut channel among their top-k.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from ..surgery import eval_mode
-from .adapter import _all_groups, _depthwise, _is_layer, _out_channels, _recording_positions
+from .adapter import all_groups, is_depthwise, is_layer, out_channels, recording_positions
 
-__all__ = ["COPImportance", "PRESETS"]
+__all__ = [
+    "COPImportance", "PRESETS", "SIMILARITIES", "NORMALIZATIONS", "Similarity", "Normalization",
+    "Redundancy", "cost_terms", "group_matrices", "layer_activations", "mean_abs_similarity", "redundancy_term",
+    "similarity_matrix", "split_group",
+]  # fmt: skip
 
 Similarity = Literal["pearson", "cosine", "inner"]
 Normalization = Literal["max", "l1", "l2"]
@@ -43,11 +48,11 @@ PRESETS: dict[str, tuple[float, float, float]] = {
 _CORRELATION_BUDGET = 2e9
 
 
-# Rows per strip in which a wide similarity matrix is computed (see _mean_abs_similarity).
+# Rows per strip in which a wide similarity matrix is computed (see mean_abs_similarity).
 _STRIP = 256
 
 
-def _mean_abs_similarity(z: Tensor, scale: Tensor | None, filters: int, out: Tensor | None = None) -> Tensor:
+def mean_abs_similarity(z: Tensor, scale: Tensor | None, filters: int, out: Tensor | None = None) -> Tensor:
     """``mean_t |z_t^T z_t / filters / (scale_t scale_t^T + 1e-8)|`` (no scale: ``mean_t |z_t^T z_t|``),
     the n x n matrix of ``z`` [taps, filters, n] and ``scale`` [taps, n], written into ``out`` when given.
 
@@ -73,7 +78,7 @@ def _mean_abs_similarity(z: Tensor, scale: Tensor | None, filters: int, out: Ten
     return out
 
 
-def _similarity(w: Tensor, kind: str, normalize: str, out: Tensor | None = None) -> Tensor:
+def similarity_matrix(w: Tensor, kind: str, normalize: str, out: Tensor | None = None) -> Tensor:
     """COP's normalised n x n redundancy matrix from a consumer kernel ``w`` of shape [taps, filters, n]
     (written into ``out`` when given).
 
@@ -96,10 +101,10 @@ def _similarity(w: Tensor, kind: str, normalize: str, out: Tensor | None = None)
     if kind == "pearson":
         z = w - w.mean(dim=1, keepdim=True)
         scale = z.pow(2).mean(dim=1).sqrt()  # population std, as np.std
-        m = _mean_abs_similarity(z, scale, w.shape[1], out)
+        m = mean_abs_similarity(z, scale, w.shape[1], out)
     else:
         scale = w.norm(dim=1)
-        m = _mean_abs_similarity(w, scale if kind == "cosine" else None, 1, out)
+        m = mean_abs_similarity(w, scale if kind == "cosine" else None, 1, out)
     m.fill_diagonal_(0)
     if normalize == "max":
         norm = m.max()
@@ -119,7 +124,7 @@ def _similarity(w: Tensor, kind: str, normalize: str, out: Tensor | None = None)
 _CALIBRATION_SAMPLES = 8192  # activation vectors kept per layer (positions x samples, drawn evenly)
 
 
-def _activations(model: nn.Module, roots: list[nn.Module], batches: Iterable[Tensor]) -> dict[nn.Module, Tensor]:
+def layer_activations(model: nn.Module, roots: list[nn.Module], batches: Iterable[Tensor]) -> dict[nn.Module, Tensor]:
     """Each root layer's output channels as columns: [samples x positions (capped), channels]."""
     seen: dict[nn.Module, list[Tensor]] = {m: [] for m in roots}
 
@@ -174,7 +179,7 @@ def _consumer_kernel(module: nn.Module, idxs: list[int], root_idxs: list[int], n
     return sel.permute(2, 0, 1)
 
 
-def _group_matrices(
+def group_matrices(
     outs: list[tuple[Any, Any]], ins: list[tuple[Any, Any]], n: int, similarity: str, normalize: str
 ) -> Tensor | None:
     """The normalised n x n matrices of a Torch-Pruning group's n channels, one per consumer kernel, as one
@@ -185,11 +190,11 @@ def _group_matrices(
     whose output is the model's) correlates its producers' filters instead.
     """
     # A consumer read through a mapping Torch-Pruning widened (split, reshape) gives no per-channel kernel.
-    kernels = [w for m, it in ins if _is_layer(m)
+    kernels = [w for m, it in ins if is_layer(m)
                for w in [_consumer_kernel(m, list(it.idxs), list(it.root_idxs), n)] if w is not None]  # fmt: skip
     if not kernels:
         for m, it in outs:
-            if _is_layer(m) and not _depthwise(m) and len(it.idxs) == n and max(it.idxs) < _out_channels(m):
+            if is_layer(m) and not is_depthwise(m) and len(it.idxs) == n and max(it.idxs) < out_channels(m):
                 w = m.weight.detach()
                 w = w.transpose(0, 1) if getattr(m, "transposed", False) else w
                 w = w.reshape(w.shape[0], -1)[torch.tensor(list(it.idxs))]
@@ -199,15 +204,49 @@ def _group_matrices(
         return None
     matrices = torch.empty(len(kernels), n, n, device=kernels[0].device)  # filled in place: no stacking copy
     for w, out in zip(kernels, matrices):
-        _similarity(w, similarity, normalize, out)
+        similarity_matrix(w, similarity, normalize, out)
     return matrices
 
 
-def _cost_terms(costs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``gamma (1 - rp) + beta (1 - rf)`` for each group, from its ``costs`` [groups, 2] (params, FLOPs) at the
-    current widths and ``weights`` (gamma, beta): ``rp = log2 P / max log2 P``, ``rf`` likewise."""
-    logs = np.log2(np.maximum(costs, 2.0))
-    return (1 - logs / logs.max(axis=0)) @ weights
+def redundancy_term(r: Any, alpha: float) -> Any:
+    """COP's first term, ``alpha (1 - r)``, of channels (or groups) with redundancy ``r`` (an array or a scalar).
+
+    ``imp = redundancy_term(r, alpha) + cost_terms(costs, (gamma, beta))``: the module docstring's formula.
+
+    Example::
+
+        >>> redundancy_term(np.array([0.0, 0.25, 1.0]), alpha=2.0)
+        array([2. , 1.5, 0. ])
+    """
+    return alpha * (1 - r)
+
+
+def _log2_costs(costs: np.ndarray) -> np.ndarray:
+    return np.log2(np.maximum(costs, 2.0))
+
+
+def cost_terms(costs: np.ndarray, weights: np.ndarray, largest: np.ndarray | None = None) -> np.ndarray:
+    """COP's cost terms ``beta (1 - rf) + gamma (1 - rp)`` of each channel group, ``rp = log2 P / max log2 P`` and
+    ``rf = log2 F / max log2 F`` (params and FLOPs under 2 count as 2).
+
+    Args:
+        costs: ``[groups, 2]``: the params ``P`` and FLOPs ``F`` of the layers each group touches, at their
+            current widths.
+        weights: ``(gamma, beta)``, the weights of the params and FLOPs terms.
+        largest: ``(max log2 P, max log2 F)`` over every group of the network, when ``costs`` holds only
+            some of them (as :class:`COPImportance` scores one group at a time); by default the largest in
+            ``costs``.
+
+    Returns:
+        The ``[groups]`` cost terms, float64.
+
+    Example::
+
+        >>> cost_terms(np.array([[8.0, 64.0], [32.0, 16.0]]), np.array([3.0, 0.5]))  # gamma=3, beta=0.5
+        array([1.2       , 0.16666667])
+    """
+    logs = _log2_costs(costs)
+    return (1 - logs / (logs.max(axis=0) if largest is None else largest)) @ weights
 
 
 def _check_weights(alpha: float, beta: float, gamma: float) -> tuple[float, float, float]:
@@ -221,7 +260,7 @@ def _check_weights(alpha: float, beta: float, gamma: float) -> tuple[float, floa
 _POSITIVE = np.nextafter(np.float32(0), np.float32(1))
 
 
-class _Redundancy:
+class Redundancy:
     """A group's normalised matrices [consumers, n, n], one per consumer kernel, and each row's current top-k,
     updated row by row on a cut (all consumers at once: they lose the same channel)."""
 
@@ -287,7 +326,7 @@ class COPImportance(tp.importance.Importance):
             released recipes: ``COPImportance(*PRESETS["faster"], example_inputs=x)``).
         top_k: how many of a channel's largest correlations make its redundancy.
         similarity: ``"pearson"`` (COP's default), ``"cosine"`` or ``"inner"`` (inner product).
-        normalize: ``"max"``, ``"l1"`` or ``"l2"``: how each matrix is scaled (see ``_similarity``).
+        normalize: ``"max"``, ``"l1"`` or ``"l2"``: how each matrix is scaled (see ``similarity_matrix``).
         example_inputs: the input you give MetaPruner; needed when ``beta > 0``, to count each layer's
             output positions (FLOPs). Read once, on the first call.
 
@@ -326,23 +365,21 @@ class COPImportance(tp.importance.Importance):
         self.top_k, self.similarity, self.normalize = top_k, similarity, normalize
         self.example_inputs = example_inputs
         self._positions: dict[nn.Module, int] | None = None
-        self._scale: tuple[Any, float, float] | None = None  # (shapes, max log2 params, max log2 FLOPs)
+        self._scale: tuple[Any, np.ndarray] | None = None  # (shapes, [max log2 params, max log2 FLOPs])
 
     @torch.no_grad()
     def __call__(self, group: Any) -> Tensor:
         graph = group._DG
         n = len(group[0].idxs)
-        outs, ins = _split(group, graph)
+        outs, ins = split_group(group, graph)
         r = np.zeros(n)
-        matrices = _group_matrices(outs, ins, n, self.similarity, self.normalize)
+        matrices = group_matrices(outs, ins, n, self.similarity, self.normalize)
         if matrices is not None:
-            r = _Redundancy(matrices, self.top_k).mean
-        imp = self.alpha * (1 - r)
+            r = Redundancy(matrices, self.top_k).mean
+        imp = redundancy_term(r, self.alpha)
         if self.beta or self.gamma:
-            p, f = self._costs([m for m, _ in outs + ins if _is_layer(m)], graph)
-            _, max_lp, max_lf = self._largest(graph)
-            lp, lf = math.log2(max(p, 2.0)), math.log2(max(f, 2.0))
-            imp = imp + self.beta * (1 - lf / max_lf) + self.gamma * (1 - lp / max_lp)
+            costs = np.array([self._costs([m for m, _ in outs + ins if is_layer(m)], graph)])
+            imp = imp + cost_terms(costs, np.array([self.gamma, self.beta]), self._largest(graph))[0]
         return torch.as_tensor(imp, dtype=torch.float32)
 
     def _costs(self, layers: list[nn.Module], graph: Any) -> tuple[float, float]:
@@ -353,19 +390,17 @@ class COPImportance(tp.importance.Importance):
         flops = sum(2 * m.weight.numel() * self._positions.get(m, 0) for m in unique)
         return float(params), float(flops)
 
-    def _largest(self, graph: Any) -> tuple[Any, float, float]:
+    def _largest(self, graph: Any) -> np.ndarray:
         """log2 of the largest group's params and FLOPs, recomputed when a layer's width has changed."""
-        shapes = tuple(tuple(m.weight.shape) for m in graph.module2node if _is_layer(m))
+        shapes = tuple(tuple(m.weight.shape) for m in graph.module2node if is_layer(m))
         if self._scale is None or self._scale[0] != shapes:
-            costs = [self._costs([m for m, _ in sum(_split(g, graph), []) if _is_layer(m)], graph)
-                     for _, g, _ in _all_groups(graph.model, graph) if g is not None]  # fmt: skip
-            costs = costs or [(2.0, 2.0)]
-            self._scale = (shapes, math.log2(max(max(p for p, _ in costs), 2.0)),
-                           math.log2(max(max(f for _, f in costs), 2.0)))  # fmt: skip
-        return self._scale
+            costs = [self._costs([m for m, _ in sum(split_group(g, graph), []) if is_layer(m)], graph)
+                     for _, g, _ in all_groups(graph.model, graph) if g is not None]  # fmt: skip
+            self._scale = (shapes, _log2_costs(np.array(costs or [(2.0, 2.0)])).max(axis=0))
+        return self._scale[1]
 
 
-def _split(group: Any, graph: Any) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]:
+def split_group(group: Any, graph: Any) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]:
     """A group's ``(module, item)`` pairs whose output channels, and whose input channels, it prunes."""
     outs = [(it.dep.target.module, it) for it in group if graph.is_out_channel_pruning_fn(it.dep.handler)]
     ins = [(it.dep.target.module, it) for it in group if graph.is_in_channel_pruning_fn(it.dep.handler)]
@@ -375,6 +410,6 @@ def _split(group: Any, graph: Any) -> tuple[list[tuple[Any, Any]], list[tuple[An
 def _output_positions(model: nn.Module, x: Any) -> dict[nn.Module, int]:
     """Each convolution's and linear layer's output positions per sample, from one forward of ``x``."""
     positions: dict[nn.Module, int] = {}
-    with _recording_positions(model, positions), eval_mode(model), torch.no_grad():
+    with recording_positions(model, positions), eval_mode(model), torch.no_grad():
         model(*x) if isinstance(x, (list, tuple)) else model(x)
     return positions

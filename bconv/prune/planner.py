@@ -1,23 +1,32 @@
 """COP's selection: greedy and global, one channel at a time, on Torch-Pruning's channel groups.
 
-The cost terms use log2 of the params and FLOPs of each layer and its consumers at their current
-widths: ``imp = alpha (1 - r) + beta (1 - rf) + gamma (1 - rp)``, lowest pruned first (DESIGN.md §8).
+Each step cuts from the group with the lowest ``imp = alpha (1 - r) + beta (1 - rf) + gamma (1 - rp)``
+(docs/design.md §8), the formula of :mod:`.importance` (:func:`~.importance.redundancy_term` and
+:func:`~.importance.cost_terms`), with ``rf`` and ``rp`` read from a linear cost model of every layer at the
+planned widths.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .adapter import Protection, _all_groups, _depthwise, _has, _in_channels, _inside, _is_layer, _out_channels, _taps
-from .importance import COPImportance, _activations, _cost_terms, _group_matrices, _Redundancy, _similarity, _split
-from .report import PruneError, PruneTargetError, _skipped_hint
+from .adapter import (
+    Protection, all_groups, has_submodule, in_channels, is_depthwise, is_inside, is_layer, kernel_taps, out_channels,
+)
+from .importance import (
+    COPImportance, Redundancy, cost_terms, group_matrices, layer_activations, redundancy_term, similarity_matrix,
+    split_group,
+)
+from .report import PruneError, PruneTargetError, skipped_hint
+
+__all__ = ["Floors", "Planner", "TOLERANCE"]
 
 TOLERANCE = 0.02  # the target is met within this fraction of the metric
 
@@ -30,7 +39,7 @@ class _Group:
     ch_groups: int  # channels move in units of ch_groups (grouped convolutions prune every group alike)
     step: int  # units removed per greedy step (round_to)
     floor: int  # fewest units kept
-    consumers: _Redundancy | None  # None: no kernel reads the group's channels one by one
+    consumers: Redundancy | None  # None: no kernel reads the group's channels one by one
     alive_ch: np.ndarray = field(init=False)  # original channel -> still there
     applied: np.ndarray = field(init=False)  # original channel -> its cut was already applied to the model
     cuts: int = 0  # channels cut (planned)
@@ -68,12 +77,23 @@ class _Group:
 
 @dataclass(frozen=True)
 class Floors:
-    """How far any one layer may be narrowed.
+    """How far :func:`~bconv.prune.cop_prune` may narrow any one layer.
 
-    Attributes:
+    Every layer keeps at least ``max(1, min_channels, ceil(width x (1 - max_fraction)))`` channels, and
+    its kept width is a multiple of ``round_to`` (or its original width).
+
+    Args:
         min_channels: no layer keeps fewer channels than this (and never fewer than 1).
-        max_fraction: the largest fraction of a layer's channels that may be removed.
+        max_fraction: the largest fraction of a layer's channels that may be removed, in (0, 1].
         round_to: kept widths are multiples of this (the original width is always allowed).
+
+    Raises:
+        ValueError: ``min_channels`` or ``round_to`` is not an integer >= 1, or ``max_fraction`` is not a
+            number in (0, 1].
+
+    Example::
+
+        >>> cop_prune(model, (3, 224, 224), ratio=0.5, floors=Floors(min_channels=16, max_fraction=0.75, round_to=8))
     """
 
     min_channels: int = 1
@@ -91,8 +111,23 @@ class Floors:
                              f"layer removed")  # fmt: skip
 
 
-class _Planner:
+class _Coverage(NamedTuple):
+    """What one channel of a group removes: ``row_in`` / ``row_out`` input / output channels of each layer
+    (in ``Planner.layers`` order), and ``per_channel`` parameters of the other modules it prunes (norms,
+    bare parameters)."""
+
+    row_in: np.ndarray
+    row_out: np.ndarray
+    per_channel: float
+
+
+class Planner:
     """The greedy COP selection on Torch-Pruning's groups, with a linear cost model of the network.
+
+    Building one lists the candidate channel groups (:meth:`_candidates`: every Torch-Pruning group the
+    protections, stages and floors leave prunable, each with its redundancy), then the cost model
+    (:meth:`_build_cost_model`), then the state of the greedy selection before any cut (:meth:`_start`).
+    :meth:`run` plans cuts, :meth:`apply` prunes them from the model.
 
     Args:
         model, graph: the network and Torch-Pruning's dependency graph of it.
@@ -103,6 +138,10 @@ class _Planner:
         protection: the layers left whole, and those whose output channels stay.
         allowed: module paths whose output channels may be pruned (the chosen stages), None for all.
         calibration: input batches whose activations replace the consumer kernels, or None.
+
+    Raises:
+        PruneError: Torch-Pruning's graph does not reach a layer the forward ran.
+        PruneTargetError: no channel group may be pruned (``skipped`` says why).
     """
 
     def __init__(
@@ -119,119 +158,137 @@ class _Planner:
     ) -> None:
         self.model, self.graph = model, graph
         self.alpha, self.beta, self.gamma = importance.alpha, importance.beta, importance.gamma
-        similarity, normalize, top_k = importance.similarity, importance.normalize, importance.top_k
-        min_channels, max_fraction, round_to = floors.min_channels, floors.max_fraction, floors.round_to
         self.skipped: list[tuple[str, str]] = []
         self.applied_cuts = 0
+        _refuse_unreached_layers(model, graph, positions)
         names = graph._module2name
-        layers = [m for m in graph.module2node if _is_layer(m) and m in names]
-        unseen = [n for n, m in model.named_modules() if m in positions and m not in graph.module2node]
-        if unseen:
-            raise PruneError(
-                f"Torch-Pruning's dependency graph does not reach `{unseen[0]}`"
-                f"{f' (and {len(unseen) - 1} more layers)' if len(unseen) > 1 else ''} of {type(model).__name__} "
-                f"from the output: an op between them cannot be followed through autograd (.detach(), .data, "
-                f"numpy, integer ops, torch.no_grad()). Its channels cannot be pruned safely; the model is unchanged."
+        self.layers = [m for m in graph.module2node if is_layer(m) and m in names]
+        self.widths_before = {names[m]: out_channels(m) for m in self.layers}
+        self._index = {m: i for i, m in enumerate(self.layers)}
+        groups = self._buildable_groups()
+        activations = None
+        if calibration is not None:
+            activations = layer_activations(model, [g[0].dep.target.module for g in groups], calibration)
+        self.groups, coverage = self._candidates(groups, importance, floors, protection, allowed, activations)
+        if not self.groups:
+            raise PruneTargetError(
+                f"no channel of {type(model).__name__} may be pruned." + skipped_hint(self.skipped)
             )
-        self.layers = layers
-        self.widths_before = {names[m]: _out_channels(m) for m in layers}
-        index = {m: i for i, m in enumerate(layers)}
-        groups: list[_Group] = []
-        a_in: list[np.ndarray] = []
-        a_out: list[np.ndarray] = []
-        extra: list[float] = []
-        whole = {model.get_submodule(p): why for p, why in protection.whole.items() if _has(model, p)}
-        outputs = {model.get_submodule(p): why for p, why in protection.outputs.items() if _has(model, p)}
-        seen_roots: set[nn.Module] = set()
-        all_groups = []
-        for root, group, failure in _all_groups(model, graph):
+        self._build_cost_model(coverage, positions)
+        self._start()
+
+    def _buildable_groups(self) -> list[Any]:
+        """Torch-Pruning's channel groups of the model; those it cannot build are added to ``skipped``."""
+        names = self.graph._module2name
+        groups = []
+        for root, group, failure in all_groups(self.model, self.graph):
             if group is None:
                 self.skipped.append((names.get(root, "?"), f"cannot be grouped by Torch-Pruning ({failure})"))
             else:
-                all_groups.append(group)
-        activations = None
-        if calibration is not None:
-            activations = _activations(model, [g[0].dep.target.module for g in all_groups], calibration)
-        for group in all_groups:
+                groups.append(group)
+        return groups
+
+    def _candidates(
+        self,
+        groups: list[Any],
+        importance: COPImportance,
+        floors: Floors,
+        protection: Protection,
+        allowed: list[str] | None,
+        activations: dict[nn.Module, Tensor] | None,
+    ) -> tuple[list[_Group], list[_Coverage]]:
+        """The groups the greedy selection may cut (one per root layer), each with what one of its channels
+        removes; every other group is added to ``skipped`` with the reason."""
+        model, names = self.model, self.graph._module2name
+        whole = {model.get_submodule(p): why for p, why in protection.whole.items() if has_submodule(model, p)}
+        outputs = {model.get_submodule(p): why for p, why in protection.outputs.items() if has_submodule(model, p)}
+        widths_in = np.array([in_channels(m) for m in self.layers])
+        widths_out = np.array([out_channels(m) for m in self.layers])
+        seen_roots: set[nn.Module] = set()
+        candidates: list[_Group] = []
+        coverage: list[_Coverage] = []
+        for group in groups:
             root = group[0].dep.target.module
             if root in seen_roots:
                 continue
             root_name = names.get(root, "?")
             n = len(group[0].idxs)
-            outs, ins = _split(group, graph)
+            outs, ins = split_group(group, self.graph)
             touched = {m for m, _ in outs + ins if isinstance(m, nn.Module) and m in names}
-            seen_roots |= {m for m, _ in outs if _is_layer(m)}
-            # A protected output keeps its output channels only: the layers that feed it stay prunable.
-            hit = [(m, whole[m]) for m in touched if m in whole]
-            hit += [(m, outputs[m]) for m, _ in outs if isinstance(m, nn.Module) and m in outputs]
-            if hit:
-                self.skipped.append((root_name, f"touch `{names.get(hit[0][0], '?')}` ({hit[0][1]})"))
+            seen_roots |= {m for m, _ in outs if is_layer(m)}
+            ch_groups = _channel_groups(touched)
+            step, floor = _floor_in_units(floors, n, ch_groups)
+            why = self._protected(outs, touched, whole, outputs, allowed) or _too_narrow(n, ch_groups, floor)
+            if why is not None:
+                self.skipped.append((root_name, why))
                 continue
-            if allowed is not None and not all(_inside(names[m], allowed) for m, _ in outs if m in names):
-                self.skipped.append((root_name, "produced outside the chosen stages"))
-                continue
-            convs = [m for m in touched if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1]
-            ch_groups = max([m.groups for m in convs if not _depthwise(m)] or [1])
-            if n % ch_groups:
-                self.skipped.append((root_name, f"have {n} channels, not a multiple of groups={ch_groups}"))
-                continue
-            units = n // ch_groups
-            q = round_to // math.gcd(round_to, ch_groups)  # units per step so widths stay multiples of round_to
-            floor_ch = max(1, min_channels, math.ceil(n * (1 - max_fraction) - 1e-9))
-            floor = math.ceil(floor_ch / ch_groups)
-            floor = q * math.ceil(floor / q) if q > 1 else floor
-            if floor >= units:
-                self.skipped.append((root_name, "are at their floor already"))
-                continue
-            if activations is not None and root in activations:
-                a = activations[root][:, torch.tensor(list(group[0].idxs))]
-                matrices = _similarity(a.unsqueeze(0), similarity, normalize)[None]
-            else:
-                matrices = _group_matrices(outs, ins, n, similarity, normalize)
-            consumers = _Redundancy(matrices, top_k) if matrices is not None else None
-            g = _Group(root, root_name, n, ch_groups, q, floor, consumers)
-            row_in, row_out = np.zeros(len(layers)), np.zeros(len(layers))
-            per_channel = 0.0
-            for m, it in outs:
-                if _is_layer(m):
-                    row_out[index[m]] += len(it.idxs) / n
-                    if _depthwise(m):
-                        row_in[index[m]] += len(it.idxs) / n
-                elif isinstance(m, nn.Module) and m in names:
-                    c = graph.get_out_channels(m) or 0
-                    if c:
-                        per_channel += sum(p.numel() for p in m.parameters(recurse=False)) / c * len(it.idxs) / n
-                elif isinstance(m, nn.Parameter):
-                    dim = graph.module2node[m].pruning_dim
-                    per_channel += m.numel() / m.shape[dim] * len(it.idxs) / n
-            for m, it in ins:
-                if _is_layer(m) and not _depthwise(m):
-                    row_in[index[m]] += len(it.idxs) / n
+            consumers = _redundancy(group, outs, ins, n, importance, activations)
+            cover = self._coverage(outs, ins, n)
             most = n - floor * ch_groups
-            widths_in = np.array([_in_channels(m) for m in layers])
-            widths_out = np.array([_out_channels(m) for m in layers])
-            if (row_in * most > widths_in).any() or (row_out * most > widths_out).any():
+            if (cover.row_in * most > widths_in).any() or (cover.row_out * most > widths_out).any():
                 # Torch-Pruning maps these channels through a reshape onto more inputs than a layer has.
                 self.skipped.append((root_name, "are mapped by Torch-Pruning onto more channels than a layer has"))
                 continue
-            groups.append(g)
-            a_in.append(row_in)
-            a_out.append(row_out)
-            extra.append(per_channel)
-        self.groups = groups
-        if not groups:
-            raise PruneTargetError(
-                f"no channel of {type(model).__name__} may be pruned." + _skipped_hint(self.skipped)
-            )
+            candidates.append(_Group(root, root_name, n, ch_groups, step, floor, consumers))
+            coverage.append(cover)
+        return candidates, coverage
+
+    def _protected(
+        self,
+        outs: list[tuple[Any, Any]],
+        touched: set[nn.Module],
+        whole: dict[nn.Module, str],
+        outputs: dict[nn.Module, str],
+        allowed: list[str] | None,
+    ) -> str | None:
+        """Why a group must stay (it touches a protected layer, or is produced outside the chosen stages), or None."""
+        names = self.graph._module2name
+        # A protected output keeps its output channels only: the layers that feed it stay prunable.
+        hit = [(m, whole[m]) for m in touched if m in whole]
+        hit += [(m, outputs[m]) for m, _ in outs if isinstance(m, nn.Module) and m in outputs]
+        if hit:
+            return f"touch `{names.get(hit[0][0], '?')}` ({hit[0][1]})"
+        if allowed is not None and not all(is_inside(names[m], allowed) for m, _ in outs if m in names):
+            return "produced outside the chosen stages"
+        return None
+
+    def _coverage(self, outs: list[tuple[Any, Any]], ins: list[tuple[Any, Any]], n: int) -> _Coverage:
+        """The input and output channels of each layer, and the other parameters, that one channel of a group
+        of ``n`` removes."""
+        graph, names, index = self.graph, self.graph._module2name, self._index
+        row_in, row_out = np.zeros(len(self.layers)), np.zeros(len(self.layers))
+        per_channel = 0.0
+        for m, it in outs:
+            if is_layer(m):
+                row_out[index[m]] += len(it.idxs) / n
+                if is_depthwise(m):
+                    row_in[index[m]] += len(it.idxs) / n
+            elif isinstance(m, nn.Module) and m in names:
+                c = graph.get_out_channels(m) or 0
+                if c:
+                    per_channel += sum(p.numel() for p in m.parameters(recurse=False)) / c * len(it.idxs) / n
+            elif isinstance(m, nn.Parameter):
+                dim = graph.module2node[m].pruning_dim
+                per_channel += m.numel() / m.shape[dim] * len(it.idxs) / n
+        for m, it in ins:
+            if is_layer(m) and not is_depthwise(m):
+                row_in[index[m]] += len(it.idxs) / n
+        return _Coverage(row_in, row_out, per_channel)
+
+    def _build_cost_model(self, coverage: list[_Coverage], positions: dict[nn.Module, int]) -> None:
+        """The linear cost model: what each group's channel removes from every layer, and each layer's params
+        and FLOPs as a function of its widths."""
+        layers = self.layers
         # Each group's channel removes a_io[group, layer] = (input, output) channels of each layer.
-        self.a_io = np.stack([np.stack(a_in), np.stack(a_out)], axis=2)  # [groups, layers, 2]
+        a_in, a_out = np.stack([c.row_in for c in coverage]), np.stack([c.row_out for c in coverage])
+        self.a_io = np.stack([a_in, a_out], axis=2)  # [groups, layers, 2]
         self.touch = (self.a_io.sum(axis=2) > 0).astype(np.float64)  # [groups, layers]
-        self.extra = np.array(extra)
+        self.extra = np.array([c.per_channel for c in coverage])
         # A layer's params are out x (in x taps / groups + bias), its FLOPs 2 x out x in x taps / groups x positions
         # (a depthwise layer's: taps per output channel, whatever its input width): [params, FLOPs] of every layer
         # is out x (in x rate + base), both [layers, 2].
-        dw = np.array([_depthwise(m) for m in layers])
-        taps = np.array([_taps(m) for m in layers], dtype=np.float64)
+        dw = np.array([is_depthwise(m) for m in layers])
+        taps = np.array([kernel_taps(m) for m in layers], dtype=np.float64)
         conv_groups = np.array([getattr(m, "groups", 1) for m in layers], dtype=np.float64)
         bias = np.array([m.bias is not None for m in layers], dtype=np.float64)
         flops_per_mac = 2 * np.array([positions.get(m, 0) for m in layers], dtype=np.float64)
@@ -239,17 +296,20 @@ class _Planner:
         per_out = np.where(dw, taps, 0.0)
         self.rate = np.stack([per_in, per_in * flops_per_mac], axis=1)
         self.base = np.stack([per_out + bias, per_out * flops_per_mac], axis=1)
+
+    def _start(self) -> None:
+        """The greedy selection's state before any cut: widths, costs, and each group's importance terms."""
         self.cost_weights = np.array([self.gamma, self.beta])  # of the [params, FLOPs] terms
-        self.cuts = np.zeros(len(groups))
+        self.cuts = np.zeros(len(self.groups))
         # [in, out] width of every layer, and its [params, FLOPs], at the planned cuts.
-        self.io = np.array([[_in_channels(m), _out_channels(m)] for m in layers], dtype=np.float64)
+        self.io = np.array([[in_channels(m), out_channels(m)] for m in self.layers], dtype=np.float64)
         self.costs = self._layer_costs()
         self.params0, self.flops0 = self.costs.sum(axis=0)
         self.out0 = self.io[:, 1].sum()
         # Added to each group's importance: inf once another step would take it below its floor.
-        self.closed = np.array([0.0 if self._can_step(g) else np.inf for g in groups])
-        self.redundancy = [g.unit_redundancy() for g in groups]
-        self.redundancy_term = self.alpha * (1 - np.array([r.max() for r in self.redundancy]))
+        self.closed = np.array([0.0 if self._can_step(g) else np.inf for g in self.groups])
+        self.redundancy = [g.unit_redundancy() for g in self.groups]
+        self.redundancy_term = redundancy_term(np.array([r.max() for r in self.redundancy]), self.alpha)
 
     def _layer_costs(self) -> np.ndarray:
         """[params, FLOPs] of every layer at the current widths."""
@@ -270,10 +330,12 @@ class _Planner:
         return before["channels"] - (self.out0 - self.io[:, 1].sum())
 
     def estimated_reduction(self, metric: str, before: dict[str, int]) -> float:
+        """The fraction of ``metric`` the planned cuts remove, by the cost model."""
         return 1 - self.estimated(before, metric) / before[metric]
 
-    def _cost_terms(self) -> np.ndarray:
-        return _cost_terms(self.touch @ self.costs, self.cost_weights)
+    def _group_cost_terms(self) -> np.ndarray:
+        """Each group's cost terms at the planned widths."""
+        return cost_terms(self.touch @ self.costs, self.cost_weights)
 
     def run(self, metric: str, target: float, before: dict[str, int]) -> bool:
         """Cut greedily until the estimated reduction of ``metric`` reaches ``target``; False if floors stop it."""
@@ -283,13 +345,13 @@ class _Planner:
         while reduction < target - TOLERANCE / 4:  # within half a percent
             if np.isinf(self.closed).all():
                 return False
-            imp = self.redundancy_term + self._cost_terms() + self.closed
+            imp = self.redundancy_term + self._group_cost_terms() + self.closed
             gi = self._choose(imp, metric, target, before, reduction)
             g = self.groups[gi]
             for _ in range(self._step(g)):
                 g.cut_unit(int(np.argmax(self.redundancy[gi])))
                 self.redundancy[gi] = g.unit_redundancy()
-            self.redundancy_term[gi] = self.alpha * (1 - self.redundancy[gi].max())
+            self.redundancy_term[gi] = redundancy_term(self.redundancy[gi].max(), self.alpha)
             self._cut_channels(gi, g.cuts - self.cuts[gi])
             if not self._can_step(g):
                 self.closed[gi] = np.inf
@@ -344,3 +406,59 @@ class _Planner:
                 ) from e
             g.applied |= todo
             self.applied_cuts += len(idxs)
+
+
+def _refuse_unreached_layers(model: nn.Module, graph: tp.DependencyGraph, positions: dict[nn.Module, int]) -> None:
+    """A :class:`PruneError` if the forward ran a layer that Torch-Pruning's graph does not reach."""
+    unseen = [n for n, m in model.named_modules() if m in positions and m not in graph.module2node]
+    if unseen:
+        raise PruneError(
+            f"Torch-Pruning's dependency graph does not reach `{unseen[0]}`"
+            f"{f' (and {len(unseen) - 1} more layers)' if len(unseen) > 1 else ''} of {type(model).__name__} "
+            f"from the output: an op between them cannot be followed through autograd (.detach(), .data, "
+            f"numpy, integer ops, torch.no_grad()). Its channels cannot be pruned safely; the model is unchanged."
+        )
+
+
+def _channel_groups(touched: set[nn.Module]) -> int:
+    """The unit a group's channels move in: a grouped (not depthwise) convolution it touches prunes every group
+    alike."""
+    convs = [m for m in touched if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1]
+    return max([m.groups for m in convs if not is_depthwise(m)] or [1])
+
+
+def _too_narrow(n: int, ch_groups: int, floor: int) -> str | None:
+    """Why a group of ``n`` channels cannot be cut in units of ``ch_groups`` down to ``floor`` units, or None."""
+    if n % ch_groups:
+        return f"have {n} channels, not a multiple of groups={ch_groups}"
+    if floor >= n // ch_groups:
+        return "are at their floor already"
+    return None
+
+
+def _floor_in_units(floors: Floors, n: int, ch_groups: int) -> tuple[int, int]:
+    """``(step, floor)`` of a group of ``n`` channels in units of ``ch_groups``: the units per greedy step that keep
+    widths multiples of ``round_to``, and the fewest units kept."""
+    step = floors.round_to // math.gcd(floors.round_to, ch_groups)
+    floor_ch = max(1, floors.min_channels, math.ceil(n * (1 - floors.max_fraction) - 1e-9))
+    floor = math.ceil(floor_ch / ch_groups)
+    return step, step * math.ceil(floor / step) if step > 1 else floor
+
+
+def _redundancy(
+    group: Any,
+    outs: list[tuple[Any, Any]],
+    ins: list[tuple[Any, Any]],
+    n: int,
+    importance: COPImportance,
+    activations: dict[nn.Module, Tensor] | None,
+) -> Redundancy | None:
+    """The group's redundancy: from its root's activations when calibrating, else from its consumer kernels; None
+    when no kernel reads its channels one by one."""
+    root = group[0].dep.target.module
+    if activations is not None and root in activations:
+        a = activations[root][:, torch.tensor(list(group[0].idxs))]
+        matrices = similarity_matrix(a.unsqueeze(0), importance.similarity, importance.normalize)[None]
+    else:
+        matrices = group_matrices(outs, ins, n, importance.similarity, importance.normalize)
+    return Redundancy(matrices, importance.top_k) if matrices is not None else None

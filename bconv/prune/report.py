@@ -9,7 +9,9 @@ from torch import nn
 
 from ..errors import PruneError, PruneTargetError  # defined with every other error; importable from here too
 
-__all__ = ["PruneError", "PruneTargetError", "LayerWidth", "PruneReport", "PruneResult", "format_report"]
+__all__ = [
+    "PruneError", "PruneTargetError", "LayerWidth", "PruneReport", "PruneResult", "format_report", "skipped_hint",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,9 @@ def format_report(report: PruneReport, stages: Sequence[Any] | None = None) -> s
     return "\n".join(lines)
 
 
-def _skipped_hint(skipped: list[tuple[str, str]]) -> str:
+def skipped_hint(skipped: list[tuple[str, str]]) -> str:
+    """A sentence for an error message: how many channel groups were not prunable, for each reason in ``skipped``
+    (``(root layer, reason)`` pairs, as :attr:`PruneReport.skipped`); empty when there are none."""
     if not skipped:
         return ""
     reasons: dict[str, int] = {}
