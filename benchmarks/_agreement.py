@@ -14,6 +14,8 @@ import torch
 from bconv.surgery import propagate_shapes, trace
 from bconv.surgery import group_modules, main_chain, stage_runs
 
+from benchmarks.common import first_line
+
 __all__ = ["agreement", "diagnose"]
 
 
@@ -93,7 +95,6 @@ def diagnose(model: torch.nn.Module, input_size: tuple[int, ...], unmatched: lis
     return out
 
 
-
 def agreement(model: torch.nn.Module, input_size: tuple[int, ...], fx_stages: list, fi_stages: list) -> dict:
     """``matched`` ("k/n"), ``agree`` and ``mismatches`` of the fx stages against the feature_info stages.
 
@@ -121,5 +122,5 @@ def agreement(model: torch.nn.Module, input_size: tuple[int, ...], fx_stages: li
         try:
             row["why"] = diagnose(model, input_size, unmatched, out)
         except Exception as e:  # the diagnosis reports, it does not stop the benchmark
-            row["why"] = [[None, None, "unknown", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"]]
+            row["why"] = [[None, None, "unknown", first_line(e, 200)]]
     return row

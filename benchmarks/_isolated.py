@@ -18,6 +18,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+from benchmarks.common import first_line
+
 T = TypeVar("T")
 
 
@@ -28,9 +30,7 @@ def _child(conn, fn: Callable[..., dict], args: tuple, threads: int) -> None:
     try:
         row = fn(*args)
     except BaseException as e:  # the parent reports it as the model's row
-        lines = str(e).strip().splitlines()
-        row = {"status": "error", "reason": f"{type(e).__name__}: {lines[0] if lines else ''}"[:300],
-               "traceback": traceback.format_exc()[-2000:]}  # fmt: skip
+        row = {"status": "error", "reason": first_line(e), "traceback": traceback.format_exc()[-2000:]}
     conn.send(row)
     conn.close()
 

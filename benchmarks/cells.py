@@ -24,35 +24,18 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 from torch import nn
 
 from bconv.cells import BConvCell, BConvCellV2
 
-from benchmarks.common import command, seeded
+from benchmarks.common import command, ratios, seeded, side_by_side
 
 # (channels, size, stride, batch): a ResNet-50 layer1-sized cell (64 ch, 56x56) and a
 # strided one between stages (128 ch, 28x28 -> 14x14); batch 16 keeps the run
 # under a minute on two CPU cores (pass --batch 32 for a larger one).
 DEFAULT_CONFIGS = [(64, 56, 1, 16), (128, 28, 2, 16)]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _step(model: nn.Module, x: torch.Tensor) -> float:
-    _sync(x.device)
-    start = time.perf_counter()
-    model(x).sum().backward()
-    _sync(x.device)
-    elapsed = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    x.grad = None
-    return elapsed
 
 
 def bench(
@@ -67,25 +50,22 @@ def bench(
     }
     models = {name: m.to(device) for name, m in models.items()}
     x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
-    names = list(models)
-    for _ in range(warmup):
-        for name in names:
-            _step(models[name], x)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            times[name].append(_step(models[name], x))
-    return times
+
+    def clear(name: str, *_) -> None:  # untimed, after each step
+        models[name].zero_grad(set_to_none=True)
+        x.grad = None
+
+    steps = {name: (lambda m=m: m(x).sum().backward()) for name, m in models.items()}
+    return side_by_side(steps, repeats, warmup=warmup, order="rotate", device=device, after=clear)["wall"]
 
 
 def _ratio(num: list[float], den: list[float]) -> str:
     # Paired within a repeat, so that load drifting during the run cancels out.
-    ratios = [n / d for n, d in zip(num, den)]
-    return f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+    r = ratios(num, den)
+    return f"{statistics.median(r):.2f} [{min(r):.2f}-{max(r):.2f}]"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--channels", type=int, help="in = out channels of the cell")
     parser.add_argument("--size", type=int, help="input height = width")
@@ -95,7 +75,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +104,7 @@ def main() -> None:
             f"{ms['conv']:>8.1f} {ms['v1']:>8.1f} {ms['v2']:>8.1f} | "
             f"{_ratio(t['v1'], t['conv']):>16} {_ratio(t['v2'], t['conv']):>16}"
         )
-    print("reproduce: " + command("cells", None))
+    print("reproduce: " + command("cells", argv))
 
 
 if __name__ == "__main__":

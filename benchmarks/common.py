@@ -20,12 +20,23 @@ Benchmarks are modules of the ``benchmarks`` package, run from the repository ro
   torchmetrics' ``RetrievalMAP`` and ``RetrievalHitRate`` in ``tests/test_benchmarks.py``).
 * **Statistics**: :func:`paired` (per-seed differences with a 95% t-interval) and
   :func:`detectable_difference` (the smallest paired difference a run of that size and spread detects).
-* **Records**: :func:`command` (the ``python -m`` line that reproduces a run) and :func:`environment`.
+* **Zoo**: :func:`models` (every torchvision classifier and one model per timm family, or a selection, each
+  with its family) and :func:`input_size_of` (a zoo model's own input size).
+* **Measuring**: :func:`params` and :func:`flops` (forward FLOPs at batch 1, :class:`bconv.surgery.TotalFlopCounter`,
+  torch's FLOP counter), :func:`logits` (the tensor in a model's output), :func:`first_line` (an error as one
+  line), :func:`side_by_side` (steps timed interleaved in one process, per repeat) and :func:`ratios`.
+* **References**: :class:`HandWiredPTLResNet`, a PTL torchvision ResNet wired by hand, the ladder's equations
+  as an explicit forward.
+* **Records**: :func:`command` (the ``python -m`` line that reproduces a run), :func:`commit`, :func:`environment`,
+  :func:`run_record` (the three under one key) and :func:`write_results` (``OUT.md`` and ``OUT.json``, the run's
+  record under ``"run"``).
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
+import json
 import math
 import os
 import platform
@@ -35,22 +46,28 @@ import statistics
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bconv import unwrap_ptl
+from bconv._zoo import ZooModel, resolve, timm_families, torchvision_input_size, torchvision_names
 from bconv.prune import reestimate_batchnorm
+from bconv.surgery import TotalFlopCounter, default_input_size
 
 __all__ = [
-    "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "RESULTS", "Split", "balanced_subset", "batches", "command",
-    "commit", "crop_flip", "detectable_difference", "environment", "evaluate", "interval", "load_cifar10", "load_digits",
-    "load_fashion_mnist", "load_folder", "mean_std", "paired", "per_class_counts", "per_class_split", "positive_int", "read_idx",
-    "reestimate_bn", "relabel", "resize", "retrieval_metrics", "seeded", "shift", "train_epochs",
+    "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "RESULTS", "HandWiredPTLResNet", "Split", "balanced_subset", "batches",
+    "command", "commit", "crop_flip", "detectable_difference", "environment", "evaluate", "family_of", "first_line", "flops",
+    "input_size_of", "interval", "load_cifar10", "load_digits", "load_fashion_mnist", "load_folder", "logits", "mean_std",
+    "models", "paired", "params", "per_class_counts", "per_class_split", "positive_int", "ratios", "read_idx",
+    "reestimate_bn", "relabel", "resize", "retrieval_metrics", "run_record", "seeded", "shift", "side_by_side",
+    "train_epochs", "write_results",
 ]  # fmt: skip
 
 RESULTS = Path(__file__).parent / "results"
@@ -511,6 +528,224 @@ def detectable_difference(std: float, n: int, power: float = 0.8, alpha: float =
     return std * brentq(shortfall, 0.0, high)
 
 
+# ----------------------------------------------------------------------------------------------- zoo
+
+
+def family_of(spec: ZooModel) -> str:
+    """A zoo model's family: ``torchvision``, or the timm module that registers it (``convnext``)."""
+    if spec.zoo != "timm":
+        return spec.zoo
+    import timm
+
+    return timm.models.model_entrypoint(spec.name).__module__.rpartition(".")[2]
+
+
+def models(selection: Sequence[str] | None = None, zoos: Sequence[str] = ("torchvision", "timm")) -> list[tuple[ZooModel, str]]:
+    """``(model, family)`` for every torchvision classifier and one model per timm family, or for ``selection``.
+
+    Args:
+        selection: zoo specs (``resnet50``, ``timm:NAME``, ``torchvision:NAME``); ``None`` or empty: the whole list,
+            torchvision's classifiers first, then timm's families in alphabetical order, each represented by its
+            smallest-sounding model (``bconv._zoo.timm_families``).
+        zoos: only the models of these zoos.
+    """
+    if selection:
+        chosen = [resolve(spec) for spec in selection]
+        return [(m, family_of(m)) for m in chosen if m.zoo in zoos]
+    rows = [(ZooModel("torchvision", name), "torchvision") for name in torchvision_names()] if "torchvision" in zoos else []
+    if "timm" in zoos:
+        rows += [(ZooModel("timm", name), family) for family, name in sorted(timm_families().items())]
+    return rows
+
+
+def input_size_of(spec: ZooModel, model: nn.Module) -> tuple[int, int, int]:
+    """A zoo model's own input size: torchvision's, the crop size of its weights; timm's, its ``pretrained_cfg``."""
+    if spec.zoo == "torchvision":
+        return torchvision_input_size(spec.name, model)
+    return default_input_size(model)
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+
+def params(module: nn.Module) -> int:
+    """Parameters of ``module`` (every element of every parameter)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def flops(model: nn.Module, x: Tensor) -> int:
+    """Forward FLOPs of ``model`` on ``x[:1]`` (batch 1), in eval mode without autograd, counted by
+    :class:`bconv.surgery.TotalFlopCounter` (torch's FLOP counter, ``nn.MultiheadAttention`` included).
+    ``model`` is left in eval mode."""
+    model.eval()
+    with torch.no_grad(), TotalFlopCounter() as counter:
+        model(x[:1])
+    return int(counter.get_total_flops())
+
+
+def logits(output: Any) -> Tensor:
+    """The logits in a model's output: a tensor, the ``logits`` of a namedtuple (Inception), else the first
+    item of a tuple, list or dict, looked into the same way.
+
+    Raises:
+        TypeError: none of these.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)) and output:
+        return logits(output[0])
+    raise TypeError(f"the model returned {type(output).__name__}, not a tensor")
+
+
+def first_line(e: BaseException, limit: int = 300, *, kind: bool = True) -> str:
+    """An error in one line: ``Type: the message's first line``, cut at ``limit`` characters (``kind=False``:
+    the message's first line alone)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    return (f"{type(e).__name__}: {text}" if kind else text)[:limit]
+
+
+_ORDERS = ("fixed", "rotate", "alternate")
+
+
+def side_by_side(
+    steps: Mapping[str, Callable[[], Any]],
+    repeats: int,
+    *,
+    warmup: int = 0,
+    order: str = "fixed",
+    device: torch.device | str | None = None,
+    clocks: Mapping[str, Callable[[], float]] | None = None,
+    before: Callable[[str], None] | None = None,
+    after: Callable[[str, Any, float], None] | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Time ``steps`` side by side in one process: every repeat runs each step once, so that load drifting
+    during the run reaches them alike; the medians (and the per-repeat :func:`ratios`) are the figures to read.
+
+    Args:
+        steps: name -> the work to time, called with no argument.
+        repeats: timed runs of each step.
+        warmup: untimed runs of each step first (in the given order), ``before`` and ``after`` included.
+        order: of the steps within a repeat: ``"fixed"`` (as given), ``"rotate"`` (shifted by one every repeat)
+            or ``"alternate"`` (reversed every other repeat: ABBA).
+        device: on CUDA, the device is synchronised before and after each step.
+        clocks: name -> clock (default ``{"wall": time.perf_counter}``); each step is timed on all of them.
+        before: ``before(name)``, untimed, before each run of a step (a fresh model, a garbage collection).
+        after: ``after(name, what the step returned, its seconds on the first clock)``, untimed, after each run
+            (undo it, record it, report it).
+
+    Returns:
+        ``{clock: {step: [seconds of each repeat]}}``.
+
+    Example::
+
+        >>> times = side_by_side({"a": lambda: sum(range(1000)), "b": lambda: sum(range(10))}, 3)["wall"]
+        >>> [len(v) for v in times.values()]
+        [3, 3]
+    """
+    if order not in _ORDERS:
+        raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
+    clocks = {"wall": time.perf_counter} if clocks is None else dict(clocks)
+    cuda = device is not None and torch.device(device).type == "cuda"
+    times: dict[str, dict[str, list[float]]] = {c: {name: [] for name in steps} for c in clocks}
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def run(name: str, timed: bool) -> None:
+        if before is not None:
+            before(name)
+        sync()
+        start = {c: clock() for c, clock in clocks.items()}
+        result = steps[name]()
+        sync()
+        seconds = {c: clock() - start[c] for c, clock in clocks.items()}
+        if timed:
+            for c in clocks:
+                times[c][name].append(seconds[c])
+        if after is not None:
+            after(name, result, next(iter(seconds.values())))
+
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            run(name, timed=False)
+    for r in range(repeats):
+        if order == "rotate":
+            within = names[r % len(names) :] + names[: r % len(names)]
+        elif order == "alternate":
+            within = names if r % 2 == 0 else names[::-1]
+        else:
+            within = names
+        for name in within:
+            run(name, timed=True)
+    return times
+
+
+def ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """Per-repeat ratios ``num[r] / den[r]`` of two steps timed side by side (:func:`side_by_side`): paired
+    within a repeat, so that load drifting during the run cancels out."""
+    return [n / d for n, d in zip(num, den)]
+
+
+# ----------------------------------------------------------------------------------------------- references
+
+
+class HandWiredPTLResNet(nn.Module):
+    """A PTL torchvision ResNet (every stage paired) wired by hand: docs/design.md §3's equations as an explicit forward.
+
+    Holds copies of a wrapped model's network (hooks removed) and ladder modules, so it computes exactly what
+    the wrapped model computes, with no hooks and no checks: the reference against which ``benchmarks.overhead``
+    measures the cost of the ladder's hooks and checks. Each fusion takes the stage output and the cell's output,
+    ``fuses[i](x, y)``; the final fusion's output replaces the last stage's.
+
+    Args:
+        wrapped: ``wrap_with_ptl`` of any torchvision ResNet (``resnet18`` .. ``resnet152``, ``resnext*``,
+            ``wide_resnet*``) at its five stages ``relu``, ``layer1`` .. ``layer4``; it is not changed.
+
+    Raises:
+        ValueError: another network, or other stages.
+    """
+
+    STAGES = ("relu", "layer1", "layer2", "layer3", "layer4")
+
+    def __init__(self, wrapped: nn.Module):
+        super().__init__()
+        from torchvision.models import ResNet
+
+        stages = [s.name for s in getattr(wrapped, "stages", ())]
+        if stages != list(self.STAGES):
+            raise ValueError(f"a torchvision ResNet wrapped at every stage {list(self.STAGES)} is needed; got stages {stages}")
+        twin = copy.deepcopy(wrapped)
+        self.ptl = twin.ptl
+        self.net = unwrap_ptl(twin)
+        if not isinstance(self.net, ResNet):
+            raise ValueError(f"a torchvision ResNet is needed; got {type(self.net).__name__}")
+
+    def forward(self, image: Tensor) -> Tensor:
+        net, cells, fuses = self.net, self.ptl.cells, self.ptl.fuses
+        x = net.relu(net.bn1(net.conv1(image)))
+        z = fuses[0](x, cells[0](image))
+        x = net.layer1(net.maxpool(x))
+        z = fuses[1](x, cells[1](z))
+        x = net.layer2(x)
+        z = fuses[2](x, cells[2](z))
+        x = net.layer3(x)
+        z = fuses[3](x, cells[3](z))
+        x = self.ptl.final_fuse(net.layer4(x), cells[4](z))  # x + proj(y), or the released Fuse(cat(x, y))
+        return net.fc(torch.flatten(net.avgpool(x), 1))
+
+    def detach_state(self) -> None:
+        for m in self.ptl.modules():
+            if hasattr(m, "detach_state"):
+                m.detach_state()
+
+
 # ----------------------------------------------------------------------------------------------- records
 
 
@@ -554,3 +789,30 @@ def environment() -> dict:
     """Where a run ran: torch, threads, CPUs, platform, the 1-minute load average now and the commit."""
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "platform": platform.platform(), "load": os.getloadavg()[0], "commit": commit()}  # fmt: skip
+
+
+def run_record(command_line: str, env: dict | None = None) -> dict:
+    """What a results file says of its run, under one key: ``{"command", "commit", "environment"}``.
+
+    Args:
+        command_line: the line that reproduces the run (:func:`command`).
+        env: :func:`environment` as taken at the run's start (default: now); its commit moves up a level.
+    """
+    env = dict(environment() if env is None else env)
+    return {"command": command_line, "commit": env.pop("commit") if "commit" in env else commit(), "environment": env}
+
+
+def write_results(out: Path, record: dict, markdown: Sequence[str]) -> None:
+    """Write a run's results: ``OUT.json`` (``record``, whose ``"run"`` is a :func:`run_record`) and ``OUT.md``
+    (the lines of ``markdown``), making ``OUT``'s folder.
+
+    Raises:
+        ValueError: ``record`` has no run record: a results file always says how it was made.
+    """
+    run = record.get("run")
+    if not isinstance(run, dict) or set(run) != {"command", "commit", "environment"}:
+        raise ValueError('record["run"] must be run_record(...): {"command", "commit", "environment"}')
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    out.with_suffix(".md").write_text("\n".join(markdown) + "\n")

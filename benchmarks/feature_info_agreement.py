@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 
 from bconv.surgery import find_stages
-from bconv._zoo import build, timm_families, ZooModel
+from bconv._zoo import build, ZooModel
 from bconv.errors import NoSpatialStagesError
 from bconv.surgery import feature_info_entries
 
 from benchmarks._agreement import agreement
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, command, first_line, input_size_of, models, run_record, write_results
 
 _CONTRADICTS = ("not-a-dominator", "not-last")
 
@@ -49,11 +49,12 @@ _CONTRADICTS = ("not-a-dominator", "not-last")
 def measure(family: str, name: str) -> dict:
     row: dict = {"family": family, "model": name}
     start = time.perf_counter()
+    spec = ZooModel("timm", name)
     try:
-        model = build(ZooModel("timm", name)).eval()
+        model = build(spec).eval()
     except Exception as e:  # a model timm itself cannot build here
-        return {**row, "fx": "build-error", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-    input_size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        return {**row, "fx": "build-error", "reason": first_line(e, 200)}
+    input_size = input_size_of(spec, model)
     row["input_size"] = list(input_size)
     try:
         t = time.perf_counter()
@@ -64,11 +65,11 @@ def measure(family: str, name: str) -> dict:
     except NoSpatialStagesError as e:
         fx_stages = None
         row["fx"] = "no-spatial"
-        row["reason"] = str(e).splitlines()[0][:200]
+        row["reason"] = first_line(e, 200, kind=False)
     except Exception as e:
         fx_stages = None
         row["fx"] = "error"
-        row["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        row["reason"] = first_line(e, 240)
     usable = feature_info_entries(model)
     if isinstance(usable, str):
         row["feature_info"] = "none"
@@ -81,14 +82,15 @@ def measure(family: str, name: str) -> dict:
         except Exception as e:
             fi_stages = None
             row["feature_info"] = "not-spatial"
-            row["feature_info_reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            row["feature_info_reason"] = first_line(e, 240)
         if fi_stages and fx_stages:
             row.update(agreement(model, input_size, fx_stages, fi_stages))
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
 
 
-def write(rows: list[dict], path: Path) -> dict:
+def write(rows: list[dict], path: Path, run: dict) -> dict:
+    """``path``.md and .json from the rows (``run``: :func:`benchmarks.common.run_record`); returns the summary."""
     n = len(rows)
     ok = [r for r in rows if r.get("fx") == "ok"]
     refused = [r for r in rows if r.get("fx") == "no-spatial"]
@@ -113,13 +115,11 @@ def write(rows: list[dict], path: Path) -> dict:
         "feature_info_stages_matched": sum(k for k, _ in taps),
         "feature_info_contradicts_rule": len(contradicting),
         "rule_ceiling_pct": round(100 * ceiling / max(len(compared), 1), 1),
-        "torch": torch.__version__,
     }
-    path.with_suffix(".json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     lines = [
         "# fx stage discovery vs timm's feature_info",
         "",
-        "Made by `python -m benchmarks.feature_info_agreement` (one model per timm family, random weights,",
+        f"Made by `{run['command']}` (one model per timm family, random weights,",
         "each at its own default input size). `agree`: every feature_info stage (last entry per reduction)",
         "is matched by the fx stage at the same reduction outputting the same tensor.",
         "",
@@ -154,17 +154,18 @@ def write(rows: list[dict], path: Path) -> dict:
             "|---|---|---|---|---|",
         ]
         lines += [f"| {r['family']} | {w[0]} | {w[1]} | {w[2]} | {w[3]} |" for r in diagnosed for w in r["why"]]
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(path, {"run": run, "summary": summary, "rows": rows}, lines)
     return summary
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="*", help="only these timm families (module names)")
     parser.add_argument("--out", type=Path, default=RESULTS / "feature_info_agreement")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    families = timm_families()
+    run = run_record(command("feature_info_agreement", argv))
+    families = {family: spec.name for spec, family in models(zoos=("timm",))}
     if args.families:
         families = {f: families[f] for f in args.families}
     try:
@@ -181,8 +182,7 @@ def main() -> None:
         except Exception as e:  # the benchmark reports, it does not stop
             rows.append({"family": family, "model": name, "fx": "error", "reason": f"benchmark: {e!r}"[:200]})
             traceback.print_exc()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    summary = write(rows, args.out)
+    summary = write(rows, args.out, run)
     print(json.dumps(summary, indent=1))
 
 

@@ -19,9 +19,9 @@ measures the whole work. Writes ``benchmarks/results/find_stages_speed.{md,json}
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -29,17 +29,14 @@ import torch
 from bconv import unwrap_ptl, wrap_with_ptl
 from bconv.surgery import find_stages
 from bconv._zoo import build, resolve
-from bconv.surgery import anatomy as anatomy_module
 
-from benchmarks.common import RESULTS, command as run_command
+# The module, whose cache each timed discovery clears (``bconv.surgery.anatomy`` is the function of that name).
+anatomy_module = importlib.import_module("bconv.surgery.anatomy")
+
+from benchmarks.common import RESULTS, command, run_record, side_by_side, write_results
 
 DEFAULT = ["torchvision:resnet50@224", "torchvision:resnet50@600", "torchvision:regnet_y_32gf@600", "torchvision:efficientnet_b7@600"]
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+_FX = 'find_stages(source="fx")'
 
 
 def measure(spec_at: str, repeats: int) -> dict:
@@ -60,23 +57,18 @@ def measure(spec_at: str, repeats: int) -> dict:
 
         return run
 
-    def wrap() -> float:
-        anatomy_module._CACHE.clear()
-        start = time.perf_counter()
-        wrapped = wrap_with_ptl(model, input_size=size)
-        elapsed = time.perf_counter() - start
-        unwrap_ptl(wrapped)
-        return elapsed
+    def before(name: str) -> None:
+        if name == "wrap_with_ptl":
+            anatomy_module._CACHE.clear()
 
-    runs = {"forward": forward, "find_stages": discover("auto"), 'find_stages(source="fx")': discover("fx")}
-    for run in runs.values():  # warm-up: imports, allocator, first-call caches
-        run()
-    wrap()
-    times: dict[str, list[float]] = {name: [] for name in [*runs, "wrap_with_ptl"]}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name].append(_timed(run))
-        times["wrap_with_ptl"].append(wrap())
+    def after(name: str, wrapped, seconds: float) -> None:
+        if name == "wrap_with_ptl":
+            unwrap_ptl(wrapped)  # outside the timing
+
+    steps = {"forward": forward, "find_stages": discover("auto"), _FX: discover("fx"),
+             "wrap_with_ptl": lambda: wrap_with_ptl(model, input_size=size)}  # fmt: skip
+    # A warm-up (imports, allocator, first-call caches), then the steps interleaved.
+    times = side_by_side(steps, repeats, warmup=1, before=before, after=after)["wall"]
     shapes_from = anatomy_module.anatomy(model, size).shapes_from
     base = statistics.median(times["forward"])
     return {
@@ -89,40 +81,37 @@ def measure(spec_at: str, repeats: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=DEFAULT, help="zoo names with @pixels (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "find_stages_speed", help="output path without suffix")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
+    run = run_record(command("find_stages_speed", argv))
     rows = []
     for spec in args.models:
         rows.append(measure(spec, args.repeats))
         print(json.dumps(rows[-1]["ratio_to_forward"]), spec, flush=True)
-    command = run_command("find_stages_speed", None)
     lines = [
         "# Discovery cost next to one real forward",
         "",
-        f"Made by `{command.strip()}`; runs interleaved in one process, median of {args.repeats} after a warm-up;",
+        f"Made by `{run['command']}`; runs interleaved in one process, median of {args.repeats} after a warm-up;",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads. The anatomy cache is cleared before every",
         "timed discovery. Ratios are to one real batch-1 eval forward of the same model at the same size.",
         "",
         "| model | input | shapes from | forward s | find_stages s (ratio) | find_stages fx s (ratio) | wrap_with_ptl s (ratio) |",
         "|---|---|---|---|---|---|---|",
     ]
-    fx = 'find_stages(source="fx")'
     for r in rows:
         m, q = r["median_s"], r["ratio_to_forward"]
         size = "x".join(map(str, r["input_size"][1:]))
         lines.append(
             f"| {r['model']} | {size} | {r['shapes_from']} | {m['forward']:.3f} | "
-            f"{m['find_stages']:.3f} ({q['find_stages']:.3f}) | {m[fx]:.3f} ({q[fx]:.3f}) | "
+            f"{m['find_stages']:.3f} ({q['find_stages']:.3f}) | {m[_FX]:.3f} ({q[_FX]:.3f}) | "
             f"{m['wrap_with_ptl']:.3f} ({q['wrap_with_ptl']:.3f}) |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+    write_results(args.out, {"run": run, "rows": rows}, lines)
     print("\n".join(lines))
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bconv
-from benchmarks.common import RESULTS, command, environment
+from benchmarks.common import RESULTS, command, load_digits, run_record, write_results
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -51,12 +50,9 @@ class SmallNet(nn.Module):
 
 @functools.lru_cache(maxsize=1)
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=16, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    return (x - x.mean()) / x.std(), torch.tensor(d.target)
+    x, y, _ = load_digits(16)
+    x = x.repeat(1, 3, 1, 1)
+    return (x - x.mean()) / x.std(), y
 
 
 def train(model, x, y, lr, epochs, seed, ptl=False, batch=32):
@@ -157,23 +153,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(RESULTS / "ladder"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    made = run_record(command("ladder", argv))
     start = time.perf_counter()
     rows = [run(lr, seed, c, args.epochs) for lr in args.lrs for seed in range(args.seeds) for c in CONDITIONS]
     seconds = time.perf_counter() - start
     text = [
         "# The ladder across learning rates: plain fine-tuning against PTL",
         "",
-        f"Made by `{command('ladder', argv)}` in {seconds:.0f} s. Digits 0-4 pre-training, 5-9 "
+        f"Made by `{made['command']}` in {seconds:.0f} s. Digits 0-4 pre-training, 5-9 "
         f"fine-tuning (300 training images, the rest held out), {args.epochs} epochs, SGD momentum 0.9, weight "
         f"decay 5e-4, batch 32; mean ± std over {args.seeds} seeds. Shares and state effect from "
         "`bconv.ladder_usage` after the fine-tune (a dormant ladder's output share is about 1e-4).",
         "",
         *_summary(rows, args.lrs),
-        "",
     ]
-    out = Path(args.out)
-    out.with_suffix(".md").write_text("\n".join(text))
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "environment": environment(), "seconds": seconds}, indent=1))
+    write_results(Path(args.out), {"run": made, "rows": rows, "seconds": seconds}, text)
     print("\n".join(text))
 
 

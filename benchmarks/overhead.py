@@ -2,7 +2,8 @@
 
 For each backbone at default widths (``wrap_with_ptl(model)``, every stage paired, cell v1):
 
-* parameters and forward FLOPs (torch's ``FlopCounterMode``, batch 1) of the plain and the wrapped model;
+* parameters and forward FLOPs (batch 1, ``benchmarks.common.flops``: torch's FLOP counter) of the plain and
+  the wrapped model;
 * train-step time (forward, backward, SGD step, ``detach_state``) of a plain copy and a wrapped copy,
   interleaved step by step in one process, median over repeats after warm-up; the ratio wrapped/plain
   is the figure to read (absolute times on a shared 2-core machine are noise);
@@ -14,10 +15,10 @@ The bar: the time ratio stays within 1.15x of the FLOP ratio (the ladder's work 
 the backbone's own).
 
 The cost of the ladder's hooks and of its checks (every paired stage ran, once, in order; checkpointing)
-is measured against a hand-wired PTL ResNet-50: the same network and the same ladder modules (copied
-from the wrapped model), called from an explicit forward with no hooks. Its train steps are interleaved
-with the wrapped model's (in alternating order, ABBA), and the figure is the median of the per-pair
-time ratios wrapped/hand-wired. Bar: <= 1.02.
+is measured against a hand-wired PTL ResNet-50 (``benchmarks.common.HandWiredPTLResNet``): the same network
+and the same ladder modules (copied from the wrapped model), called from an explicit forward with no hooks.
+Its train steps are interleaved with the wrapped model's (in alternating order, ABBA), and the figure is the
+median of the per-pair time ratios wrapped/hand-wired. Bar: <= 1.02.
 
 Writes ``benchmarks/results/overhead.md`` and ``.json``. Reproduce::
 
@@ -29,31 +30,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import functools
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from bconv import PTLModel, unwrap_ptl, wrap_with_ptl
-from bconv.surgery import TotalFlopCounter
-from bconv._zoo import build, resolve, torchvision_input_size
+from bconv import wrap_with_ptl
+from bconv._zoo import build, resolve
 
-from benchmarks.common import RESULTS, seeded
+from benchmarks.common import (RESULTS, HandWiredPTLResNet, command, flops, input_size_of, params, ratios, run_record,
+                               seeded, side_by_side, write_results)  # fmt: skip
 
 MODELS = ["torchvision:resnet50", "torchvision:densenet161", "torchvision:efficientnet_b0", "torchvision:convnext_tiny"]
-
-
-def _params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    model.eval()
-    with torch.no_grad(), TotalFlopCounter() as counter:
-        model(x[:1])
-    return int(counter.get_total_flops())
 
 
 def _step(model, opt, x, y) -> None:
@@ -65,17 +56,12 @@ def _step(model, opt, x, y) -> None:
         model.detach_state()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _memory(model, opt, x, y, device: torch.device) -> int:
+def _memory(step: Callable[[], None], device: torch.device) -> int:
     """Peak CUDA bytes of one step, or on CPU the bytes autograd saves for backward."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        _step(model, opt, x, y)
+        step()
         return torch.cuda.max_memory_allocated() - base
     saved: dict[tuple, int] = {}
 
@@ -85,18 +71,21 @@ def _memory(model, opt, x, y, device: torch.device) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _step(model, opt, x, y)
+        step()
     return sum(saved.values())
+
+
+def _train_steps(models: dict[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """Name -> one train step of that model on ``(x, y)`` (cross-entropy, SGD lr 1e-3 momentum 0.9, its own optimizer)."""
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
+    return {k: functools.partial(_step, m, opts[k], x, y) for k, m in models.items()}
 
 
 def measure(spec_name: str, batch: int, repeats: int, device: torch.device) -> dict:
     spec = resolve(spec_name)
     seeded(0)
     plain = build(spec).to(device)
-    if spec.zoo == "torchvision":
-        input_size = torchvision_input_size(spec.name, plain)
-    else:
-        input_size = tuple(plain.pretrained_cfg["input_size"])
+    input_size = input_size_of(spec, plain)
     wrapped = wrap_with_ptl(copy.deepcopy(plain), input_size=input_size)
     x = torch.randn(batch, *input_size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
@@ -104,32 +93,24 @@ def measure(spec_name: str, batch: int, repeats: int, device: torch.device) -> d
         "model": str(spec),
         "input_size": list(input_size),
         "batch": batch,
-        "params_plain": _params(plain),
-        "params_ptl": _params(wrapped),
-        "flops_plain": _flops(plain, x),
-        "flops_ptl": _flops(wrapped, x),
+        "params_plain": params(plain),
+        "params_ptl": params(wrapped),
+        "flops_plain": flops(plain, x),
+        "flops_ptl": flops(wrapped, x),
     }
     models = {"plain": plain.train(), "ptl": wrapped.train()}
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
-    for k, m in models.items():  # warm-up, and memory
-        _step(m, opts[k], x, y)
-        row[f"memory_{k}"] = _memory(m, opts[k], x, y, device)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    ratios = []
-    for _ in range(repeats):
-        for k, m in models.items():
-            _sync(device)
-            start = time.perf_counter()
-            _step(m, opts[k], x, y)
-            _sync(device)
-            times[k].append(time.perf_counter() - start)
-        ratios.append(times["ptl"][-1] / times["plain"][-1])
+    steps = _train_steps(models, x, y)
+    for k, step in steps.items():  # warm-up, and memory
+        step()
+        row[f"memory_{k}"] = _memory(step, device)
+    times = side_by_side(steps, repeats, device=device)["wall"]
+    paired = ratios(times["ptl"], times["plain"])
     row.update(
         step_s_plain=statistics.median(times["plain"]),
         step_s_ptl=statistics.median(times["ptl"]),
-        time_ratio=statistics.median(ratios),
-        time_ratio_min=min(ratios),
-        time_ratio_max=max(ratios),
+        time_ratio=statistics.median(paired),
+        time_ratio_min=min(paired),
+        time_ratio_max=max(paired),
     )
     row["flop_ratio"] = row["flops_ptl"] / row["flops_plain"]
     row["param_ratio"] = row["params_ptl"] / row["params_plain"]
@@ -138,81 +119,36 @@ def measure(spec_name: str, batch: int, repeats: int, device: torch.device) -> d
     return row
 
 
-class HandWiredPTLResNet(torch.nn.Module):
-    """A PTL ResNet-50 (every stage paired) wired by hand: DESIGN.md §3's equations as an explicit forward.
-
-    Holds copies of the wrapped model's network (hooks removed) and ladder modules, so it computes
-    exactly what the wrapped model computes, with no hooks and no checks.
-    """
-
-    def __init__(self, wrapped: PTLModel):
-        super().__init__()
-        if [s.name for s in wrapped.stages] != ["relu", "layer1", "layer2", "layer3", "layer4"]:
-            raise ValueError(f"a ResNet wrapped at every stage is needed; got stages {[s.name for s in wrapped.stages]}")
-        twin = copy.deepcopy(wrapped)
-        self.ptl = twin.ptl
-        self.net = unwrap_ptl(twin)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        net, cells, fuses = self.net, self.ptl.cells, self.ptl.fuses
-        x = net.relu(net.bn1(net.conv1(image)))
-        z = fuses[0](torch.cat([x, cells[0](image)], 1))
-        x = net.layer1(net.maxpool(x))
-        z = fuses[1](torch.cat([x, cells[1](z)], 1))
-        x = net.layer2(x)
-        z = fuses[2](torch.cat([x, cells[2](z)], 1))
-        x = net.layer3(x)
-        z = fuses[3](torch.cat([x, cells[3](z)], 1))
-        x = self.ptl.final_fuse(net.layer4(x), cells[4](z))  # x + proj(y), or the released Fuse(cat(x, y))
-        return net.fc(torch.flatten(net.avgpool(x), 1))
-
-    def detach_state(self) -> None:
-        for m in self.ptl.modules():
-            if hasattr(m, "detach_state"):
-                m.detach_state()
-
-
-def measure_hand_wired(batch: int, repeats: int, device: torch.device, size: int = 224) -> dict:
-    """Train-step time of wrap_with_ptl(resnet50) over the same PTL ResNet-50 wired by hand."""
+def measure_hand_wired(batch: int, repeats: int, device: torch.device, size: int = 224,
+                       spec_name: str = "torchvision:resnet50") -> dict:  # fmt: skip
+    """Train-step time of wrap_with_ptl(resnet50) over the same PTL ResNet-50 wired by hand
+    (:class:`benchmarks.common.HandWiredPTLResNet`; ``spec_name``: another torchvision ResNet)."""
     seeded(0)
-    wrapped = wrap_with_ptl(build(resolve("torchvision:resnet50")), input_size=(3, size, size))
+    wrapped = wrap_with_ptl(build(resolve(spec_name)), input_size=(3, size, size))
     wrapped.to(device)
     hand = HandWiredPTLResNet(wrapped).to(device)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     with torch.no_grad():  # the same function: the comparison is of wiring alone
         torch.testing.assert_close(wrapped.eval()(x), hand.eval()(x))
-    models = {"wrapped": wrapped.train(), "hand": hand.train()}
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
-    for k, m in models.items():
-        _step(m, opts[k], x, y)  # warm-up
+    steps = _train_steps({"wrapped": wrapped.train(), "hand": hand.train()}, x, y)
     # On a shared CPU the wall time of a step mostly measures the neighbours; the process's CPU time
     # (time.process_time, all of its threads) measures the work itself. Both are recorded; on CUDA, wall.
+    # One warm-up step each, then pairs in alternating order (ABBA).
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
-    times = {(k, c): [] for k in models for c in clocks}
-    ratios: dict[str, list[float]] = {c: [] for c in clocks}
-    for r in range(repeats):
-        order = ("wrapped", "hand") if r % 2 == 0 else ("hand", "wrapped")
-        for k in order:
-            _sync(device)
-            start = {c: clock() for c, clock in clocks.items()}
-            _step(models[k], opts[k], x, y)
-            _sync(device)
-            for c, clock in clocks.items():
-                times[k, c].append(clock() - start[c])
-        for c in clocks:
-            ratios[c].append(times["wrapped", c][-1] / times["hand", c][-1])
+    times = side_by_side(steps, repeats, warmup=1, order="alternate", device=device, clocks=clocks)
     main = "cpu" if device.type == "cpu" else "wall"
-    row = {"model": "torchvision:resnet50", "input_size": [3, size, size], "batch": batch, "repeats": repeats, "clock": main}
+    row = {"model": spec_name, "input_size": [3, size, size], "batch": batch, "repeats": repeats, "clock": main}
     for c in clocks:
+        paired = ratios(times[c]["wrapped"], times[c]["hand"])
         row.update(
             {
-                f"step_s_wrapped_{c}": statistics.median(times["wrapped", c]),
-                f"step_s_hand_{c}": statistics.median(times["hand", c]),
-                f"time_ratio_{c}": statistics.median(ratios[c]),
-                f"time_ratio_{c}_min": min(ratios[c]),
-                f"time_ratio_{c}_max": max(ratios[c]),
-                f"ratios_{c}": ratios[c],
+                f"step_s_wrapped_{c}": statistics.median(times[c]["wrapped"]),
+                f"step_s_hand_{c}": statistics.median(times[c]["hand"]),
+                f"time_ratio_{c}": statistics.median(paired),
+                f"time_ratio_{c}_min": min(paired),
+                f"time_ratio_{c}_max": max(paired),
+                f"ratios_{c}": paired,
             }
         )
     row["time_ratio"] = row[f"time_ratio_{main}"]
@@ -220,15 +156,13 @@ def measure_hand_wired(batch: int, repeats: int, device: torch.device, size: int
     return row
 
 
-def write(rows: list[dict], args: argparse.Namespace, device: torch.device, seconds: float, hand: dict | None = None) -> None:
+def write(rows: list[dict], args: argparse.Namespace, device: torch.device, seconds: float, run: dict,
+          hand: dict | None = None) -> None:  # fmt: skip
     memory = "peak CUDA MB of a step" if device.type == "cuda" else "MB saved for backward"
     lines = [
         "# PTL overhead at default widths (every stage paired, cell v1)",
         "",
-        f"Made by `python -m benchmarks.overhead --models {' '.join(r['model'] for r in rows)} --batch {args.batch} "
-        f"--repeats {args.repeats} --hand-wired-repeats {args.hand_wired_repeats}"
-        f"{f' --hand-wired-batch {args.hand_wired_batch}' if args.hand_wired_batch else ''} --device {device.type}"
-        f"{f' --threads {args.threads}' if args.threads else ''}` in {seconds:.0f} s; torch {torch.__version__}, "
+        f"Made by `{run['command']}` in {seconds:.0f} s; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Time ratio: wrapped/plain train step, interleaved, median of "
         f"{args.repeats} (min-max). Bar: time ratio <= 1.15 x FLOP ratio.",
         "",
@@ -264,14 +198,11 @@ def write(rows: list[dict], args: argparse.Namespace, device: torch.device, seco
                 f"| {hand[f'time_ratio_{c}']:.3f} ({hand[f'time_ratio_{c}_min']:.3f}-{hand[f'time_ratio_{c}_max']:.3f}) "
                 f"| {('within' if hand[f'time_ratio_{c}'] <= 1.02 else 'OVER') if c == hand['clock'] else '-'} |"
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    record = {"device": device.type, "torch": torch.__version__, "rows": rows, "hand_wired": hand}
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    write_results(args.out, {"run": run, "device": device.type, "rows": rows, "hand_wired": hand}, lines)
     print("\n".join(lines))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--batch", type=int, default=8)
@@ -281,10 +212,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    run = run_record(command("overhead", argv))
     start = time.perf_counter()
     rows = []
     for name in args.models:
@@ -294,7 +226,7 @@ def main() -> None:
     if args.hand_wired_repeats:
         hand = measure_hand_wired(args.hand_wired_batch or args.batch, args.hand_wired_repeats, device)
         print(f"hand-wired PTL ResNet-50: time ratio wrapped/hand-wired {hand['time_ratio']:.3f}", flush=True)
-    write(rows, args, device, time.perf_counter() - start, hand)
+    write(rows, args, device, time.perf_counter() - start, run, hand)
 
 
 if __name__ == "__main__":

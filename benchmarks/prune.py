@@ -11,7 +11,7 @@
     same training batches before any accuracy is read; every pruned network is fine-tuned on the same
     images in the same order. Reported: accuracy after re-estimation and after the fine-tune, over seeds,
     with paired 95% t-intervals of each COP preset against each other criterion.
-(b) the preset ablation of DESIGN.md §7: at the same channel count, the gamma-only preset ("smaller")
+(b) the preset ablation of docs/design.md §7: at the same channel count, the gamma-only preset ("smaller")
     should remove more parameters and the beta-only preset ("faster") more FLOPs.
 (c) speed: ``cop_prune`` on ResNet-50 (224x224) to -50% FLOPs, timed side by side with Torch-Pruning's
     one-shot magnitude pruner (``MetaPruner`` + ``MagnitudeImportance(p=1)``, the classes protected) at the
@@ -42,15 +42,14 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from bconv.surgery import TotalFlopCounter
 from bconv.prune import cop_prune, reestimate_batchnorm
-from benchmarks.common import (RESULTS, Split, command, environment, evaluate, interval, load_fashion_mnist, paired,
-                               positive_int, seeded, shift, train_epochs)  # fmt: skip
+from benchmarks.common import (RESULTS, Split, command, environment, evaluate, flops, interval, load_fashion_mnist,
+                               paired, params, positive_int, seeded, shift, side_by_side, train_epochs)  # fmt: skip
 
 COP = ["cop-balanced", "cop-smaller", "cop-faster"]
 OTHERS = ["l1", "fpgm", "random"]
 METHODS = COP + OTHERS
-# DESIGN.md §7: what the COP paper's README reports (retrained with the full schedule), not measured here.
+# docs/design.md §7: what the COP paper's README reports (retrained with the full schedule), not measured here.
 REFERENCE = [
     ("CIFAR-10 VGG16", "93.56%", "93.31% at -92.8% params, -73.5% FLOPs"),
     ("CIFAR-10 ResNet-32", "92.64%", "91.97% at -57.5% params, -53.9% FLOPs"),
@@ -78,17 +77,6 @@ class VGGStyle(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))
-
-
-def flops(model: nn.Module, x: Tensor) -> int:
-    model.eval()
-    with torch.no_grad(), TotalFlopCounter() as counter:
-        model(x[:1])
-    return int(counter.get_total_flops())
-
-
-def params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def tp_one_shot(model: nn.Module, x: Tensor, importance: tp.importance.Importance, channel_ratio: float,
@@ -171,7 +159,7 @@ def run_seed(seed: int, train: Split, test: Split, cfg: dict, ratios: dict[float
                   f"-{100 * row['flops']:.1f}%  acc {row['acc_bn']:.2f}% -> {row['acc_ft']:.2f}% "
                   f"({row['seconds']:.0f} s)", flush=True)
     ablation = []
-    for preset in ("balanced", "smaller", "faster"):  # DESIGN §7: the same channel count, presets compared
+    for preset in ("balanced", "smaller", "faster"):  # docs/design.md §7: the same channel count, presets compared
         model = copy.deepcopy(base)
         cop_prune(model, tuple(x.shape[1:]), ratio=cfg["ablation_channels"], metric="channels", prefer=preset)
         ablation.append({"seed": seed, "preset": preset, "params": 1 - params(model) / base_params,
@@ -239,21 +227,23 @@ def speed(repeats: int, model_name: str, size: int) -> dict:
     x = torch.randn(1, 3, size, size)
     ratio = channel_ratio_for(build, x, 0.5, flops, lambda m: m.fc)
     print(f"  Torch-Pruning one-shot channel ratio for -50% FLOPs: {ratio:.3f}", flush=True)
-    times: dict[str, list[float]] = {"cop": [], "tp-magnitude": []}
     achieved: dict[str, list[float]] = {"cop": [], "tp-magnitude": []}
-    for rep in range(repeats):
-        for name in ("cop", "tp-magnitude") if rep % 2 == 0 else ("tp-magnitude", "cop"):
-            model = build()
-            base = flops(model, x)
-            gc.collect()
-            start = time.perf_counter()
-            if name == "cop":
-                cop_prune(model, (3, size, size), ratio=0.5, metric="flops")
-            else:
-                tp_one_shot(model, x, tp.importance.MagnitudeImportance(p=1), ratio, model.fc)
-            times[name].append(time.perf_counter() - start)
-            achieved[name].append(1 - flops(model, x) / base)
-            print(f"  speed rep {rep}: {name} {times[name][-1]:.1f} s, -{100 * achieved[name][-1]:.1f}% FLOPs", flush=True)
+    fresh: dict = {}  # the model the next run prunes, and its FLOPs before
+
+    def before(name: str) -> None:  # untimed: a fresh model, then Python's garbage collected
+        fresh["model"] = build()
+        fresh["base"] = flops(fresh["model"], x)
+        gc.collect()
+
+    def after(name: str, _, seconds: float) -> None:
+        achieved[name].append(1 - flops(fresh["model"], x) / fresh["base"])
+        rep = len(achieved[name]) - 1
+        print(f"  speed rep {rep}: {name} {seconds:.1f} s, -{100 * achieved[name][-1]:.1f}% FLOPs", flush=True)
+
+    steps = {"cop": lambda: cop_prune(fresh["model"], (3, size, size), ratio=0.5, metric="flops"),
+             "tp-magnitude": lambda: tp_one_shot(fresh["model"], x, tp.importance.MagnitudeImportance(p=1), ratio,
+                                                 fresh["model"].fc)}  # fmt: skip
+    times = side_by_side(steps, repeats, order="alternate", before=before, after=after)["wall"]
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": model_name, "size": size, "threads": torch.get_num_threads(), "times_s": times, "median_s": med,
             "ratio": med["cop"] / med["tp-magnitude"], "achieved": achieved, "tp_channel_ratio": ratio}  # fmt: skip
@@ -325,14 +315,14 @@ def write(result: dict, out: Path) -> None:
                 lines.append(f"| -{100 * p['target']:.0f}% | {p['cop']} | {p['other']} | {interval(p)} | {interval(ft)} |")
             lines += ["", a["verdict"]]
         lines += ["", "![accuracy against parameters removed](" + result["png"] + ")", ""]
-        lines += ["## (b) Preset ablation (DESIGN.md §7): the same channel count", "",
+        lines += ["## (b) Preset ablation (docs/design.md §7): the same channel count", "",
                   f"`cop_prune(metric='channels', ratio={cfg['ablation_channels']})` on each seed's trained network, "
                   f"mean over {len(a['seeds'])} seeds:", "",
                   "| preset (alpha, beta, gamma) | params removed | FLOPs removed |", "|---|---|---|"]  # fmt: skip
         weights = {"balanced": "(1, 1, 1)", "smaller": "(1, 0, 3)", "faster": "(1, 3, 0)"}
         for p in s["presets"]:
             lines.append(f"| {p['preset']} {weights[p['preset']]} | {100 * p['params']:.1f}% | {100 * p['flops']:.1f}% |")
-        lines += ["", "COP paper's reference results (DESIGN.md §7, not measured here):", "",
+        lines += ["", "COP paper's reference results (docs/design.md §7, not measured here):", "",
                   "| setting | baseline | COP |", "|---|---|---|"]  # fmt: skip
         lines += [f"| {s_} | {b} | {c} |" for s_, b, c in REFERENCE]
         lines += [""]

@@ -29,13 +29,13 @@ import time
 
 import torch
 
-from bconv._zoo import ZooModel, build, resolve, timm_families, torchvision_input_size, torchvision_names
+from bconv._zoo import ZooModel, build
 from bconv.errors import BConvError
 from bconv.prune import cop_prune
-from bconv.surgery import default_input_size
 
 from benchmarks._isolated import RowLog, isolated, large_input, measure_each
-from benchmarks.common import RESULTS, command as run_command, positive_int
+from benchmarks.common import (RESULTS, command as run_command, first_line, input_size_of, logits, models,
+                               params, positive_int)  # fmt: skip
 
 ROWS = RESULTS / "prune_zoo.jsonl"
 SMALL = (3, 64, 64)
@@ -43,74 +43,49 @@ SMALL = (3, 64, 64)
 EXCLUDED = {"torchvision:vit_h_14": "torchvision's largest ViT", "torchvision:regnet_y_128gf": "torchvision's largest RegNet"}
 
 
-def models(selection: list[str] | None) -> list[tuple[ZooModel, str]]:
-    if selection:
-        return [(m, m.zoo) for m in map(resolve, selection)]
-    rows = [(ZooModel("torchvision", n), "torchvision") for n in torchvision_names()]
-    rows += [(ZooModel("timm", n), f) for f, n in sorted(timm_families().items())]
-    return rows
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
-
-
-def _logits(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if isinstance(out, dict):
-        return next(iter(out.values()))
-    return out
-
-
 def measure(spec: ZooModel, family: str, max_params: float | None = None) -> dict:
     row = {"zoo": spec.zoo, "family": family, "model": spec.name}
     try:
         model = build(spec).eval()
     except Exception as e:
-        return {**row, "status": "error", "reason": "build: " + _first_line(e)}
-    if max_params is not None and sum(p.numel() for p in model.parameters()) > max_params * 1e6:
-        return {**row, "status": "skipped", "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        return {**row, "status": "error", "reason": "build: " + first_line(e, 400)}
+    if max_params is not None and params(model) > max_params * 1e6:
+        return {**row, "status": "skipped", "params_m": round(params(model) / 1e6, 2),
                 "reason": f"over --max-params {max_params:g}M"}
-    own = torchvision_input_size(spec.name, model) if spec.zoo == "torchvision" else default_input_size(model)
+    own = input_size_of(spec, model)
     size = SMALL
     try:
         with torch.no_grad():
-            shape = tuple(_logits(model(torch.randn(2, *SMALL))).shape)
+            shape = tuple(logits(model(torch.randn(2, *SMALL))).shape)
     except Exception:
         size = tuple(own)
         try:
             with torch.no_grad():
-                shape = tuple(_logits(model(torch.randn(2, *size))).shape)
+                shape = tuple(logits(model(torch.randn(2, *size))).shape)
         except Exception as e:
-            return {**row, "status": "error", "reason": "forward before pruning: " + _first_line(e)}
+            return {**row, "status": "error", "reason": "forward before pruning: " + first_line(e, 400)}
     row["input"] = "x".join(map(str, size))
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = params(model)
     row["params_m"] = round(params_before / 1e6, 2)
     start = time.perf_counter()
     try:
         report = cop_prune(model, size, ratio=0.5, metric="flops").report
         row["seconds"] = round(time.perf_counter() - start, 2)
     except (BConvError, ValueError) as e:
-        unchanged = sum(p.numel() for p in model.parameters()) == params_before
-        return {**row, "status": "refused", "reason": _first_line(e), "unchanged": unchanged,
+        unchanged = params(model) == params_before
+        return {**row, "status": "refused", "reason": first_line(e, 400), "unchanged": unchanged,
                 "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
     except Exception as e:
-        return {**row, "status": "error", "reason": _first_line(e), "seconds": round(time.perf_counter() - start, 2)}
+        return {**row, "status": "error", "reason": first_line(e, 400), "seconds": round(time.perf_counter() - start, 2)}
     row.update(status="pruned", flops_removed=round(1 - report.flops_after / report.flops_before, 4),
                params_removed=round(1 - report.params_after / report.params_before, 4),
                layers_narrowed=len(report.layers))  # fmt: skip
     try:
         with torch.no_grad():
-            after = tuple(_logits(model.eval()(torch.randn(2, *size))).shape)
+            after = tuple(logits(model.eval()(torch.randn(2, *size))).shape)
         row["forward"] = "same shape" if after == shape else f"shape {after} != {shape}"
     except Exception as e:
-        row["forward"] = "fails: " + _first_line(e)
+        row["forward"] = "fails: " + first_line(e, 400)
     return row
 
 

@@ -104,9 +104,10 @@ from bconv.distill import STDTrainer, pooled_features
 from bconv.rollback import Rollback
 
 from benchmarks.common import (FASHION_MNIST_DIR, RESULTS, Split, balanced_subset, command as run_command, crop_flip,
-                               detectable_difference, environment, evaluate, load_cifar10, load_digits,
-                               interval, load_fashion_mnist, load_folder, mean_std, paired, per_class_counts,
-                               per_class_split, reestimate_bn, relabel, resize, retrieval_metrics, seeded, train_epochs)  # fmt: skip
+                               detectable_difference, environment, evaluate, interval, load_cifar10, load_digits,
+                               load_fashion_mnist, load_folder, mean_std, paired, params, per_class_counts,
+                               per_class_split, reestimate_bn, relabel, resize, retrieval_metrics, run_record, seeded,
+                               train_epochs, write_results)  # fmt: skip
 
 CONDITIONS = ("plain", "ptl_v1", "ptl_v1_paper", "control", "ptl_v2", "std", "rollback")
 PTL = {"ptl_v1": ("v1", "identity"), "ptl_v1_paper": ("v1", "paper"), "control": ("v1", "paper"),
@@ -183,8 +184,8 @@ def make_data(
         x, y, names = load_cifar10(data_dir, True, size)
         x_test, y_test, _ = load_cifar10(data_dir, False, size)
     elif dataset == "fashion-mnist":
-        x, y, names = load_fashion_mnist(data_dir or FASHION_MNIST_DIR, True)
-        x_test, y_test, _ = load_fashion_mnist(data_dir or FASHION_MNIST_DIR, False)
+        x, y, names = load_fashion_mnist(data_dir, True)  # None: where the Debian package puts them
+        x_test, y_test, _ = load_fashion_mnist(data_dir, False)
         x, x_test = resize(x, image_size or 28), resize(x_test, image_size or 28)
     else:
         x, y, names = load_digits(image_size or 16) if dataset == "digits" else load_folder(data_dir, image_size or 32)
@@ -732,15 +733,16 @@ def plot(results: dict[str, dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_markdown(report: dict, path: Path) -> None:
-    proto, results, data = report["protocol"], report["results"], report["data"]
+def markdown(report: dict, path: Path) -> list[str]:
+    """The report's lines (``path``: where it is written, for the plot's name)."""
+    proto, results, data, run = report["protocol"], report["results"], report["data"], report["run"]
     n = len(proto["eval_seeds"])
     lines = [
         "# The transfer protocol: plain fine-tuning vs PTL, its control, STD and rolling back",
         "",
-        f"Made by `{report['command']}` in {report['wall_s'] / 60:.1f} minutes ({report['workers']} worker "
-        f"process(es), torch {report['env']['torch']}, {report['env']['cpus']} CPUs; 1-minute load average "
-        f"{report['env']['load']:.1f} at the start, {report['load_end']:.1f} at the end). The design is in the "
+        f"Made by `{run['command']}` in {report['wall_s'] / 60:.1f} minutes ({report['workers']} worker "
+        f"process(es), torch {run['environment']['torch']}, {run['environment']['cpus']} CPUs; 1-minute load average "
+        f"{run['environment']['load']:.1f} at the start, {report['load_end']:.1f} at the end). The design is in the "
         "docstring of `benchmarks/transfer.py`.",
     ]
     if report.get("note"):
@@ -857,7 +859,7 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += ["", "## Cost", "", "| condition | runs | CPU seconds per run (mean) |", "|---|---|---|"]
     for c, (runs, cpu) in report["cost"].items():
         lines.append(f"| {c} | {runs} | {cpu:.1f} |")
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def power_statement(results: dict[str, dict], n: int) -> str:
@@ -874,10 +876,6 @@ def power_statement(results: dict[str, dict], n: int) -> str:
 # ----------------------------------------------------------------------------------------------- main
 
 
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def run(args: argparse.Namespace, command: str) -> dict:
     """Pre-train once, run the protocol, summarise and write the report."""
     from tqdm import tqdm
@@ -888,7 +886,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     conditions = [c for c in CONDITIONS if c in args.conditions]
     backbone = SmallResNet(data.input_size[0], len(data.target_classes), protocol.width, protocol.blocks)
     # Built before anything runs, so that a condition this bconv cannot build stops the run at once.
-    ptl_params = {c: _count(_ptl_model(c, copy.deepcopy(backbone), data).ptl) for c in conditions if c in PTL}
+    ptl_params = {c: params(_ptl_model(c, copy.deepcopy(backbone), data).ptl) for c in conditions if c in PTL}
     with tqdm(total=protocol.source_epochs, desc="pre-train", unit="epoch", leave=False) as bar:
         torch.set_num_threads(args.workers)
         pretrained, source_acc = pretrain(data, protocol, bar=bar)
@@ -911,14 +909,14 @@ def run(args: argparse.Namespace, command: str) -> dict:
         runs = [r for r in records if r["condition"] == c]
         cost[c] = (len(runs), statistics.fmean(r["cpu_seconds"] for r in runs))
     report = {
-        "command": command,
+        "run": run_record(command, env),
         "note": args.note,
         "protocol": asdict(protocol),
         "conditions": conditions,
         "data": {"dataset": data.name, "input_size": list(data.input_size), "source_classes": data.source_classes,
                  "target_classes": data.target_classes, "sizes": data.sizes(), "augment": data.augment,
                  "split": data.split, "budget_reason": data.budget_reason if args.budget else None},  # fmt: skip
-        "backbone_params": _count(backbone),
+        "backbone_params": params(backbone),
         "ptl_params": ptl_params,
         "pretrain": {"seed": 0, "source_test_acc": source_acc},
         "selected_lr": {c: t.selected for c, t in tuning.items()},
@@ -930,13 +928,10 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "runs": records,
         "workers": args.workers,
         "wall_s": round(time.perf_counter() - start, 1),
-        "env": env,
         "load_end": os.getloadavg()[0],
     }
     out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, out)
+    write_results(out, report, markdown(report, out))
     title = (f"{data.name}: fine-tuning on {', '.join(data.target_classes)} after pre-training on "
              f"{', '.join(data.source_classes)} ({len(protocol.eval_seeds)} seeds)")  # fmt: skip
     plot(results, title, out.with_suffix(".png"))

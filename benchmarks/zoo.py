@@ -36,22 +36,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from bconv import wrap_with_ptl
-from bconv._zoo import ZooModel, build, resolve, timm_families, torchvision_input_size, torchvision_names
+from bconv._zoo import ZooModel, build
 from bconv.errors import NoSpatialStagesError
 from bconv.surgery import bconv_hooks_suspended
-from bconv.surgery import default_input_size, find_stages
+from bconv.surgery import find_stages
 
 from benchmarks._agreement import agreement
 from benchmarks._isolated import RowLog, isolated, large_input, measure_each
-from benchmarks.common import RESULTS, command as run_command, positive_int
+from benchmarks.common import (RESULTS, command, first_line, input_size_of, logits, models, params, positive_int,
+                               run_record, write_results)  # fmt: skip
 
 # Not built, to keep the run short on two CPU cores: by the FLOP counts torchvision publishes with their
 # weights, each of these needs at least half the compute of all the torchvision classifiers measured here
@@ -69,42 +68,8 @@ CHECKS = ("wrap", "preserve", "train", "eval")
 BATCH = 2  # BatchNorm in train mode needs more than one value per channel
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
-
-
-def _tensor(output: Any) -> torch.Tensor:
-    """The logits of a model's output: a tensor, a namedtuple with ``logits`` (Inception), or the first item."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)) and output:
-        return _tensor(output[0])
-    raise TypeError(f"the model returned {type(output).__name__}, not a tensor")
-
-
 def _params_m(module: torch.nn.Module) -> float:
-    return round(sum(p.numel() for p in module.parameters()) / 1e6, 2)
-
-
-def models(selection: list[str] | None = None) -> list[tuple[ZooModel, str]]:
-    """``(model, family)`` for every torchvision classifier and every timm family, or for ``selection``."""
-    if selection:
-        chosen = [resolve(spec) for spec in selection]
-        return [(m, m.zoo if m.zoo == "torchvision" else "") for m in chosen]
-    rows = [(ZooModel("torchvision", name), "torchvision") for name in torchvision_names()]
-    rows += [(ZooModel("timm", name), family) for family, name in sorted(timm_families().items())]
-    return rows
-
-
-def input_size_of(spec: ZooModel, model: torch.nn.Module) -> tuple[int, ...]:
-    if spec.zoo == "torchvision":
-        return torchvision_input_size(spec.name, model)
-    return default_input_size(model)
+    return round(params(module) / 1e6, 2)
 
 
 def measure(spec: ZooModel, family: str) -> dict:
@@ -117,7 +82,7 @@ def measure(spec: ZooModel, family: str) -> dict:
     try:
         model = build(spec).eval()
     except Exception as e:  # a model its zoo cannot build here
-        return {**row, "status": "fail", "step": "build", "reason": _first_line(e)}
+        return {**row, "status": "fail", "step": "build", "reason": first_line(e)}
     input_size = input_size_of(spec, model)
     row.update(params_m=_params_m(model), input_size=list(input_size))
     x = torch.randn(BATCH, *input_size, generator=torch.Generator().manual_seed(0))
@@ -127,9 +92,9 @@ def measure(spec: ZooModel, family: str) -> dict:
         wrapped = wrap_with_ptl(model, input_size=input_size)
         row["wrap_s"] = round(time.perf_counter() - t, 2)
     except NoSpatialStagesError as e:
-        return {**row, "status": "no-spatial", "reason": str(e).splitlines()[0][:300], "seconds": _since(start)}
+        return {**row, "status": "no-spatial", "reason": first_line(e, kind=False), "seconds": _since(start)}
     except Exception as e:
-        return {**row, "status": "fail", "step": "wrap", "reason": _first_line(e), "seconds": _since(start)}
+        return {**row, "status": "fail", "step": "wrap", "reason": first_line(e), "seconds": _since(start)}
     row.update(
         wrap=True,
         source=wrapped.stages[0].source,
@@ -146,27 +111,27 @@ def measure(spec: ZooModel, family: str) -> dict:
             with bconv_hooks_suspended(model):
                 row.update(agreement(model, input_size, fx_stages, list(wrapped.stages)))
         except Exception as e:
-            row["agreement_error"] = _first_line(e)
+            row["agreement_error"] = first_line(e)
 
     init_shape = None
     try:
         with torch.no_grad():
-            ours = _tensor(wrapped.eval()(x))
+            ours = logits(wrapped.eval()(x))
             with bconv_hooks_suspended(model):
-                theirs = _tensor(model(x))
+                theirs = logits(model(x))
         init_shape = tuple(ours.shape)
         row["max_abs_diff"] = float((ours - theirs).abs().max())
         row["preserve"] = bool(torch.equal(ours, theirs))  # exactly: the last cell is silent, out = x + proj(0)
         if not row["preserve"]:
             reasons["preserve"] = f"eval output differs from the original's by up to {row['max_abs_diff']:.3g}"
     except Exception as e:
-        row["preserve"], reasons["preserve"] = False, _first_line(e)
+        row["preserve"], reasons["preserve"] = False, first_line(e)
 
     try:
         wrapped.train()
         wrapped.reset_state()
         optimizer = torch.optim.SGD(wrapped.parameters(), lr=1e-3)
-        loss = _tensor(wrapped(x)).float().pow(2).mean()
+        loss = logits(wrapped(x)).float().pow(2).mean()
         loss.backward()
         finite = bool(torch.isfinite(loss)) and all(
             bool(torch.isfinite(p.grad).all()) for p in wrapped.parameters() if p.grad is not None
@@ -177,18 +142,18 @@ def measure(spec: ZooModel, family: str) -> dict:
         if not finite:
             reasons["train"] = "non-finite loss or gradient"
     except Exception as e:
-        row["train"], reasons["train"] = False, _first_line(e)
+        row["train"], reasons["train"] = False, first_line(e)
     finally:
         wrapped.zero_grad(set_to_none=True)
 
     try:
         with torch.no_grad():
-            out = _tensor(wrapped.eval()(x))
+            out = logits(wrapped.eval()(x))
         row["eval"] = bool(torch.isfinite(out).all()) and (init_shape is None or tuple(out.shape) == init_shape)
         if not row["eval"]:
             reasons["eval"] = "non-finite output or a shape other than at init"
     except Exception as e:
-        row["eval"], reasons["eval"] = False, _first_line(e)
+        row["eval"], reasons["eval"] = False, first_line(e)
 
     failed = [c for c in CHECKS if row.get(c) is False]
     row["status"] = "ok" if not failed else "fail"
@@ -222,24 +187,20 @@ def summarise(rows: list[dict], wall_s: float) -> dict:
         "feature_info_compared": len(compared),
         "feature_info_agree": sum(r["agree"] for r in compared),
         "wall_s": round(wall_s, 1),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
     }
 
 
-def write(rows: list[dict], summary: dict, command: str, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "summary": summary, "rows": rows}, indent=1))
-    s = summary
+def write(rows: list[dict], summary: dict, run: dict, out: Path) -> None:
+    s, env = summary, run["environment"]
     slowest = sorted((r for r in rows if "seconds" in r), key=lambda r: -r["seconds"])[:5]
     spatial = s["measured"] - s["no_spatial_stages"]
     lines = [
         "# Zoo coverage of `wrap_with_ptl`",
         "",
-        f"Made by `{command}` in {s['wall_s'] / 60:.1f} minutes"
+        f"Made by `{run['command']}` in {s['wall_s'] / 60:.1f} minutes"
         + (f" (after {s['resumed_rows']} rows of an earlier run, resumed)" if s["resumed_rows"] else "")
-        + f" (torch {s['torch']}, CPU threads: {s['threads']} per model, {s.get('jobs', 1)} model(s) at once,",
-        f"{s['platform']}). Each model runs in a child process of its own. Random weights, each model at its own default input size, batch {BATCH}.",
+        + f" (torch {env['torch']}, CPU threads: {s['threads']} per model, {s.get('jobs', 1)} model(s) at once,",
+        f"{env['platform']}). Each model runs in a child process of its own. Random weights, each model at its own default input size, batch {BATCH}.",
         "See the docstring of `benchmarks/zoo.py` for what each check means.",
         "",
         "## Summary",
@@ -283,7 +244,7 @@ def write(rows: list[dict], summary: dict, command: str, out: Path) -> None:
             f"| {r.get('wrap_s', '')} | {r.get('matched', '')} | {diff} | {mark[r.get('preserve')]} "
             f"| {mark[r.get('train')]} | {mark[r.get('eval')]} | {r.get('seconds', '')} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(out, {"run": run, "summary": summary, "rows": rows}, lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -301,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    command = run_command("zoo", argv)
+    run = run_record(command("zoo", argv))
     log = RowLog(args.out.with_suffix(".jsonl"))
     log.start(args.resume)
     done = log.done()
@@ -328,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = sorted(log.rows(), key=lambda r: order.get((r["zoo"], r["model"]), len(order)))
     summary = summarise(rows, time.perf_counter() - start)
     summary.update(threads=args.threads, jobs=args.jobs, resumed_rows=len(done))
-    write(rows, summary, command, args.out)
+    write(rows, summary, run, args.out)
     print(json.dumps(summary, indent=1))
     return summary
 

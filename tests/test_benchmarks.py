@@ -6,7 +6,10 @@ cannot match the md5 sums that torchvision's ``CIFAR10`` checks before it reads 
 replaces only ``torchvision.datasets.cifar.check_integrity`` (with "the file exists"); everything else,
 opening and unpickling the batches, reshaping and the class names, is torchvision's own loading path.
 ``benchmarks.zoo`` runs on a few small models; ``benchmarks.feature_info_agreement``'s comparison
-and its diagnosis on a network whose feature_info taps are each wrong in a known way.
+and its diagnosis on a network whose feature_info taps are each wrong in a known way; ``cells``,
+``find_stages_speed`` and ``overhead`` on small inputs. What the benchmarks share is tested where it lives,
+``benchmarks.common``: the zoo list, FLOP and parameter counts, logits, one-line errors, the side-by-side timing
+loop, the results writer and the hand-wired PTL ResNet. Tests that run a whole benchmark protocol are ``slow``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import statistics
 import struct
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 
 import bconv
+from bconv._zoo import ZooModel, resolve
 from bconv.surgery import find_stages
 
 for _extra in ("sklearn", "matplotlib", "tqdm", "torchmetrics"):  # the bench extra: pip install -e ".[bench]"
@@ -48,8 +53,6 @@ def _keep_torch_threads():
 
 
 # ----------------------------------------------------------------------------------------------- transfer
-
-LADDER = hasattr(bconv, "ladder_usage")  # issue 18's ladder: ladder_usage and PTLLadder.zero_cells
 
 
 def _check_report(report: dict, out: Path, conditions: list[str]) -> None:
@@ -76,20 +79,23 @@ def _check_report(report: dict, out: Path, conditions: list[str]) -> None:
     assert not set(proto["tune_seeds"]) & set(proto["eval_seeds"])
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"]))
+    assert saved["run"]["command"].startswith("python -m benchmarks.transfer") and "--quick" in saved["run"]["command"]
     md = out.with_suffix(".md").read_text()
-    assert "python -m benchmarks.transfer" in md and "--quick" in md
+    assert f"Made by `{saved['run']['command']}`" in md
     assert ("**Power.**" in md) == (len(conditions) > 1)  # a statement for every comparison, none without one
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_transfer_quick_on_fashion_mnist_idx_files_runs_the_whole_protocol(tmp_path):
-    """The committed command's path (two worker processes) in seconds, on IDX files written here."""
+    """The committed command's path (two worker processes), on IDX files written here."""
     _write_fake_fashion_mnist(tmp_path / "fm")
     out = tmp_path / "transfer"
-    conditions = [c for c in transfer.CONDITIONS if c != "control" or LADDER]
+    conditions = list(transfer.CONDITIONS)
     report = transfer.main(["--data-dir", str(tmp_path / "fm"), "--quick", "--ablation", "--conditions", *conditions,
                             "--out", str(out)])  # fmt: skip
     _check_report(report, out, conditions)
+    assert report["workers"] == 2  # the default: the committed command's two worker processes
     data = report["data"]
     assert data["source_classes"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
     assert data["target_classes"] == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -107,24 +113,24 @@ def test_transfer_quick_on_fashion_mnist_idx_files_runs_the_whole_protocol(tmp_p
     assert report["plateau"]["longer_epochs"] == 2 * report["plateau"]["epochs"]
     rollback = [r for r in runs if r["condition"] == "rollback"]
     assert all(r["curve"][-1]["epoch"] == 2 * r["epochs"] for r in rollback)  # 2 periods, each a whole run
-    if LADDER:
-        for c in ("ptl_v1", "ptl_v1_paper"):
-            assert set(results[c]["usage"]) >= {"stage_share", "output_share", "state_effect"}
-        assert results["control"]["usage"]["output_share"][0] == 0.0  # the control's ladder is zeroed
-        assert "test_acc_vs_control" in results["ptl_v1_paper"]
+    for c in ("ptl_v1", "ptl_v1_paper"):
+        assert set(results[c]["usage"]) >= {"stage_share", "output_share", "state_effect"}
+    assert results["control"]["usage"]["output_share"][0] == 0.0  # the control's ladder is zeroed
+    assert "test_acc_vs_control" in results["ptl_v1_paper"]
     md = out.with_suffix(".md").read_text()
     assert "## Ablation" in md and "## Retrieval" in md and "## Plateau check" in md and "**Labelled budget.** 10" in md
 
 
+@pytest.mark.slow
 def test_transfer_quick_on_digits_in_one_process(tmp_path):
     out = tmp_path / "transfer"
     report = transfer.main(["--dataset", "digits", "--quick", "--workers", "1", "--conditions", "plain", "ptl_v1",
                             "--out", str(out)])  # fmt: skip
     _check_report(report, out, ["plain", "ptl_v1"])
+    assert report["workers"] == 1
     assert report["data"]["target_classes"] == ["5", "6", "7", "8", "9"]
 
 
-@pytest.mark.xfail(not LADDER, strict=True, reason="the control needs issue 18's ladder (PTLLadder.zero_cells)")
 def test_control_is_the_paper_start_with_its_ladder_zeroed(tmp_path):
     _write_fake_fashion_mnist(tmp_path)
     data = transfer.make_data("fashion-mnist", tmp_path, None, None, budget=3, val_per_class=2)
@@ -142,13 +148,17 @@ def test_control_is_the_paper_start_with_its_ladder_zeroed(tmp_path):
 
 
 def test_lr_is_selected_on_validation_never_on_test():
-    def run(lr, seed, val, loss):
-        return {"condition": "plain", "lr": lr, "seed": seed, "val_acc": val, "val_loss": loss, "test_acc": 99.0}
+    def run(lr, seed, val, loss, test):
+        return {"condition": "plain", "lr": lr, "seed": seed, "val_acc": val, "val_loss": loss, "test_acc": test,
+                "test_loss": 3.0 - test / 50}  # fmt: skip
 
-    runs = [run(0.01, s, 90.0, 1.0) for s in range(3)] + [run(0.1, s, 95.0, 1.0) for s in range(3)]
+    # the test split favours the lr that validation does not: read, it would flip the choice
+    runs = [run(0.01, s, 90.0, 1.0, 99.0) for s in range(3)] + [run(0.1, s, 95.0, 1.0, 10.0) for s in range(3)]
     assert transfer.select_lr(runs, "plain") == 0.1
-    tie = [run(0.03, s, 95.0, 0.5) for s in range(3)]  # as accurate, lower loss
+    tie = [run(0.03, s, 95.0, 0.5, 5.0) for s in range(3)]  # as accurate, lower loss
     assert transfer.select_lr(runs + tie, "plain") == 0.03
+    without_test = [{k: v for k, v in r.items() if not k.startswith("test_")} for r in runs + tie]
+    assert transfer.select_lr(without_test, "plain") == 0.03  # nothing of the test split is needed
 
 
 def test_a_grid_is_extended_beyond_a_chosen_edge_up_to_the_limit():
@@ -163,13 +173,18 @@ def test_a_grid_is_extended_beyond_a_chosen_edge_up_to_the_limit():
     assert transfer.next_grid_step(grid, 0.03, counts, 2) == 0.01 and counts == {"low": 1, "high": 2}
 
 
-def test_transfer_refuses_what_the_protocol_cannot_run():
-    for argv, match in ((["--conditions", "plain", "std"], "ptl_v1"),
-                        (["--eval-seeds", "100", "101"], "at least 10"),
-                        (["--eval-seeds", *map(str, range(10))], "fresh"),
-                        (["--dataset", "digits", "--budget", "10"], "official test set")):  # fmt: skip
-        with pytest.raises(SystemExit):
+def test_transfer_refuses_what_the_protocol_cannot_run(capsys):
+    for argv, match in ((["--conditions", "plain", "std"], "the std condition distils the ptl_v1 model"),
+                        (["--ablation", "--conditions", "plain"], "the ablation varies the ptl_v1 condition"),
+                        (["--eval-seeds", "100", "101"], "at least 10 seeds, got 2"),
+                        (["--eval-seeds", *map(str, range(10))], "must be fresh: not the tuning seeds [0, 1, 2]"),
+                        (["--dataset", "digits", "--budget", "10"], "--budget needs a dataset with an official test set"),
+                        (["--budget", "0"], "must be at least 1"),
+                        (["--workers", "0"], "--workers must be at least 1")):  # fmt: skip
+        with pytest.raises(SystemExit) as stopped:
             transfer.parse_args(argv)
+        assert stopped.value.code == 2, argv  # argparse's usage error, not a crash
+        assert match in capsys.readouterr().err, argv
 
 
 def test_the_protocols_defaults_are_the_issues():
@@ -225,21 +240,35 @@ def _write_fake_cifar10(root: Path, per_batch: int = 20, test: int = 50) -> np.n
     return first.reshape(3, 32, 32).transpose(1, 2, 0)
 
 
-def test_cifar10_is_read_from_a_local_copy_and_never_downloaded(tmp_path):
-    _write_fake_cifar10(tmp_path)
+def _no_download(*args, **kwargs):
+    raise AssertionError("a download was attempted")
+
+
+def test_cifar10_is_read_from_a_local_copy_and_never_downloaded(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", _no_download)
+    first = _write_fake_cifar10(tmp_path)
     # The md5 sums of a fake copy do not match: torchvision refuses it rather than downloading.
     with pytest.raises(RuntimeError, match="not found or corrupted"):
         common.load_cifar10(tmp_path, True, 32)
+    with pytest.raises(RuntimeError, match="not found or corrupted"):  # nothing there: refused, not fetched
+        common.load_cifar10(tmp_path / "empty", True, 32)
+    # With the sums accepted, torchvision's own loading path reads the local batches.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    x, y, names = common.load_cifar10(tmp_path, True, 32)
+    assert x.shape == (100, 3, 32, 32) and names[5] == "dog" and y.tolist() == list(range(10)) * 10
+    torch.testing.assert_close(x[0], torch.from_numpy(first).permute(2, 0, 1).float() / 255)
+    assert common.load_cifar10(tmp_path, False, 16)[0].shape == (50, 3, 16, 16)  # the test batch, resized
 
 
+@pytest.mark.slow
 def test_transfer_quick_on_a_local_cifar10_copy(tmp_path, monkeypatch):
     import torchvision.datasets.cifar
 
-    first = _write_fake_cifar10(tmp_path)
+    _write_fake_cifar10(tmp_path)
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", _no_download)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
-    x, y, names = common.load_cifar10(tmp_path, True, 32)
-    assert x.shape == (100, 3, 32, 32) and names[5] == "dog"
-    torch.testing.assert_close(x[0], torch.from_numpy(first).permute(2, 0, 1).float() / 255)
     out = tmp_path / "transfer"
     report = transfer.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--quick", "--workers", "1",
                             "--conditions", "plain", "ptl_v2", "--out", str(out)])  # fmt: skip
@@ -330,9 +359,17 @@ def test_fashion_mnist_missing_names_the_package(tmp_path):
         common.load_fashion_mnist(tmp_path, train=True)
 
 
-def test_fashion_mnist_defaults_to_the_debian_package():
-    assert transfer.parse_args(["--dataset", "fashion-mnist"]).data_dir is None  # make_data falls back to:
+def test_fashion_mnist_defaults_to_the_debian_package(tmp_path, monkeypatch):
     assert common.FASHION_MNIST_DIR == Path("/usr/share/datasets/fashion-mnist")
+    assert transfer.parse_args(["--dataset", "fashion-mnist"]).data_dir is None
+    # Without --data-dir the protocol reads the package's folder (here a folder of fake files in its place).
+    _write_fake_fashion_mnist(tmp_path / "package")
+    monkeypatch.setattr(common, "FASHION_MNIST_DIR", tmp_path / "package")
+    data = transfer.make_data("fashion-mnist", None, None, None, budget=3, val_per_class=2)
+    assert data.sizes()["source_train"] == 100 and data.target_classes[0] == "Sandal"
+    monkeypatch.setattr(common, "FASHION_MNIST_DIR", tmp_path / "missing")
+    with pytest.raises(SystemExit, match=re.escape(f"no train-images-idx3-ubyte[.gz] in {tmp_path / 'missing'}")):
+        transfer.make_data("fashion-mnist", None, None, None, budget=3, val_per_class=2)
 
 
 def test_labelled_budget_split_is_exact_disjoint_and_from_training_images_only(tmp_path):
@@ -533,7 +570,11 @@ def test_zoo_on_a_few_models(tmp_path):
     out = tmp_path / "zoo"
     specs = ["torchvision:resnet18", "timm:test_convnext", "timm:test_vit", "torchvision:vit_h_14"]
     summary = zoo.main(["--models", *specs, "--out", str(out)])
-    rows = {r["model"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    saved = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["model"]: r for r in saved["rows"]}
+    assert saved["run"]["command"] == "python -m benchmarks.zoo --models " + " ".join(specs) + f" --out {out}"
+    assert {r["model"]: r["family"] for r in saved["rows"]} == {
+        "resnet18": "torchvision", "test_convnext": "convnext", "test_vit": "vision_transformer", "vit_h_14": "torchvision"}
     assert rows["resnet18"]["status"] == "ok" and rows["resnet18"]["source"] == "fx"
     assert rows["resnet18"]["stages"] == 5 and rows["resnet18"]["max_abs_diff"] <= 1e-4
     assert rows["test_convnext"]["source"] == "feature_info" and rows["test_convnext"]["agree"]
@@ -549,7 +590,7 @@ def test_zoo_reports_a_failure_with_its_reason(monkeypatch):
         raise RuntimeError("the ladder does not fit\nsecond line")
 
     monkeypatch.setattr(zoo, "wrap_with_ptl", broken)
-    row = zoo.measure(zoo.resolve("timm:test_convnext"), "convnext")
+    row = zoo.measure(resolve("timm:test_convnext"), "convnext")
     assert row["status"] == "fail" and row["step"] == "wrap"
     assert row["reason"] == "RuntimeError: the ladder does not fit"
 
@@ -666,17 +707,21 @@ def test_agreement_summary_bounds_what_the_rule_can_reach(tmp_path):
          "why": [[4, "x", "rule-compatible", ""], [8, "y", "not-last", ""]]},
         {"family": "d", "model": "d", "fx": "no-spatial", "feature_info": "not-spatial"},
     ]  # fmt: skip
-    summary = agreement.write(rows, tmp_path / "fia")
+    run = common.run_record("python -m benchmarks.feature_info_agreement --families a b c d")
+    summary = agreement.write(rows, tmp_path / "fia", run)
+    assert json.loads((tmp_path / "fia.json").read_text())["run"] == run
     assert summary["feature_info_spatial_compared"] == 3 and summary["feature_info_agree"] == 1
     assert summary["feature_info_contradicts_rule"] == 1 and summary["rule_ceiling_pct"] == 66.7
     assert (summary["feature_info_stages_matched"], summary["feature_info_stages_compared"]) == (8, 11)
     md = (tmp_path / "fia.md").read_text()
     assert "## Why the unmatched feature_info taps differ" in md and "| c | 8 | y | not-last |" in md
+    assert "Made by `python -m benchmarks.feature_info_agreement --families a b c d`" in md
 
 
 # ----------------------------------------------------------------------------------------------- prune
 
 
+@pytest.mark.slow
 def test_prune_quick_on_fashion_mnist_idx_files(tmp_path):
     from benchmarks import prune
 
@@ -723,3 +768,197 @@ def test_prune_quick_on_fashion_mnist_idx_files(tmp_path):
     assert "partial" not in whole["accuracy"] and "Reported from the rows of seeds [0, 1]" in (tmp_path / "whole.md").read_text()
     with pytest.raises(SystemExit, match=r"overlap: seeds \[0\]"):
         prune.main(["--report-from", str(rows), str(out.with_suffix(".json")), "--quick", "--out", str(tmp_path / "x")])
+
+
+# ----------------------------------------------------------------------------------------------- what they share
+
+
+def test_models_lists_torchvision_then_timm_families_and_names_each_selected_models_family(monkeypatch):
+    selected = common.models(["torchvision:resnet18", "timm:test_convnext", "resnet50", "timm:test_vit"])
+    assert selected == [(ZooModel("torchvision", "resnet18"), "torchvision"), (ZooModel("timm", "test_convnext"), "convnext"),
+                        (ZooModel("torchvision", "resnet50"), "torchvision"),
+                        (ZooModel("timm", "test_vit"), "vision_transformer")]  # fmt: skip
+    assert common.models(["torchvision:resnet18", "timm:test_convnext"], zoos=("timm",)) == selected[1:2]
+    monkeypatch.setattr(common, "torchvision_names", lambda: ("resnet18", "alexnet"))
+    monkeypatch.setattr(common, "timm_families", lambda: {"vit": "vit_tiny", "convnext": "convnext_atto"})
+    assert common.models() == [(ZooModel("torchvision", "resnet18"), "torchvision"),
+                               (ZooModel("torchvision", "alexnet"), "torchvision"),
+                               (ZooModel("timm", "convnext_atto"), "convnext"), (ZooModel("timm", "vit_tiny"), "vit")]  # fmt: skip
+    assert [f for _, f in common.models(zoos=("timm",))] == ["convnext", "vit"]
+
+
+def test_input_size_of_is_each_zoos_own():
+    import torchvision
+
+    assert common.input_size_of(ZooModel("torchvision", "inception_v3"), torchvision.models.inception_v3(init_weights=False)) == (3, 299, 299)
+    timm_like = nn.Linear(1, 1)
+    timm_like.pretrained_cfg = {"input_size": (3, 256, 192)}
+    assert common.input_size_of(ZooModel("timm", "any"), timm_like) == (3, 256, 192)
+
+
+def test_params_and_flops_count_a_convolution():
+    conv = nn.Conv2d(3, 8, 3, bias=False).train()
+    assert common.params(conv) == 8 * 3 * 3 * 3
+    # batch 1 whatever the batch given: 8 outputs x 6 x 6 positions x 27 multiply-adds, 2 FLOPs each
+    assert common.flops(conv, torch.randn(5, 3, 8, 8)) == 2 * 8 * 6 * 6 * 27
+    assert not conv.training
+    attention = nn.MultiheadAttention(16, 2, batch_first=True)  # torch's fused op: counted by bconv's counter
+    assert common.flops(_SelfAttention(attention), torch.randn(1, 4, 16)) >= 2 * 4 * 16 * 3 * 16
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, attention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x):
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def test_logits_finds_the_tensor_in_any_output():
+    from torchvision.models.inception import InceptionOutputs
+
+    t = torch.randn(2, 3)
+    assert common.logits(t) is t
+    assert common.logits(InceptionOutputs(t, torch.zeros(2, 3))) is t
+    assert common.logits({"out": t, "aux": None}) is t
+    assert common.logits(((t, 1), 2)) is t
+    with pytest.raises(TypeError, match="returned str, not a tensor"):
+        common.logits("t")
+    with pytest.raises(TypeError, match="returned tuple"):
+        common.logits(())
+
+
+def test_first_line_is_the_type_and_the_messages_first_line():
+    assert common.first_line(RuntimeError("\nthe ladder does not fit\nsecond line")) == "RuntimeError: the ladder does not fit"
+    assert common.first_line(ValueError()) == "ValueError: "
+    assert common.first_line(KeyError("x" * 500)) == ("KeyError: '" + "x" * 500)[:300]
+    assert common.first_line(ValueError("a" * 50), 20) == "ValueError: aaaaaaaa"
+    assert common.first_line(ValueError("no spatial stages\nbecause"), kind=False) == "no spatial stages"
+
+
+def test_side_by_side_interleaves_the_steps_and_times_only_the_steps():
+    now, calls = [0.0], []
+
+    def step(name, seconds):
+        def run():
+            calls.append(name)
+            now[0] += seconds
+            return name.upper()
+
+        return run
+
+    def before(name):
+        calls.append(f"before {name}")
+        now[0] += 100.0  # untimed
+
+    seen = []
+    steps = {"a": step("a", 1.0), "b": step("b", 2.0), "c": step("c", 4.0)}
+    clocks = {"fake": lambda: now[0], "wall": time.perf_counter}
+    times = common.side_by_side(steps, 3, warmup=1, order="rotate", clocks=clocks, before=before,
+                                after=lambda name, result, seconds: seen.append((name, result, seconds)))  # fmt: skip
+    assert times["fake"] == {"a": [1.0] * 3, "b": [2.0] * 3, "c": [4.0] * 3}  # the warm-up is not recorded
+    assert [len(v) for v in times["wall"].values()] == [3, 3, 3]
+    ran = [c for c in calls if not c.startswith("before")]
+    assert ran == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warm-up, then rotated
+    assert calls[:2] == ["before a", "a"] and len(calls) == 2 * len(ran)
+    assert seen[:3] == [("a", "A", 1.0), ("b", "B", 2.0), ("c", "C", 4.0)]  # the first clock's seconds
+    order = []
+    common.side_by_side({"x": lambda: order.append("x"), "y": lambda: order.append("y")}, 4, order="alternate")
+    assert order == ["x", "y", "y", "x", "x", "y", "y", "x"]  # ABBA
+    assert common.ratios(times["fake"]["c"], times["fake"]["b"]) == [2.0] * 3
+    with pytest.raises(ValueError, match="order must be one of"):
+        common.side_by_side(steps, 1, order="random")
+
+
+def test_write_results_writes_both_files_and_the_run_under_one_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "commit", lambda: "abc1234-dirty")
+    run = common.run_record("python -m benchmarks.zoo --jobs 2")
+    assert set(run) == {"command", "commit", "environment"} and run["commit"] == "abc1234-dirty"
+    assert "commit" not in run["environment"] and {"torch", "threads", "cpus", "platform"} <= set(run["environment"])
+    earlier = {**common.environment(), "load": 9.5}  # taken at the start of a run
+    assert common.run_record("x", earlier)["environment"]["load"] == 9.5
+    out = tmp_path / "deeper" / "result"
+    common.write_results(out, {"run": run, "rows": [{"a": 1}]}, ["# Title", "", "text"])
+    assert json.loads(out.with_suffix(".json").read_text()) == {"run": run, "rows": [{"a": 1}]}
+    assert out.with_suffix(".md").read_text() == "# Title\n\ntext\n"
+    with pytest.raises(ValueError, match="run_record"):
+        common.write_results(tmp_path / "bare", {"command": "python -m benchmarks.zoo", "rows": []}, [])
+    assert not (tmp_path / "bare.json").exists()
+
+
+def _wrapped_resnet18(size: int = 32):
+    import torchvision
+
+    common.seeded(0)
+    return bconv.wrap_with_ptl(torchvision.models.resnet18(), input_size=(3, size, size))
+
+
+def test_hand_wired_ptl_resnet_computes_what_the_wrapped_model_computes():
+    """The reference of benchmarks.overhead, for any torchvision ResNet: its explicit forward is the wrapped
+    model's function, in eval and in training (the cells' state included), and it changes nothing it copies."""
+    wrapped = _wrapped_resnet18()
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    hand = common.HandWiredPTLResNet(wrapped)
+    assert hand.ptl is not wrapped.ptl and all(torch.equal(v, wrapped.state_dict()[k]) for k, v in before.items())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hand.eval()(x), wrapped.eval()(x))
+        for _ in range(2):  # the second forward reads the state the first one left
+            torch.testing.assert_close(hand.train()(x), wrapped.train()(x))
+            hand.detach_state()
+            wrapped.detach_state()
+    with pytest.raises(ValueError, match="wrapped at every stage"):
+        common.HandWiredPTLResNet(bconv.wrap_with_ptl(transfer.SmallResNet(3, 5, 4), input_size=(3, 16, 16)))
+
+
+def test_overhead_measures_the_hand_wired_reference_side_by_side():
+    from benchmarks import overhead
+
+    row = overhead.measure_hand_wired(2, 2, torch.device("cpu"), size=32, spec_name="torchvision:resnet18")
+    assert row["model"] == "torchvision:resnet18" and row["clock"] == "cpu" and row["repeats"] == 2
+    for clock in ("cpu", "wall"):
+        assert len(row[f"ratios_{clock}"]) == 2 and row[f"step_s_hand_{clock}"] > 0
+        assert row[f"time_ratio_{clock}_min"] <= row[f"time_ratio_{clock}"] <= row[f"time_ratio_{clock}_max"]
+    assert row["time_ratio"] == row["time_ratio_cpu"]
+
+
+def test_overhead_runs_and_writes_its_results(tmp_path):
+    from benchmarks import overhead
+
+    out = tmp_path / "overhead"
+    argv = ["--models", "torchvision:squeezenet1_1", "--batch", "2", "--repeats", "2", "--hand-wired-repeats", "0",
+            "--out", str(out)]  # fmt: skip
+    overhead.main(argv)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["run"]["command"] == "python -m benchmarks.overhead " + " ".join(argv)
+    assert saved["device"] == "cpu" and saved["hand_wired"] is None
+    (row,) = saved["rows"]
+    assert row["params_ptl"] > row["params_plain"] and row["flops_ptl"] > row["flops_plain"] > 0
+    assert row["flop_ratio"] == row["flops_ptl"] / row["flops_plain"] and row["memory_ptl"] > 0
+    assert row["time_ratio_min"] <= row["time_ratio"] <= row["time_ratio_max"]
+    assert f"Made by `{saved['run']['command']}`" in out.with_suffix(".md").read_text()
+
+
+def test_find_stages_speed_runs_and_writes_its_results(tmp_path):
+    from benchmarks import find_stages_speed
+
+    out = tmp_path / "speed"
+    find_stages_speed.main(["--models", "torchvision:resnet18@64", "--repeats", "2", "--out", str(out)])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    (row,) = saved["rows"]
+    assert row["input_size"] == [3, 64, 64] and row["ratio_to_forward"]["forward"] == 1.0
+    assert list(row["all_s"]) == ["forward", "find_stages", 'find_stages(source="fx")', "wrap_with_ptl"]
+    assert all(len(v) == 2 for v in row["all_s"].values())
+    assert saved["run"]["command"].startswith("python -m benchmarks.find_stages_speed --models")
+    assert "| torchvision:resnet18 | 64x64 |" in out.with_suffix(".md").read_text()
+
+
+def test_cells_prints_each_configuration_and_the_command(capsys):
+    from benchmarks import cells
+
+    cells.main(["--channels", "8", "--size", "8", "--batch", "2", "--repeats", "3", "--warmup", "0"])
+    printed = capsys.readouterr().out.splitlines()
+    row = next(line for line in printed if line.startswith("   8     8x8"))
+    assert len(row.split("|")) == 3  # the configuration, the times, the ratios
+    assert printed[-1] == "reproduce: python -m benchmarks.cells --channels 8 --size 8 --batch 2 --repeats 3 --warmup 0"
