@@ -792,8 +792,15 @@ def test_cop_importance_prunes_attention_head_dims_with_metapruners_num_heads():
 
 
 def test_cop_importance_refuses_bad_arguments():
+    import torch_pruning as tp
+
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    pruner = tp.pruner.MetaPruner(model, x, importance=COPImportance(beta=1.0), pruning_ratio=0.3,
+                                  ignored_layers=[model.fc])  # fmt: skip
     with pytest.raises(ValueError, match="example_inputs"):
-        COPImportance(beta=1.0)
+        pruner.step()  # FLOPs need the input size: refused at the first score, before anything is pruned
+    assert model.conv1.out_channels == 64
     with pytest.raises(ValueError, match="'pearson', 'cosine', 'inner'"):
         COPImportance(beta=0.0, similarity="spearman")
     with pytest.raises(ValueError, match="not all zero"):
@@ -813,3 +820,9 @@ def test_a_metapruner_pruned_model_saves_and_replays_from_torch_prunings_history
     assert torch.equal(model.eval()(x), loaded.eval()(x))
     with pytest.raises(ValueError, match="history="):
         save_pruned(model, tmp_path / "q.pt")
+
+
+def test_the_grouped_importance_needs_no_example_inputs_in_cop_prune():
+    model = torchvision.models.resnet18(num_classes=10)
+    result = cop_prune(model, (3, 32, 32), ratio=0.3, metric="flops", importance=COPImportance(1.0, 3.0, 0.0))
+    assert result.report.achieved == pytest.approx(0.3, abs=0.02)

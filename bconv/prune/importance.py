@@ -327,7 +327,8 @@ class COPImportance(tp.importance.Importance):
         top_k: how many of a channel's largest correlations make its redundancy.
         similarity: ``"pearson"`` (COP's default), ``"cosine"`` or ``"inner"`` (inner product).
         normalize: ``"max"``, ``"l1"`` or ``"l2"``: how each matrix is scaled (see ``similarity_matrix``).
-        example_inputs: the input you give MetaPruner; needed when ``beta > 0``, to count each layer's
+        example_inputs: the input you give MetaPruner; needed there when ``beta > 0`` (checked at the first
+            score, not here: :func:`cop_prune` counts FLOPs itself and ignores it), to count each layer's
             output positions (FLOPs). Read once, on the first call.
 
     Example::
@@ -357,11 +358,6 @@ class COPImportance(tp.importance.Importance):
             raise ValueError(f"normalize={normalize!r} is not one of {', '.join(map(repr, NORMALIZATIONS))}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k={top_k!r} must be an integer >= 1")
-        if self.beta > 0 and example_inputs is None:
-            raise ValueError(
-                f"beta={self.beta:g} weighs FLOPs, which need the input size: pass example_inputs= (the input "
-                f"you give MetaPruner), or beta=0"
-            )
         self.top_k, self.similarity, self.normalize = top_k, similarity, normalize
         self.example_inputs = example_inputs
         self._positions: dict[nn.Module, int] | None = None
@@ -384,6 +380,11 @@ class COPImportance(tp.importance.Importance):
 
     def _costs(self, layers: list[nn.Module], graph: Any) -> tuple[float, float]:
         if self._positions is None:
+            if self.beta > 0 and self.example_inputs is None:  # cop_prune counts FLOPs itself: only MetaPruner's use needs them
+                raise ValueError(
+                    f"COPImportance(beta={self.beta:g}) weighs FLOPs, which need the input size: pass example_inputs= "
+                    f"(the input you give MetaPruner), or beta=0"
+                )
             self._positions = _output_positions(graph.model, self.example_inputs) if self.beta else {}
         unique = list(dict.fromkeys(layers))
         params = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in unique)
