@@ -9,7 +9,6 @@ and checks that the output is still what was measured when the network was wrapp
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -31,16 +30,16 @@ class Layout:
     Attributes:
         stage: the stage's name (named in errors).
         channels: the output's channel count.
-        reduction: the output's stride relative to the image.
-        offset: ``(dh, dw)``: how many pixels the measured output fell short of ``ceil(H / reduction)`` (the
-            ladder's cells' size) at the wrap's input size: 0 for padded convolutions, a few for unpadded
-            ones (Inception's stem).
+        reduction: the output's stride relative to the image (rounded to a power of two).
+        measured: the output's spatial size ``(h, w)`` at the wrap's input size.
+        image: the wrap's input size ``(H, W)``.
     """
 
     stage: str
     channels: int
     reduction: int
-    offset: tuple[int, int]
+    measured: tuple[int, int]
+    image: tuple[int, int]
     name = "NCHW"
 
     def to_map(self, out: Tensor) -> Tensor:
@@ -54,24 +53,28 @@ class Layout:
     def check(self, x: Tensor, image_size: tuple[int, int]) -> None:
         """Raise if the NCHW map ``x`` is not what this stage measured, for an image of ``image_size``.
 
-        Its channels must be the measured count, and each spatial size within one pixel of what the measured
-        reduction and offset give (``ceil(H / reduction) - offset``): a network changed after wrapping (a
-        stage's stride or width) is an error that names the stage, not a silently resized map.
+        Its channels must be the measured count, and each spatial size what the measurement gives for this
+        image, within about a pixel: either scaled with the image (``h * H / H_wrap``), or as the ladder's
+        cells size it less the pixels the stage fell short of them at wrap time (``ceil(H / r) - offset``:
+        unpadded convolutions, as in Inception's stem, lose a few pixels whatever the size). A network
+        changed after wrapping (a stage's stride or width) is an error that names the stage, not a silently
+        resized map.
         """
-        expected = tuple(_ceil_div(n, self.reduction) - d for n, d in zip(image_size, self.offset))
-        if (
-            x.dim() != 4
-            or x.shape[1] != self.channels
-            or any(abs(got - want) > 1 for got, want in zip(x.shape[-2:], expected))
-        ):
-            want = f"[batch, {self.channels}, {expected[0]}, {expected[1]}]"
-            raise BConvError(
-                f"paired stage `{self.stage}` returned a map of shape {tuple(x.shape)} ({self.name}) for an image of "
-                f"{image_size[0]}x{image_size[1]}, where wrapping measured {want} (channels {self.channels}, "
-                f"stride {self.reduction}). The network changed after it was wrapped, or this stage's output "
-                f"depends on more than the image size. Wrap the changed network anew (unwrap_ptl, then "
-                f"wrap_with_ptl); python -m bconv.inspect shows its stages."
-            )
+        if x.dim() == 4 and x.shape[1] == self.channels and all(map(self._fits, x.shape[-2:], image_size, (0, 1))):
+            return
+        shown = "x".join(map(str, self.image))
+        raise BConvError(
+            f"paired stage `{self.stage}` returned a map of shape {tuple(x.shape)} ({self.name}) for a "
+            f"{image_size[0]}x{image_size[1]} image, where wrapping measured [batch, {self.channels}, "
+            f"{self.measured[0]}, {self.measured[1]}] for a {shown} image (stride {self.reduction}). The network "
+            f"changed after it was wrapped, or this stage's output depends on more than the image size. Wrap the "
+            f"changed network anew (unwrap_ptl, then wrap_with_ptl); python -m bconv.inspect shows its stages."
+        )
+
+    def _fits(self, size: int, image: int, dim: int) -> bool:
+        scaled = self.measured[dim] * image / self.image[dim]
+        offset = _ceil_div(self.image[dim], self.reduction) - self.measured[dim]
+        return abs(size - scaled) <= 1.5 or abs(size - (_ceil_div(image, self.reduction) - offset)) <= 1
 
 
 class ChannelsFirst(Layout):
@@ -96,5 +99,5 @@ _LAYOUTS: dict[str, type[Layout]] = {"NCHW": ChannelsFirst, "NHWC": ChannelsLast
 def layout_of(stage: Stage, input_size: tuple[int, ...]) -> Layout:
     """The :class:`Layout` of ``stage``, measured at ``input_size`` ``(C, H, W)``."""
     spatial = stage.shape[1:] if stage.layout == "NCHW" else stage.shape[:2]
-    offset = tuple(_ceil_div(n, stage.reduction) - s for n, s in zip(input_size[1:], spatial))
-    return _LAYOUTS[stage.layout](stage.name, stage.channels, stage.reduction, offset)  # type: ignore[arg-type]
+    image = tuple(input_size[1:])
+    return _LAYOUTS[stage.layout](stage.name, stage.channels, stage.reduction, tuple(spatial), image)  # type: ignore[arg-type]
