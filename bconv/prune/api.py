@@ -4,6 +4,7 @@ and the model put back as it was on any failure)."""
 from __future__ import annotations
 
 import time
+import typing
 import warnings
 from typing import Any, Iterable, Literal, Sequence
 
@@ -27,7 +28,7 @@ __all__ = ["cop_prune"]
 
 Metric = Literal["flops", "params", "channels"]
 Prefer = Literal["balanced", "smaller", "faster"]
-_METRICS = ("flops", "params", "channels")
+_METRICS = typing.get_args(Metric)
 # The keywords cop_prune took before importance= and floors= grouped them (deprecated).
 _IMPORTANCE_KEYWORDS = ("alpha", "beta", "gamma", "top_k", "similarity", "normalize")
 _FLOORS_KEYWORDS = ("min_channels", "max_fraction", "round_to")
@@ -209,9 +210,9 @@ def _check_target(ratio: float, metric: str, prefer: str | None) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ValueError(f"ratio={ratio!r} must be a fraction of the metric to remove, strictly between 0 and 1")
     if metric not in _METRICS:
-        raise ValueError(f"metric={metric!r} is not one of {', '.join(map(repr, _METRICS))}")
+        raise ConfigError(f"metric={metric!r} is not one of {', '.join(map(repr, _METRICS))}")
     if prefer is not None and prefer not in PRESETS:
-        raise ValueError(f"prefer={prefer!r} is not one of {', '.join(map(repr, PRESETS))}")
+        raise ConfigError(f"prefer={prefer!r} is not one of {', '.join(map(repr, PRESETS))}")
 
 
 def _check_grouped(importance: Any, floors: Any, prefer: str | None, deprecated: dict[str, Any]) -> None:

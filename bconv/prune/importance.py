@@ -17,6 +17,7 @@ same functions and, after each cut, recomputes only the rows that held the cut c
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, Iterable, Literal
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..surgery import eval_mode
 from .adapter import all_groups, is_depthwise, is_layer, out_channels, recording_positions
 
@@ -35,8 +37,8 @@ __all__ = [
 
 Similarity = Literal["pearson", "cosine", "inner"]
 Normalization = Literal["max", "l1", "l2"]
-SIMILARITIES = ("pearson", "cosine", "inner")
-NORMALIZATIONS = ("max", "l1", "l2")
+SIMILARITIES = typing.get_args(Similarity)
+NORMALIZATIONS = typing.get_args(Normalization)
 PRESETS: dict[str, tuple[float, float, float]] = {
     "balanced": (1.0, 1.0, 1.0),  # COP's ResNet-18 ImageNet recipe
     "smaller": (1.0, 0.0, 3.0),  # COP's VGG16 CIFAR recipe: parameters weigh
@@ -353,9 +355,9 @@ class COPImportance(tp.importance.Importance):
     ) -> None:
         self.alpha, self.beta, self.gamma = _check_weights(alpha, beta, gamma)
         if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity={similarity!r} is not one of {', '.join(map(repr, SIMILARITIES))}")
+            raise ConfigError(f"similarity={similarity!r} is not one of {', '.join(map(repr, SIMILARITIES))}")
         if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize={normalize!r} is not one of {', '.join(map(repr, NORMALIZATIONS))}")
+            raise ConfigError(f"normalize={normalize!r} is not one of {', '.join(map(repr, NORMALIZATIONS))}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k={top_k!r} must be an integer >= 1")
         self.top_k, self.similarity, self.normalize = top_k, similarity, normalize
