@@ -26,7 +26,7 @@ except ImportError as error:
         "its Trainer takes only its own Callback class."
     ) from error
 
-from ..ptl import state as latent
+from ..ptl import state as cell_state
 from ..cells import StatefulCell
 from ..errors import BConvError
 from ..ptl import LadderUsage, PTLModel, ladder_usage
@@ -131,7 +131,7 @@ class PTLCallback(pl.Callback):
         if self._restored_epoch == trainer.current_epoch:
             return  # resumed mid-epoch (Lightning before 2.5 calls this hook again): keep the restored state
         self._restored_epoch = None
-        latent.reset_state(pl_module)
+        cell_state.reset_state(pl_module)
         self._epoch_position = (trainer.current_epoch, 0)
 
     def on_train_batch_start(
@@ -140,7 +140,7 @@ class PTLCallback(pl.Callback):
         if self._restored_epoch is not None:
             if self._restored_epoch != trainer.current_epoch:
                 # Lightning went on with another epoch than the checkpoint's: its history does not belong here.
-                latent.reset_state(pl_module)
+                cell_state.reset_state(pl_module)
                 self._epoch_position = (trainer.current_epoch, batch_idx)
             self._restored_epoch = None
         if self._step_before is None and self._logs(trainer):
@@ -153,7 +153,7 @@ class PTLCallback(pl.Callback):
         self._epoch_position = (trainer.current_epoch, batch_idx + 1)
         if trainer.global_step == self._step_before:
             return  # gradients are still accumulating: the state's graph spans the window until its step
-        latent.detach_state(pl_module)
+        cell_state.detach_state(pl_module)
         if self._logs(trainer) and trainer.global_step % self.log_every_n_steps == 0:
             self._log_ladder_usage(trainer, batch)
 
@@ -166,7 +166,7 @@ class PTLCallback(pl.Callback):
         mid_epoch = position is not None and position[1] < trainer.num_training_batches
         if position is not None and not mid_epoch:
             _mark_spent_loaders(checkpoint)
-        latent = latent.latent_state_dict(pl_module)  # plain values and tensors: weights_only loads it
+        latent = cell_state.latent_state_dict(pl_module)  # plain values and tensors: weights_only loads it
         checkpoint[self.CHECKPOINT_KEY] = {
             "latent_state": latent,
             # Lightning writes rank 0's checkpoint only; every rank's own state goes into it.
@@ -192,7 +192,7 @@ class PTLCallback(pl.Callback):
         if not saved.get("mid_epoch"):
             # The saved epoch had trained all its batches: the next one starts from zero state. Reset here, as
             # Lightning (2.6) resumes a checkpoint written at an epoch's last batch without on_train_epoch_start.
-            latent.reset_state(pl_module)
+            cell_state.reset_state(pl_module)
             return
         latent, per_rank = saved["latent_state"], saved.get("latent_state_per_rank")
         if per_rank is not None and len(per_rank) == trainer.world_size:
@@ -206,7 +206,7 @@ class PTLCallback(pl.Callback):
                 stacklevel=2,
             )
         # Checked in full before anything changes; a model built otherwise gets BConvError listing why.
-        latent.load_latent_state_dict(pl_module, latent)
+        cell_state.load_latent_state_dict(pl_module, latent)
         self._restored_epoch = saved["epoch"]
         self._epoch_position = (saved["epoch"], saved["batches_done"])
 
@@ -280,5 +280,5 @@ def _mark_spent_loaders(checkpoint: dict[str, Any]) -> None:
     """
     fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
     for loader_state in fit_loop.get("state_dict", {}).get("combined_loader", []):
-        if isinstance(loader_state, dict) and loaderlatent.get("_iterator_finished") is False:
+        if isinstance(loader_state, dict) and loader_state.get("_iterator_finished") is False:
             loader_state["_iterator_finished"] = True

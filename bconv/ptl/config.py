@@ -102,7 +102,7 @@ class PTLConfig(StateOptions):
             stages = tuple(stages)  # what each item names is checked against the model (StageSelectionError)
         object.__setattr__(self, "stages", stages)
         if self.input_size is not None:
-            object.__setattr__(self, "input_size", check_input_size(self.input_size))
+            object.__setattr__(self, "input_size", _positive_ints(self.input_size))
         for name in ("cell_width", "fuse_width"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 4:
@@ -224,6 +224,20 @@ class PTLConfig(StateOptions):
             for f in dataclasses.fields(self)
             if f.compare and getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+def _positive_ints(size: Any) -> tuple[int, ...]:
+    """``size`` checked as ``(C, H, W)``; another number of positive ints (a video's ``(C, T, H, W)``, a pair) is
+    passed on for :func:`bconv.anatomy` to refuse with the model at hand (a video network, a missing channel count)."""
+    try:
+        values = list(size) if not isinstance(size, (str, bytes)) else None
+    except TypeError:
+        values = None
+    if values is not None and len(values) != 3 and values and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in values
+    ):
+        return tuple(int(v) for v in values)
+    return check_input_size(size)
 
 
 def _name(klass: type) -> str:

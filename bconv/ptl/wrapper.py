@@ -155,11 +155,11 @@ class PTLModel(nn.Module):
         latent.detach_state(self)
 
     def latent_state_dict(self) -> dict[str, dict[str, Any]]:
-        """Every cell's state, keyed by the cell's module path; see :func:`bconv.latent_state_dict`."""
+        """Every cell's state, keyed by the cell's module path; see :func:`bconv.ptl.state.latent_state_dict`."""
         return latent.latent_state_dict(self)
 
     def load_latent_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the cells' state from :meth:`latent_state_dict`; see :func:`bconv.load_latent_state_dict`."""
+        """Restore the cells' state from :meth:`latent_state_dict`; see :func:`bconv.ptl.state.load_latent_state_dict`."""
         latent.load_latent_state_dict(self, state_dict)
 
     def __getattr__(self, name: str) -> Any:
