@@ -94,3 +94,43 @@ def preempt_after_checkpoint(at: int):
         return len(calls) == at
 
     return time_to_checkpoint
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stateful_cells(model: nn.Module) -> list:
+    """Every BConv-Cell of ``model``, in module order."""
+    from bconv.cells import StatefulCell
+
+    return [m for m in model.modules() if isinstance(m, StatefulCell)]
+
+
+def latent_tensors(model: nn.Module) -> dict:
+    """``{state name: tensor or None}`` of every cell of a PTL model, read through ``latent_state_dict()``."""
+    return {k: v for cell in model.latent_state_dict().values() for k, v in cell.items() if k != "state_mode"}
+
+
+class Snapshot:
+    """Everything of a network a failed load must leave alone: its tensors, its modules and its hooks."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.tensors = {k: v.clone() for k, v in model.state_dict().items()}
+        self.modules = [(name, type(m)) for name, m in model.named_modules()]
+        self.parameters = [id(p) for p in model.parameters()]
+
+    def assert_unchanged(self):
+        now = self.model.state_dict()
+        assert now.keys() == self.tensors.keys()
+        changed = [k for k, v in self.tensors.items() if now[k].shape != v.shape or not torch.equal(now[k], v)]
+        assert not changed, f"{len(changed)} tensors changed, e.g. {changed[:3]}"
+        assert [(name, type(m)) for name, m in self.model.named_modules()] == self.modules
+        assert [id(p) for p in self.model.parameters()] == self.parameters
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules()), "hooks left behind"

@@ -1,4 +1,12 @@
-"""Arguments are checked before they reach torch, by one function per rule, with one error class per mistake."""
+"""The same mistake gets the same error from every public function that can meet it.
+
+Arguments are checked before they reach torch, by one function per rule, with one error class per mistake: a
+malformed input_size, a protected path, leaf_modules, a stage selection, an already wrapped model, a file that is
+no checkpoint of bconv's. Most tests here call several public functions with one mistake and compare what they
+raise; the rest pin a shared rule through the one function that exercises it most (cop_prune's input size and
+protect, leaf_modules) or pin where the rules and error classes live (bconv.errors, the import graph). Checks of
+one function's own options are in that function's file (wrap_with_ptl's: tests/test_wrapper.py).
+"""
 
 import ast
 import importlib
@@ -13,10 +21,11 @@ import torchvision
 from torch import nn
 
 import bconv
-from bconv import wrap_with_ptl
+from bconv import load_ptl, wrap_with_ptl
 from bconv.surgery import find_stages
 from bconv.distill import STDTrainer, classifier_path
 from bconv.errors import (
+    CheckpointError,
     InputSizeError,
     LeafModuleError,
     ModulePathError,
@@ -149,6 +158,20 @@ def test_a_network_holding_a_wrapped_one_is_the_same_error_everywhere():
     for call in (lambda: wrap_with_ptl(holder, input_size=SIZE), lambda: cop_prune(holder, SIZE, ratio=0.1)):
         with pytest.raises(WrappedModelError, match="holds a PTL-wrapped network"):
             call()
+
+
+# ----------------------------------------------- a file that is no checkpoint of bconv's, one error for both loaders
+
+
+def test_a_bad_file_is_the_same_error_from_both_loaders(tmp_path):
+    # One mistake, one error class: a file that is no checkpoint of bconv's.
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    other = torch.load(tmp_path / "other.pt", weights_only=True)
+    with pytest.raises(CheckpointError):
+        load_pruned(torchvision.models.resnet18(), tmp_path / "other.pt")
+    with pytest.raises(CheckpointError):
+        load_ptl(torchvision.models.resnet18(), other)
+    assert issubclass(CheckpointError, bconv.BConvError) and issubclass(CheckpointError, ValueError)
 
 
 # --------------------------------------------------------------------------- where errors and rules live

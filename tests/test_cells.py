@@ -1,4 +1,7 @@
-"""Behaviour of the BConv-Cells and of the state contract (DESIGN.md §1, §2, §4).
+"""The BConv-Cells alone and the state contract at cell level (docs/design.md §1, §2, §4): the equations, the
+state carried between batches (reset, eval, batch slots, pooled and synced state), autograd, dtypes and devices,
+size changes, copies, construction, torch.compile. The ladder and the wrapped model are other files
+(tests/test_ladder.py, tests/test_wrapper.py).
 
 Each test names the invariant it pins. Shapes, strides, batch-size sequences and
 dtypes are drawn by hypothesis; tensors stay small so the file runs in seconds.
@@ -8,17 +11,19 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from bconv.cells import BConvCell, BConvCellV2, StatefulCell
-from conftest import single_thread
+from conftest import free_port, single_thread
 
 CELLS = [BConvCell, BConvCellV2]
 MODES = ["per_sample", "pooled"]
@@ -275,6 +280,22 @@ def test_pooled_state_is_batch_mean_and_next_output_independent_of_batch_size(
     torch.testing.assert_close(y_a[:1], y_b[-1:])
 
 
+def test_sync_state_averages_over_all_samples_of_all_ranks(tmp_path):
+    """One process group of size 1 still runs the all_reduce path: the result is the plain batch mean."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        synced = BConvCell(3, 4, state_mode="pooled", sync_state=True).train()
+        local = copy.deepcopy(synced)
+        local.sync_state = False
+        x = torch.randn(5, 3, 6, 6)
+        synced(x)
+        local(x)
+        torch.testing.assert_close(synced.c_prev, local.c_prev)
+    finally:
+        dist.destroy_process_group()
+
+
 # -- what the state is not ------------------------------------------------------------------
 
 
@@ -449,13 +470,33 @@ def test_spatial_size_change_raises_with_raise_policy_and_keeps_state(cls):
         assert torch.equal(value, before[name])
     cell.reset_state()
     cell(_x(2, h=12, w=12))  # the documented way to change resolution
+    assert all(v.shape[-2:] == (6, 6) for v in _states(cell).values())
 
 
 @pytest.mark.parametrize("cls", CELLS)
-def test_input_size_with_same_state_size_is_no_size_change(cls):
-    cell = _make(cls, stride=2, on_size_change="raise")
-    cell(_x(2, h=7, w=7))
-    cell(_x(2, h=8, w=8))  # both give a 4x4 state
+def test_input_size_with_same_state_size_is_no_size_change_and_the_state_is_carried(cls):
+    cell = _make(cls, stride=2, dtype=torch.float64, on_size_change="raise")
+    fresh = copy.deepcopy(cell)
+    x1, x2 = _x(2, h=7, w=7, dtype=torch.float64), _x(2, h=8, w=8, dtype=torch.float64)
+    with torch.no_grad():
+        y1 = cell(x1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no size change: neither a warning nor a reset
+            y2 = cell(x2)  # both give a 4x4 state
+        zeros = torch.zeros(_out_shape(cell, x1), dtype=torch.float64)
+        if cls is BConvCell:
+            y1_ref, c1 = _ref_v1(cell, x1, zeros)
+            y2_ref, c2 = _ref_v1(cell, x2, c1)
+        else:
+            y1_ref, c1 = _ref_v2(cell, x1, zeros, zeros)
+            y2_ref, c2 = _ref_v2(cell, x2, c1, y1_ref)  # the 4x4 y_prev recovered to the 8x8 input
+        alone = fresh(x2)
+    torch.testing.assert_close(y1, y1_ref, **_tol(torch.float64))
+    torch.testing.assert_close(y2, y2_ref, **_tol(torch.float64))
+    torch.testing.assert_close(cell.c_prev, c2, **_tol(torch.float64))  # the equations, from the 7x7 batch's state
+    if cls is BConvCellV2:
+        torch.testing.assert_close(cell.y_prev, y2_ref, **_tol(torch.float64))
+    assert not torch.allclose(y2, alone), "the 8x8 batch read the state the 7x7 batch left"
 
 
 @pytest.mark.parametrize("cls", CELLS)

@@ -1,4 +1,10 @@
-"""Checkpoints that describe themselves (PTLConfig, load_ptl) and resume exactly (the cells' latent state)."""
+"""Checkpoints of a PTL model: the state dict and the config it carries (PTLConfig, load_state_dict, load_ptl),
+torch.save of the whole model, the cells' latent state, exact resume in a new process, and the checkpoints of
+earlier versions. A load that is refused leaves the user's network as it was.
+
+Pruned files (save_pruned, load_pruned) are tests/test_prune_checkpoint.py; the resume recipes of Lightning and
+Accelerate, tests/test_lightning.py and tests/test_accelerate.py.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import dataclasses
 import io
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +21,29 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torchvision
 from torch import nn
 
 import bconv
 import bconv.ptl.state
-from bconv import BConvError, PTLConfig, load_ptl, wrap_with_ptl
+from bconv import BConvError, PTLConfig, load_ptl, unwrap_ptl, wrap_with_ptl
+from bconv.errors import CheckpointError
 
 import _resume
-from conftest import Preempted, TinyCNN, preempt_after_checkpoint, readme_block
+from conftest import (
+    Preempted,
+    Snapshot,
+    TinyCNN,
+    free_port,
+    latent_tensors,
+    preempt_after_checkpoint,
+    readme_block,
+    stateful_cells,
+    zoo_model,
+)
 
 SIZE = (3, 16, 16)
+SIZE_32 = (3, 32, 32)
 
 
 def _wrap(**options) -> bconv.PTLModel:
@@ -44,7 +63,7 @@ def _train(model: nn.Module, batches=(4, 4, 3)) -> None:
         model(torch.randn(b, *SIZE))
 
 
-# -- the config ---------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- the config
 
 
 class _LocalLeaf(nn.Module):  # importable by its qualified name: tests/ is on sys.path
@@ -83,11 +102,10 @@ def test_config_records_every_option_with_the_stage_names():
     assert wrapped.config.version == bconv.__version__
     with pytest.raises(dataclasses.FrozenInstanceError):
         wrapped.config.cell = "v1"
-    # Every option of wrap_with_ptl is recorded, except the network itself.
-    import inspect
-
-    options = set(inspect.signature(wrap_with_ptl).parameters) - {"model"}
-    assert options == {f.name for f in dataclasses.fields(PTLConfig)} - {"version"}
+    # The call above passed every option PTLConfig declares (input_size through _wrap), and each was recorded.
+    passed = {"stages", "cell", "cell_width", "fuse_width", "state_mode", "sync_state", "detach", "on_size_change",
+              "final_init", "source", "leaf_modules", "input_size"}  # fmt: skip
+    assert passed == {f.name for f in dataclasses.fields(PTLConfig)} - {"version"}
 
 
 def test_state_dict_carries_the_config_through_torch_load_weights_only():
@@ -271,7 +289,102 @@ def test_a_corrupt_config_gets_a_clear_error():
         _wrap().load_state_dict(saved)
 
 
-# -- the latent state -------------------------------------------------------------------------
+# -------------------------------------- a refused load_ptl leaves the network bit-identical, with no hook left on it
+
+
+def test_load_ptl_into_another_architecture_changes_nothing():
+    saved = wrap_with_ptl(torchvision.models.resnet18(), input_size=SIZE_32).state_dict()
+    network = torchvision.models.resnet34()
+    snapshot = Snapshot(network)
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: model\.layer1\.2\.conv1\.weight"):
+        load_ptl(network, saved)
+    snapshot.assert_unchanged()
+    wrap_with_ptl(network, input_size=SIZE_32)  # nothing is left in the way of wrapping it
+
+
+def test_load_ptl_into_the_same_architecture_with_another_head_changes_nothing():
+    saved = wrap_with_ptl(torchvision.models.resnet18(num_classes=10), input_size=SIZE_32).state_dict()
+    network = torchvision.models.resnet18()
+    snapshot = Snapshot(network)
+    with pytest.raises(CheckpointError, match=r"size mismatch for model\.fc\.weight: \[10, 512\] in the checkpoint"):
+        load_ptl(network, saved)
+    snapshot.assert_unchanged()
+
+
+def _with_config(state_dict: dict, **changes) -> dict:
+    stored = json.loads(bytes(state_dict["_extra_state"].tolist()))
+    stored["config"].update(changes)
+    return {**state_dict, "_extra_state": torch.tensor(list(json.dumps(stored).encode()), dtype=torch.uint8)}
+
+
+@pytest.mark.parametrize("option, value", [("stages", None), ("input_size", 5)])
+def test_a_recorded_option_of_the_wrong_type_is_named(option, value):
+    saved = _with_config(wrap_with_ptl(TinyCNN(), input_size=SIZE_32).state_dict(), **{option: value})
+    network = TinyCNN()
+    snapshot = Snapshot(network)
+    with pytest.raises(CheckpointError, match=re.escape(f"{option}={value!r}, which should be")):
+        load_ptl(network, saved)
+    snapshot.assert_unchanged()
+
+
+@pytest.mark.parametrize("option, value", [("leaf_modules", 5), ("sync_state", "no"), ("input_size", [3, "32", 32])])
+def test_more_recorded_options_of_the_wrong_type_are_named(option, value):
+    saved = _with_config(wrap_with_ptl(TinyCNN(), input_size=SIZE_32).state_dict(), **{option: value})
+    with pytest.raises(CheckpointError, match=re.escape(f"{option}={value!r}, which should be")):
+        load_ptl(TinyCNN(), saved)
+
+
+# ------------------------------------------------------------ the whole model: state dict keys, torch.save, deepcopy
+
+
+def test_state_dict_keys_and_loading():
+    model = zoo_model("torchvision:resnet18")
+    plain = copy.deepcopy(model.state_dict())
+    wrapped = wrap_with_ptl(model, input_size=(3, 32, 32), final_init="paper").train()
+    wrapped(torch.randn(2, 3, 32, 32))  # a state exists now; it must stay out of the state dict
+    sd = wrapped.state_dict()
+    assert {k for k in sd if k.startswith("model.")} == {f"model.{k}" for k in plain}
+    assert set(sd) - {f"model.{k}" for k in plain} == {k for k in sd if k.startswith("ptl.")} | {"_extra_state"}
+    assert not any("c_prev" in k or "y_prev" in k for k in sd)
+
+    twin = wrap_with_ptl(zoo_model("torchvision:resnet18"), input_size=(3, 32, 32), final_init="paper")
+    twin.load_state_dict(sd)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(twin.eval()(x), wrapped.eval()(x))
+
+    # A plain pre-trained checkpoint goes into the original network: one line.
+    fresh = wrap_with_ptl(zoo_model("torchvision:resnet18"), input_size=(3, 32, 32))
+    fresh.model.load_state_dict(plain)
+    with torch.no_grad():
+        reference = zoo_model("torchvision:resnet18").eval()
+        reference.load_state_dict(plain)
+        torch.testing.assert_close(fresh.eval()(x), reference(x))
+
+
+def test_torch_save_load_and_deepcopy():
+    wrapped = wrap_with_ptl(zoo_model("torchvision:resnet18"), input_size=(3, 32, 32), final_init="paper").train()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        wrapped(x)
+    buffer = io.BytesIO()
+    torch.save(wrapped, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    clone = copy.deepcopy(wrapped)
+    with torch.no_grad():
+        expected = wrapped(x)
+        torch.testing.assert_close(loaded(x), expected)
+        torch.testing.assert_close(clone(x), expected)
+    # The copies' hooks drive their own ladders, not the original's.
+    before = stateful_cells(wrapped)[0].c_prev.clone()
+    with torch.no_grad():
+        clone(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(stateful_cells(wrapped)[0].c_prev, before)
+    assert unwrap_ptl(clone) is clone.model
+
+
+# --------------------------------------------------------------------------- the latent state
 
 
 @pytest.mark.parametrize("cell", ["v1", "v2"])
@@ -318,6 +431,18 @@ def test_latent_state_with_detach_false_is_saved_detached():
     wrapped(torch.randn(2, *SIZE))
     assert all(c.c_prev.grad_fn is not None for c in wrapped.modules() if isinstance(c, bconv.cells.StatefulCell))
     assert all(s["c_prev"].grad_fn is None for s in wrapped.latent_state_dict().values())
+
+
+def test_a_latent_state_restored_under_inference_mode_trains():
+    model = wrap_with_ptl(TinyCNN(), input_size=SIZE_32, cell="v2").train()
+    model(torch.randn(4, *SIZE_32))
+    saved = model.latent_state_dict()
+    fresh = copy.deepcopy(model)
+    fresh.reset_state()
+    with torch.inference_mode():
+        fresh.load_latent_state_dict(saved)
+    assert not any(v.is_inference() for v in latent_tensors(fresh).values())
+    fresh(torch.randn(4, *SIZE_32)).sum().backward()
 
 
 def _states(model):
@@ -414,7 +539,7 @@ def test_model_level_functions_work_on_a_ptl_model_nested_in_another_network():
             fn(TinyCNN())
 
 
-# -- exact resume -------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- exact resume
 
 
 @pytest.fixture(scope="module")
@@ -444,6 +569,8 @@ def resumed(tmp_path_factory):
     return {name: (full[name], torch.load(out / f"{name}-resumed.pt", weights_only=True)) for name in _resume.VARIANTS}
 
 
+# In the default run although its fixture starts a child process (about 11 s in all on two busy cores): the only test
+# of a resume in a new Python process, which the README states the default run proves.
 @pytest.mark.parametrize("variant", list(_resume.VARIANTS))
 def test_a_run_interrupted_mid_epoch_resumes_bitwise_in_a_new_process(resumed, variant):
     (weights, output), results = resumed[variant]
@@ -459,12 +586,6 @@ def test_a_run_interrupted_mid_epoch_resumes_bitwise_in_a_new_process(resumed, v
     assert not all(torch.equal(weights[k], plain_weights[k]) for k in weights)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DDP_VARIANTS = {
     "per_sample": dict(cell="v2"),  # each rank saves and restores its own state
     "pooled_sync": dict(cell="v1", state_mode="pooled", sync_state=True),  # rank 0's copy restores both
@@ -474,7 +595,7 @@ DDP_VARIANTS = {
 @pytest.mark.slow  # about a minute: two rounds of two spawned processes, each importing torch and bconv
 def test_ddp_run_resumes_bitwise_with_two_gloo_processes(tmp_path):
     for phase in ("train", "resume"):  # the resume runs in new processes
-        mp.spawn(_resume.ddp_worker, args=(2, _free_port(), str(tmp_path), phase, DDP_VARIANTS), nprocs=2, join=True)
+        mp.spawn(_resume.ddp_worker, args=(2, free_port(), str(tmp_path), phase, DDP_VARIANTS), nprocs=2, join=True)
     for name, options in DDP_VARIANTS.items():
         for rank in range(2):
             weights, output = torch.load(tmp_path / f"{name}-full-rank{rank}.pt", weights_only=True)
@@ -507,3 +628,52 @@ def test_the_readme_resume_recipe_resumes_exactly(tmp_path, monkeypatch):
     resumed = script(lambda: False)
     a, b = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- checkpoints of earlier versions
+
+
+@pytest.mark.parametrize("cell", ["v1", "v2"])
+def test_a_checkpoint_written_by_bconv_0_2_loads_and_computes_what_it_computed(cell, one_thread):
+    """tests/data/ptl_checkpoints_0.2.0.pt: TinyCNN wrapped by bconv 0.2.0 (v1 identity / v2 paper start, pooled
+    state), trained three steps; its state dict, latent state, an input and the outputs that version computed."""
+    saved = torch.load(Path(__file__).parent / "data" / "ptl_checkpoints_0.2.0.pt", weights_only=True)[cell]
+    model = load_ptl(TinyCNN(), saved["state_dict"])
+    assert model.config == PTLConfig.from_extra_state(saved["state_dict"]["_extra_state"])  # every option as saved
+    assert model.config.cell == cell and PTLConfig.from_extra_state(saved["state_dict"]["_extra_state"]).version == "0.2.0"
+    model.load_latent_state_dict(saved["latent"])
+    model.train()
+    assert torch.allclose(model(saved["x"]), saved["train_output"], atol=1e-6)
+    model.eval()
+    assert torch.allclose(model(saved["x"]), saved["eval_output"], atol=1e-6)
+    twin = _wrap(cell=cell, final_init="identity" if cell == "v1" else "paper", state_mode="pooled")
+    twin.load_state_dict(saved["state_dict"])  # by hand, into a wrapper built with the same options
+    twin.load_latent_state_dict(saved["latent"])
+    assert torch.allclose(twin.train()(saved["x"]), saved["train_output"], atol=1e-6)  # and computes the same
+    assert torch.allclose(twin.eval()(saved["x"]), saved["eval_output"], atol=1e-6)
+
+
+def _earlier_ladder_state_dict() -> dict[str, torch.Tensor]:
+    """What bconv 0.1 wrote for a TinyCNN: plain 1x1 fusions, the final one a bare Conv2d."""
+    state = wrap_with_ptl(TinyCNN(), input_size=(3, 32, 32), final_init="paper").state_dict()
+    old = {k: v for k, v in state.items() if not k.startswith(("ptl.fuses.", "ptl.final_fuse."))}
+    old["ptl.fuses.0.weight"] = torch.zeros(2, 16 + 8, 1, 1)
+    old["ptl.fuses.1.weight"] = torch.zeros(2, 32 + 8, 1, 1)
+    old["ptl.final_fuse.weight"] = torch.zeros(32, 32 + 8, 1, 1)
+    return old
+
+
+def test_a_checkpoint_of_the_earlier_ladder_gets_a_clear_error_and_changes_nothing():
+    old = _earlier_ladder_state_dict()
+    with pytest.raises(CheckpointError, match="earlier PTL ladder.*Nothing was loaded.*'model.'"):
+        bconv.load_ptl(TinyCNN(), old)
+    wrapped = wrap_with_ptl(TinyCNN(), input_size=(3, 32, 32), final_init="paper")
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    old["model.stem.0.weight"] = old["model.stem.0.weight"] + 1
+    with pytest.raises(CheckpointError, match="earlier PTL ladder"):
+        wrapped.load_state_dict(old)
+    assert all(torch.equal(before[k], v) for k, v in wrapped.state_dict().items())
+    # The recipe in the message: the backbone's weights load into the new ladder's network.
+    p = "model."
+    wrapped.model.load_state_dict({k[len(p) :]: v for k, v in old.items() if k.startswith(p)})
+    assert torch.equal(wrapped.model.stem[0].weight, old["model.stem.0.weight"])

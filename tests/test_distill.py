@@ -1,8 +1,10 @@
-"""Student-Teacher Distillation: Eq. 4, the pooled features of any classifier, and one STD step."""
+"""Student-Teacher Distillation: Eq. 4, the pooled features of any classifier, and one STD step, on plain and
+PTL-wrapped models."""
 
 from __future__ import annotations
 
 import copy
+import importlib
 from collections import namedtuple
 
 import pytest
@@ -14,7 +16,6 @@ from torch import nn
 
 import bconv
 from bconv.surgery import BConvHook
-import bconv.surgery.anatomy as anatomy_module
 import timm
 from bconv.distill import (
     ClassifierNotFoundError,
@@ -28,7 +29,7 @@ from bconv.errors import TraceError
 
 from conftest import zoo_model
 
-NO_WRAPPER = not hasattr(bconv, "wrap_with_ptl")
+anatomy_module = importlib.import_module("bconv.surgery.anatomy")  # the module: bconv.surgery.anatomy is the function
 
 
 class TinyNet(nn.Module):
@@ -361,12 +362,10 @@ def test_classifier_of_a_wrapper_is_found_in_its_original_without_tracing_the_wr
     assert len(wrapped.model.body._forward_hooks) == 1  # the wrapper's hook is back in place
 
 
-
 def _wrap(model: nn.Module) -> nn.Module:
     return bconv.wrap_with_ptl(model, input_size=(3, 64, 64))
 
 
-@pytest.mark.xfail(NO_WRAPPER, reason="wrap_with_ptl not built yet", strict=True)
 def test_pooled_features_of_a_wrapped_model_enter_the_originals_classifier():
     original = zoo_model("torchvision:resnet18").eval()
     wrapped = _wrap(copy.deepcopy(original)).eval()
@@ -383,7 +382,6 @@ def test_pooled_features_of_a_wrapped_model_enter_the_originals_classifier():
         torch.testing.assert_close(feats, pooled_features(original, x))
 
 
-@pytest.mark.xfail(NO_WRAPPER, reason="wrap_with_ptl not built yet", strict=True)
 def test_std_step_with_a_wrapped_teacher_leaves_it_untouched():
     teacher = _wrap(zoo_model("torchvision:resnet18")).train()
     before = copy.deepcopy(teacher.state_dict())

@@ -65,6 +65,9 @@ def test_bad_input_size_shows_the_models_message(capsys):
     assert "rejected a dummy input" in capsys.readouterr().err
 
 
+# Two child processes, each importing torch (about 20 s on two busy cores); the slow zoo test below runs
+# `python -m bconv.inspect` too, and main() itself is tested in-process above.
+@pytest.mark.slow
 def test_module_entry_point_runs_as_a_newcomer_would():
     ok = subprocess.run(
         [sys.executable, "-m", "bconv.inspect", "resnet18", "--input-size", "3", "64", "64", "--no-plan"],
@@ -79,6 +82,7 @@ def test_module_entry_point_runs_as_a_newcomer_would():
 
 
 def test_every_torchvision_model_name_is_known():
+    # In the default run although it walks the whole torchvision zoo: it resolves names only, building no model (< 1 s).
     import torchvision
 
     from bconv._zoo import resolve
@@ -105,7 +109,7 @@ def test_a_quantizable_model_is_inspected_as_the_float_network(capsys):
     assert "5 stages found" in capsys.readouterr().out
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the whole torchvision zoo, a child process each
 def test_every_torchvision_model_is_inspected_or_refused_with_a_reason():
     # Each in a child process, as a newcomer runs it: a table (0) or bconv's one-line refusal (1), never a traceback.
     import torchvision

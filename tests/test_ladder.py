@@ -1,5 +1,11 @@
-"""The ladder as a method: function-preserving at the start, awake, stable across learning rates, and able to
-carry information across batches through the cells' state. Each test fails on a dormant or destabilising ladder."""
+"""The ladder as a method: its shape and size beside the stages, function-preserving at the default start (the
+released start is not), awake, stable across learning rates, able to carry information across batches through the
+cells' state, the same as a hand-wired reference, and measured by ladder_usage. Each test fails on a dormant or
+destabilising ladder.
+
+Putting the ladder on a network and running it (any backbone, the checks, compile and export) is
+tests/test_wrapper.py; the cells alone, tests/test_cells.py.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from torch import nn
 
 import bconv
 from bconv import BConvError, ladder_usage, wrap_with_ptl
-from bconv.errors import CheckpointError
+from bconv.cells import BConvCellV2
 from bconv.ptl.ladder import FinalFusion, Fusion
 
 from benchmarks.ladder import SmallNet, fresh_pretrained, target_split, train
@@ -20,6 +26,8 @@ from benchmarks.ladder import SmallNet, fresh_pretrained, target_split, train
 from conftest import TinyCNN, single_thread, zoo_model
 
 LEARNING_RATES = (0.01, 0.03, 0.1)
+SEEDS = (0, 1, 2)
+EPOCHS = 8
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,8 +35,6 @@ def _one_thread():
     """These networks are tiny: one thread is fastest, and many threads on a busy machine are far slower."""
     with single_thread():
         yield
-SEEDS = (0, 1, 2)
-EPOCHS = 8
 
 
 # ------------------------------------------------------------------ the released code's ladder
@@ -39,7 +45,7 @@ def test_fusions_are_the_released_conv_bn_relu_with_kaiming_init():
     wrapped = wrap_with_ptl(zoo_model("torchvision:resnet18"), input_size=(3, 64, 64))
     for fuse in wrapped.ptl.fuses:
         assert isinstance(fuse, Fusion)
-        assert [type(m) for m in fuse] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+        assert [type(m) for m in fuse.children()] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
         assert fuse.conv.bias is not None and fuse.conv.kernel_size == (1, 1)
     # kaiming_normal_(fan_in): std sqrt(2 / fan_in), where PyTorch's default draws from U(+-1/sqrt(fan_in))
     convs = [c.conv for chain in wrapped.ptl.cells for c in chain][:-1] + [f.conv for f in wrapped.ptl.fuses]
@@ -68,6 +74,15 @@ def test_default_start_is_exactly_the_original_and_the_last_cell_is_silent():
     assert torch.equal(last.c_prev, torch.zeros_like(last.c_prev))
 
 
+def test_paper_init_is_not_function_preserving():
+    model = zoo_model("torchvision:resnet18").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        got = wrap_with_ptl(model, input_size=(3, 32, 32), final_init="paper").eval()(x)
+    assert not torch.allclose(got, expected)
+
+
 def test_the_ladder_gets_a_gradient_of_the_order_of_the_features_at_the_first_step():
     """Nothing multiplies the ladder's path by zero: dL/dy of the last cell is of the order of dL/dx of the stage."""
     torch.manual_seed(0)
@@ -88,6 +103,36 @@ def test_the_ladder_gets_a_gradient_of_the_order_of_the_features_at_the_first_st
     ratio = (grads["y"].norm() / grads["y"].numel() ** 0.5) / (grads["x"].norm() / grads["x"].numel() ** 0.5)
     assert 0.1 < ratio < 10, f"per-element gradient at the cells' output / at the stage's output: {ratio:.3g}"
     assert last_cell.conv.weight.grad[3 * last_cell.out_channels :].norm() > 0  # the silenced weights learn
+
+
+# ------------------------------------------------------------------ its shape and size beside the stages
+
+
+def test_ladder_shapes_follow_the_stages():
+    model = zoo_model("torchvision:resnet50")
+    wrapped = wrap_with_ptl(model, stages=["layer2", "layer4"], cell="v2", input_size=(3, 64, 64))
+    assert [s.name for s in wrapped.stages] == ["layer2", "layer4"]
+    chain0, chain1 = wrapped.ptl.cells
+    # image (r1) -> layer2 (r8): three stride-2 cells; layer2 -> layer4 (r32): two more.
+    assert [c.stride for c in chain0] == [2, 2, 2] and [c.stride for c in chain1] == [2, 2]
+    assert all(isinstance(c, BConvCellV2) for c in (*chain0, *chain1))
+    assert chain0[0].in_channels == 3 and chain0[-1].out_channels == 64  # 512 / 8
+    assert wrapped.ptl.fuses[0].in_channels == 512 + 64 and wrapped.ptl.fuses[0].out_channels == 64
+    assert chain1[0].in_channels == 64 and chain1[-1].out_channels == 256
+    assert (wrapped.ptl.final_fuse.in_channels, wrapped.ptl.final_fuse.out_channels) == (2048 + 256, 2048)
+
+
+def test_overhead_on_resnet50_next_to_the_papers():
+    base = sum(p.numel() for p in zoo_model("torchvision:resnet50").parameters())
+    added = {
+        init: sum(p.numel() for p in wrap_with_ptl(zoo_model("torchvision:resnet50"), input_size=(3, 64, 64),
+                                                   final_init=init).ptl.parameters())
+        for init in ("identity", "paper")
+    }
+    # The released layout (a (C + C/8) -> C normalised final fusion) costs what the paper reports: 28M -> 35M.
+    assert 0.15 <= added["paper"] / base <= 0.40, f"+{added['paper'] / base:.0%} (paper: +25%)"
+    # The default's final fusion is a C/8 -> C projection beside a fixed identity: about a third of that.
+    assert 0.05 <= added["identity"] / base < added["paper"] / base / 2
 
 
 # ------------------------------------------------------------------ stable and alive on a real fine-tune
@@ -144,6 +189,7 @@ def test_the_ladder_is_alive_after_fine_tuning(lr_sweep, lr):
 
 
 # ------------------------------------------------------------------ state propagation is learnable
+
 
 MEMORY_CLASSES, MEMORY_BATCH, MEMORY_STEPS, MEMORY_K = 4, 8, 16, 2
 
@@ -236,7 +282,11 @@ def test_ladder_usage_is_zero_at_the_default_start_and_measures_a_ladder_in_use(
     usage = ladder_usage(fresh, x, y)
     assert usage.stage_share == 0 and usage.output_share == 0 and usage.state_effect == 0
     paper = wrap_with_ptl(TinyCNN(), input_size=(3, 32, 32), final_init="paper").train()
-    assert paper.state_dict  # the released start uses the cells from the first forward
+    # The released start silences no cell, so the cells act from the first forward (the default start zeroes the
+    # candidate weights of the last cell).
+    silent, awake = fresh.ptl.cells[-1][-1], paper.ptl.cells[-1][-1]
+    assert not silent.conv.weight[3 * silent.out_channels :].any()
+    assert awake.conv.weight[3 * awake.out_channels :].abs().sum() > 0
     usage = ladder_usage(paper, x, y)
     assert usage.stage_share > 0.01 and usage.output_share > 0 and usage.state_effect == 0  # no history yet
     paper(x)
@@ -285,75 +335,63 @@ def test_ladder_usage_finds_the_ptl_model_inside_a_network_and_refuses_none_or_t
         ladder_usage(TinyCNN(), x)
 
 
-# ------------------------------------------------------------------ checkpoints of the earlier ladder
+# ------------------------------------------------------------------ the ladder's equations, read alone
 
 
-def _earlier_ladder_state_dict() -> dict[str, torch.Tensor]:
-    """What bconv 0.1 wrote for a TinyCNN: plain 1x1 fusions, the final one a bare Conv2d."""
-    state = wrap_with_ptl(TinyCNN(), input_size=(3, 32, 32), final_init="paper").state_dict()
-    old = {k: v for k, v in state.items() if not k.startswith(("ptl.fuses.", "ptl.final_fuse."))}
-    old["ptl.fuses.0.weight"] = torch.zeros(2, 16 + 8, 1, 1)
-    old["ptl.fuses.1.weight"] = torch.zeros(2, 32 + 8, 1, 1)
-    old["ptl.final_fuse.weight"] = torch.zeros(32, 32 + 8, 1, 1)
-    return old
-
-
-def test_a_checkpoint_of_the_earlier_ladder_gets_a_clear_error_and_changes_nothing():
-    old = _earlier_ladder_state_dict()
-    with pytest.raises(CheckpointError, match="earlier PTL ladder.*Nothing was loaded.*'model.'"):
-        bconv.load_ptl(TinyCNN(), old)
-    wrapped = wrap_with_ptl(TinyCNN(), input_size=(3, 32, 32), final_init="paper")
-    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
-    old["model.stem.0.weight"] = old["model.stem.0.weight"] + 1
-    with pytest.raises(CheckpointError, match="earlier PTL ladder"):
-        wrapped.load_state_dict(old)
-    assert all(torch.equal(before[k], v) for k, v in wrapped.state_dict().items())
-    # The recipe in the message: the backbone's weights load into the new ladder's network.
-    p = "model."
-    wrapped.model.load_state_dict({k[len(p) :]: v for k, v in old.items() if k.startswith(p)})
-    assert torch.equal(wrapped.model.stem[0].weight, old["model.stem.0.weight"])
-
-
-# ------------------------------------------------------------------ every export path on the default ladder
-
-
-def _trained_default(**options) -> nn.Module:
+def _awake_resnet18(size: int = 64) -> bconv.PTLModel:
+    """A ResNet-18 wrapped at every stage, its last cell woken (its candidate weights no longer zero)."""
     torch.manual_seed(0)
-    wrapped = wrap_with_ptl(TinyCNN(), input_size=(3, 32, 32), **options)
-    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
-    for _ in range(2):  # move off the exact start, so the cells contribute
-        wrapped.train()(torch.randn(4, 3, 32, 32)).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-    return wrapped.eval()
-
-
-def test_jit_trace_and_torch_export_of_the_default_ladder_match_eager():
-    wrapped = _trained_default()
-    x = torch.randn(3, 3, 32, 32)
+    wrapped = wrap_with_ptl(zoo_model("torchvision:resnet18"), input_size=(3, size, size))
     with torch.no_grad():
-        expected = wrapped(x)
-        traced = torch.jit.trace(wrapped, x, check_trace=False)
-        torch.testing.assert_close(traced(x), expected)
-        exported = torch.export.export(wrapped, (x,))
-        torch.testing.assert_close(exported.module()(x), expected)
+        last = wrapped.ptl.cells[-1][-1].conv.weight
+        last[3 * wrapped.ptl.cells[-1][-1].out_channels :].normal_(0, 0.05)
+    return wrapped
 
 
-def test_eval_output_of_the_default_ladder_is_independent_of_batch_companions():
-    wrapped = _trained_default()
-    x = torch.randn(6, 3, 32, 32)
+def test_the_wrapped_model_computes_the_hand_wired_equations_over_several_steps(one_thread):
+    from benchmarks.common import HandWiredPTLResNet
+
+    wrapped = _awake_resnet18()
+    reference = HandWiredPTLResNet(wrapped)
+    for step in range(3):
+        x = torch.randn(4, 3, 64, 64)
+        out, ref = wrapped(x), reference(x)
+        assert torch.equal(out, ref), f"step {step}: {(out - ref).abs().max()}"
+        out.square().mean().backward()
+        ref.square().mean().backward()
+        for (name, a), b in zip(wrapped.ptl.named_parameters(), reference.ptl.parameters()):
+            assert torch.equal(a.grad, b.grad), name
+    states = [c.c_prev for c in wrapped.ptl.modules() if hasattr(c, "c_prev")]
+    twins = [c.c_prev for c in reference.ptl.modules() if hasattr(c, "c_prev")]
+    assert all(s is not None and torch.equal(s, t) for s, t in zip(states, twins)), "the same state is carried"
+
+
+def test_the_ladder_forward_alone_gives_the_replaced_stage_output(one_thread):
+    import copy
+
+    wrapped = _awake_resnet18().eval()
+    twin = copy.deepcopy(wrapped)
+    network, ladder = bconv.unwrap_ptl(twin), twin.ptl
+    seen: dict[str, torch.Tensor] = {}
+    for name in ("relu", "layer1", "layer2", "layer3", "layer4"):
+        network.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, o))
+    replaced = {}
+    wrapped.model.layer4.register_forward_hook(lambda m, a, o: replaced.__setitem__("out", o))
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        together = wrapped(x)
-        alone = torch.cat([wrapped(x[i : i + 1]) for i in range(6)])
-    torch.testing.assert_close(together, alone)
+        network(x)
+        wrapped(x)
+        out = ladder(x, [seen[n] for n in ("relu", "layer1", "layer2", "layer3", "layer4")])
+    assert torch.equal(out, replaced["out"])
+    assert not torch.equal(out, seen["layer4"]), "the woken ladder changes the stage output"
 
 
-def test_channels_last_and_bf16_autocast_on_the_default_ladder():
-    wrapped = _trained_default().to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        reference = wrapped(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = wrapped.train()(x)
-    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
-    assert torch.isfinite(reference).all()
+def test_the_ladder_is_a_plain_module_that_runs_without_any_network():
+    from bconv.ptl import PTLLadder
+
+    ladder = PTLLadder([16, 32], [4, 8], 3, bconv.PTLConfig(final_init="paper")).eval()
+    x1, x2 = torch.randn(2, 16, 8, 8), torch.randn(2, 32, 4, 4)
+    out = ladder(torch.randn(2, 3, 32, 32), [x1, x2])
+    assert out.shape == x2.shape and not torch.equal(out, x2)
+    ladder.zero_cells = True
+    assert ladder(torch.randn(2, 3, 32, 32), [x1, x2]).shape == x2.shape

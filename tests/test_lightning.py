@@ -137,6 +137,8 @@ def _interrupted(tmp_path: Path, step: int, module_cls=Classifier, accumulate=1,
 # -- import boundaries ---------------------------------------------------------------------------
 
 
+# In the default run although it starts a child process (about 12 s on two busy cores): the only test of the callback's
+# import without Lightning, and of the frameworks import bconv leaves out.
 def test_import_bconv_imports_no_framework_and_the_callback_without_lightning_names_the_extra():
     code = (
         "import sys, bconv\n"
