@@ -26,7 +26,7 @@ from benchmarks.ladder import SmallNet, fresh_pretrained, target_split, train
 from conftest import TinyCNN, single_thread, zoo_model
 
 LEARNING_RATES = (0.01, 0.03, 0.1)
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)  # as benchmarks/results/ladder.md; 3 seeds were too few at lr 0.1 (a fresh environment failed by 0.4 points)
 EPOCHS = 8
 
 
