@@ -122,7 +122,7 @@ def classifier_path(
         model: a timm, torchvision or user classifier, or a PTL-wrapped one.
         input_size: ``(C, H, W)`` of the measurement; defaults to the model's own (timm's
             ``pretrained_cfg``) or ``(3, 224, 224)``.
-        leaf_modules: module classes that fx should call whole (see :func:`bconv.find_stages`).
+        leaf_modules: module classes that fx should call whole (see :func:`bconv.anatomy`).
 
     Returns:
         A path for ``model.get_submodule`` (``"fc"``, ``"classifier.6"``, ``"head.fc"``).

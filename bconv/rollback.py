@@ -8,7 +8,7 @@ that converges; not one schedule cut into four) with SGD (momentum 0.9, Nesterov
 decay 5e-4) at learning rates 0.001 for kept blocks, 0.01 for rolled-back ones, and 0.1
 for the head in the first period, 0.01 after.
 
-Blocks are the stages that :func:`bconv.find_stages` discovers, with their ``modules``,
+Blocks are the stages that :func:`bconv.anatomy` discovers, with their ``modules``,
 and the stem as a block of its own: where the stem does not reduce the resolution below
 the first stage's, bconv's first stage holds the stem and the stage's own block, and
 rolling back splits them (:func:`bconv.surgery.anatomy.stem_modules`), as the released
@@ -84,12 +84,12 @@ class Rollback:
     matches its restored statistics.
 
     Args:
-        model: any CNN found by :func:`bconv.find_stages`, or a PTL-wrapped one (its original
+        model: any CNN found by :func:`bconv.anatomy`, or a PTL-wrapped one (its original
             at ``.model`` is searched for stages; the injected modules are head).
         input_size: ``(C, H, W)`` for stage discovery; defaults to the model's own or ``(3, 224, 224)``.
         stages: use these stages instead of discovering them (module paths relative to ``model``).
-        source: passed to :func:`bconv.find_stages`.
-        leaf_modules: passed to :func:`bconv.find_stages`.
+        source: passed to :func:`bconv.anatomy`.
+        leaf_modules: passed to :func:`bconv.anatomy`.
 
     Attributes:
         model: the model.

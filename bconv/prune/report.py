@@ -72,12 +72,12 @@ class PruneResult:
 
 
 def format_report(report: PruneReport, stages: Sequence[Any] | None = None) -> str:
-    """The report as text: per stage (when ``stages`` from :func:`bconv.find_stages` are given) the
+    """The report as text: per stage (when ``stages`` from :func:`bconv.anatomy` are given) the
     summed widths of its pruned layers before and after, then params and FLOPs before and after.
 
     Example::
 
-        >>> print(format_report(cop_prune(model).report, bconv.find_stages(model)))
+        >>> print(format_report(cop_prune(model).report, bconv.anatomy(model).stages))
     """
     lines = []
     if stages:

@@ -52,7 +52,7 @@ def reset_state(model: nn.Module) -> None:
     Example::
 
         >>> for epoch in range(epochs):
-        ...     bconv.reset_state(model)
+        ...     reset_state(model)
         ...     train_one_epoch(model)
     """
     for _, cell in _cells(model, "reset_state"):
@@ -72,7 +72,7 @@ def detach_state(model: nn.Module) -> None:
 
     Example::
 
-        >>> loss.backward(); opt.step(); bconv.detach_state(model)
+        >>> loss.backward(); opt.step(); detach_state(model)
     """
     for _, cell in _cells(model, "detach_state"):
         cell.detach_state()
@@ -99,7 +99,7 @@ def latent_state_dict(model: nn.Module) -> dict[str, dict[str, Any]]:
 
     Example::
 
-        >>> torch.save({"model": model.state_dict(), "latent": bconv.latent_state_dict(model)}, path)
+        >>> torch.save({"model": model.state_dict(), "latent": latent_state_dict(model)}, path)
     """
     return {name: cell.latent_state() for name, cell in _cells(model, "latent_state_dict")}
 
@@ -122,7 +122,7 @@ def load_latent_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> N
 
     Example::
 
-        >>> bconv.load_latent_state_dict(model, torch.load(path, weights_only=True)["latent"])
+        >>> load_latent_state_dict(model, torch.load(path, weights_only=True)["latent"])
     """
     cells = dict(_cells(model, "load_latent_state_dict"))
     if not isinstance(state_dict, Mapping):

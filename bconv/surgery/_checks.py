@@ -1,7 +1,7 @@
 """The argument checks that several public functions share, written once.
 
 ``input_size``, ``leaf_modules``, ``stages=[...]``, module paths and "is this model already
-wrapped?" are taken by :func:`bconv.find_stages`, :func:`bconv.wrap_with_ptl`,
+wrapped?" are taken by :func:`bconv.anatomy`, :func:`bconv.wrap_with_ptl`,
 :func:`bconv.prune.cop_prune`, the distillation and rollback helpers and the loaders. Each is checked
 here, so the same mistake gets the same error class and the same message from every one of them
 (see :mod:`bconv.errors`). Nothing here traces or runs a model.

@@ -1,7 +1,7 @@
 """The stage rules: where the Conv-block boundaries (stages) of a traced CNN are.
 
 Private: :func:`bconv.surgery.anatomy.anatomy` is the one public entry point to a network's
-description, and :func:`bconv.find_stages` a view of it. The import graph reads
+description, and :func:`bconv.anatomy` a view of it. The import graph reads
 ``_trace`` (tracing, shapes) -> ``_stages`` (these rules) -> ``anatomy`` -> the ladder and the
 companion techniques; nothing here imports the anatomy.
 

@@ -2,7 +2,7 @@
 
 ``anatomy(model)`` traces the network with torch.fx once, propagates shapes on meta tensors at two
 input sizes (so layouts, channels and reductions are measured and no real convolution runs), and
-returns an :class:`Anatomy`: the stages (as :func:`bconv.find_stages` reports them), the stem (its own
+returns an :class:`Anatomy`: the stages (as :func:`bconv.anatomy` reports them), the stem (its own
 block even where it is folded into the first stage) and the :class:`Head` (everything after the deepest stage: global pooling,
 the classifier, the pooled feature width). PTL (``wrap_with_ptl``), distillation
 (``pooled_features``, ``STDTrainer``), rolling back (``Rollback``) and pruning all read it, so
