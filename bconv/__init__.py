@@ -5,6 +5,7 @@ The public surface is the short list in ``__all__``; the techniques around PTL a
 :mod:`bconv.errors` (also re-exported here).
 """
 
+from ._deprecation import module_getattr
 from ._version import __version__
 from .cells import BConvCell, BConvCellV2
 from .errors import (
@@ -32,19 +33,13 @@ __all__ = [
 ]  # fmt: skip
 
 # Synonyms of bconv 0.2, kept for a while: one way to do each thing (CHANGELOG.md).
-_DEPRECATED = {
-    "find_stages": ("bconv.anatomy(model).stages", "bconv.surgery.anatomy", "find_stages"),
-    "reset_state": ("model.reset_state()", "bconv.ptl.state", "reset_state"),
-    "detach_state": ("model.detach_state()", "bconv.ptl.state", "detach_state"),
-    "latent_state_dict": ("model.latent_state_dict()", "bconv.ptl.state", "latent_state_dict"),
-    "load_latent_state_dict": ("model.load_latent_state_dict(...)", "bconv.ptl.state", "load_latent_state_dict"),
-}
-
-
-def __getattr__(name: str):
-    if name in _DEPRECATED:
-        from ._deprecation import moved
-
-        new, module, attribute = _DEPRECATED[name]
-        return moved(f"bconv.{name}", new, module, attribute)
-    raise AttributeError(f"module 'bconv' has no attribute {name!r}")
+__getattr__ = module_getattr(
+    "bconv",
+    {
+        "find_stages": ("bconv.anatomy(model).stages", "bconv.surgery.anatomy", "find_stages"),
+        "reset_state": ("model.reset_state()", "bconv.ptl.state", "reset_state"),
+        "detach_state": ("model.detach_state()", "bconv.ptl.state", "detach_state"),
+        "latent_state_dict": ("model.latent_state_dict()", "bconv.ptl.state", "latent_state_dict"),
+        "load_latent_state_dict": ("model.load_latent_state_dict(...)", "bconv.ptl.state", "load_latent_state_dict"),
+    },
+)

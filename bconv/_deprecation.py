@@ -1,4 +1,4 @@
-"""Names that moved, kept working for a while: each use warns once where it is made (DeprecationWarning).
+"""Names that moved, kept working for a while: each use warns (DeprecationWarning) where it is made.
 
 CHANGELOG.md lists every moved name with the version that will remove it.
 """

@@ -17,7 +17,8 @@ from .config import PTLConfig
 from .plan import Plan, PlanRow, ptl_plan
 from .state import LatentState
 from .usage import LadderUsage, ladder_usage
-from .wrapper import PTLLadder, PTLModel, unwrap_ptl, wrap_with_ptl
+from .ladder import PTLLadder
+from .wrapper import PTLModel, unwrap_ptl, wrap_with_ptl
 
 __all__ = [
     "wrap_with_ptl", "unwrap_ptl", "PTLModel", "PTLConfig", "load_ptl", "ladder_usage", "LadderUsage", "LatentState",

@@ -19,12 +19,12 @@ import importlib
 import json
 import numbers
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal
 
 import torch
 from torch import nn
 
-from .._options import build, check_fields, show_choices
+from .._options import build
 from .._version import __version__
 from ..cells import StateOptions
 from ..errors import BConvError, CheckpointError, ConfigError
@@ -112,7 +112,7 @@ class PTLConfig(StateOptions):
             isinstance(c, str) and ":" in c for c in self.leaf_modules
         )
         classes = () if recorded else check_leaf_modules(self.leaf_modules)
-        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules) if recorded else tuple(map(_name, classes)))
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules) if recorded else tuple(map(PTLConfig.class_name, classes)))
         object.__setattr__(self, "_classes", classes)  # the classes themselves, where they were given
 
     @classmethod
@@ -148,7 +148,7 @@ class PTLConfig(StateOptions):
     @staticmethod
     def class_name(klass: type) -> str:
         """``"module:QualName"`` of a class, the form ``leaf_modules`` records."""
-        return _name(klass)
+        return f"{klass.__module__}:{klass.__qualname__}"
 
     def to_extra_state(self) -> torch.Tensor:
         """The value ``state_dict()`` stores: ``{"format": 1, "config": {...}}`` as JSON in a uint8 tensor."""
@@ -238,10 +238,6 @@ def _positive_ints(size: Any) -> tuple[int, ...]:
     ):
         return tuple(int(v) for v in values)
     return check_input_size(size)
-
-
-def _name(klass: type) -> str:
-    return f"{klass.__module__}:{klass.__qualname__}"
 
 
 def _import_class(name: str) -> type:

@@ -18,15 +18,16 @@ import torch
 from torch import nn
 
 from ..errors import BConvError, CheckpointError, ConfigError, WrappedModelError
-from ..surgery import Stage, anatomy, dummy_input, eval_mode, meta_input, on_meta, refuse_wrapped, select_stages
-from ..surgery import shape_keeping_skipped
+from ..surgery import (
+    Stage, anatomy, dummy_input, eval_mode, meta_input, on_meta, refuse_wrapped, select_stages, shape_keeping_skipped,
+)
 from . import state as latent
 from .adapter import LadderAdapter, tap_modules
 from .config import PTLConfig, mismatch_message
 from .ladder import PTLLadder
 from .layouts import layout_of
 
-__all__ = ["PTLModel", "PTLLadder", "wrap_with_ptl", "unwrap_ptl", "check_ladder_version"]
+__all__ = ["PTLModel", "wrap_with_ptl", "unwrap_ptl", "check_ladder_version"]
 
 
 class PTLModel(nn.Module):

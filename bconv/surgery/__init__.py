@@ -7,6 +7,7 @@ checks that several public functions share, bconv's hook marker and the FLOP cou
 so that every technique imports them by these public names.
 """
 
+from .._deprecation import module_getattr
 from ._checks import (
     check_input_size,
     check_leaf_modules,
@@ -44,11 +45,4 @@ __all__ = [
 
 # PTL lived here before bconv 0.3: its names still resolve, with a DeprecationWarning.
 _MOVED_TO_PTL = ("wrap_with_ptl", "unwrap_ptl", "PTLModel", "PTLConfig", "load_ptl")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_PTL:
-        from .._deprecation import moved
-
-        return moved(f"bconv.surgery.{name}", f"bconv.{name}", "bconv.ptl", name)
-    raise AttributeError(f"module 'bconv.surgery' has no attribute {name!r}")
+__getattr__ = module_getattr("bconv.surgery", {name: (f"bconv.{name}", "bconv.ptl", name) for name in _MOVED_TO_PTL})
