@@ -54,6 +54,7 @@ class LadderAdapter:
         self.handles: list[RemovableHandle] = []
         self.reset()
         self._replay_y: Tensor | None = None
+        self._replay_size: tuple[int, int] = (0, 0)
         self._unreached = 0
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -109,8 +110,9 @@ class LadderAdapter:
         self._check_order(i)
         self._refuse_reentrant_checkpoint(f"stage `{self.stage_names[i]}`")
         layout = self.layouts[i]
-        x = layout.to_map(out)
-        layout.check(x, tuple(self._image.shape[-2:]))
+        image_size = tuple(self._image.shape[-2:])
+        x = layout.to_map(out, image_size)
+        layout.check(x, image_size)
         if i < len(self.layouts) - 1:
             with own_saved_tensors():
                 self._z = self.ladder.rung(i, self._image if i == 0 else self._z, x)
@@ -124,7 +126,7 @@ class LadderAdapter:
         if result.requires_grad and not torch.compiler.is_compiling():
             # A checkpoint whose region goes on past this stage recomputes this output in backward: it
             # replays the final fusion with this y, so the cells never run (nor touch their state) again.
-            self._replay_y = y.detach()
+            self._replay_y, self._replay_size = y.detach(), image_size
             self._unreached += 1
             result.register_hook(self._reached)
         return layout.from_map(result, out)
@@ -183,7 +185,7 @@ class LadderAdapter:
                 f"training forward, or end the checkpointed region at `{last}`."
             )
         layout = self.layouts[i]
-        x = layout.to_map(out)
+        x = layout.to_map(out, self._replay_size)
         if y.shape[0] != x.shape[0] or y.shape[-2:] != x.shape[-2:]:
             raise BConvError(
                 f"the checkpoint recomputing stage `{last}` has a batch of shape {tuple(x.shape)}, but the last "

@@ -116,15 +116,26 @@ def released_init(module: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_in")
 
 
-def cell_chain(cell: type[StatefulCell], c_in: int, c_out: int, stride: int, state: StateOptions) -> nn.Sequential:
-    """One cell for stride 1 or 2; a chain of stride-2 cells for 4, 8, ... (docs/design.md §3)."""
-    steps = max(int(math.log2(stride)), 0)
-    if 2**steps != stride:
-        raise BConvError(f"stage strides must be powers of two; got {stride}")
+def cell_chain(
+    cell: type[StatefulCell], c_in: int, c_out: int, stride: int, state: StateOptions, taper: bool = False
+) -> nn.Sequential:
+    """One cell for stride 1 or 2; a chain of stride-2 cells for 4, 8, ... (docs/design.md §3).
+
+    A stride that is no power of two (a ViT's 14-pixel patches) gets the stride-2 cells below it (3 for 14:
+    224 -> 28 pixels); :meth:`PTLLadder.cell_output` resizes their output to the stage's grid (16).
+    With ``taper`` each cell of the chain but the last has half the width of the next (at least 8), as a
+    CNN's stem widens while it downsamples: a token backbone's first chain climbs from the image to a grid
+    16 times smaller, and at its stage's full width its first cells would cost more than the backbone
+    (docs/design.md §3.6).
+    """
+    if stride < 1:
+        raise BConvError(f"stage strides must be positive; got {stride}")
+    steps = int(math.log2(stride))
     options = vars(state.state_options())
     if steps == 0:
         return nn.Sequential(cell(c_in, c_out, 1, **options))
-    return nn.Sequential(*[cell(c_in if k == 0 else c_out, c_out, 2, **options) for k in range(steps)])
+    widths = [max(8, c_out >> (steps - 1 - k)) if taper else c_out for k in range(steps)]
+    return nn.Sequential(*[cell(([c_in] + widths)[k], widths[k], 2, **options) for k in range(steps)])
 
 
 class PTLLadder(nn.Module):
@@ -135,6 +146,7 @@ class PTLLadder(nn.Module):
         reductions: each stage's stride relative to the image (powers of two, non-decreasing).
         in_channels: the image's channels.
         config: the options (cell version, widths, ``final_init``, the cells' state options).
+        taper: the first chain's cells widen as they downsample (a token backbone's; see :func:`cell_chain`).
 
     Attributes:
         cells: ``cells[i]`` takes the image (``i == 0``) or ``z_{i-1}`` to stage ``i``'s resolution.
@@ -152,13 +164,20 @@ class PTLLadder(nn.Module):
         torch.Size([2, 128, 4, 4])
     """
 
-    def __init__(self, channels: Sequence[int], reductions: Sequence[int], in_channels: int, config: PTLConfig) -> None:
+    def __init__(
+        self,
+        channels: Sequence[int],
+        reductions: Sequence[int],
+        in_channels: int,
+        config: PTLConfig,
+        taper: bool = False,
+    ) -> None:
         super().__init__()
         cells, fuses = [], []
         c_in, reduction = in_channels, 1
         for i, (c, r) in enumerate(zip(channels, reductions)):
             width = ladder_width(config.cell_width, c)
-            cells.append(cell_chain(CELLS[config.cell], c_in, width, r // reduction, config))
+            cells.append(cell_chain(CELLS[config.cell], c_in, width, r // reduction, config, taper=taper and i == 0))
             if i < len(channels) - 1:
                 fused = ladder_width(config.fuse_width, c)
                 fuses.append(Fusion(c + width, fused))
@@ -195,7 +214,8 @@ class PTLLadder(nn.Module):
             return x.new_zeros((x.shape[0], self.cells[i][-1].out_channels, *x.shape[-2:]))
         y = self.cells[i](z)
         if y.shape[-2:] != x.shape[-2:]:
-            # Stages made with unpadded convs (Inception) are a few pixels off the cells' ceil(H / 2).
+            # Stages made with unpadded convs (Inception) are a few pixels off the cells' ceil(H / 2); a
+            # patch that is no power of two (14) leaves the cells at 28x28 for a 16x16 grid: an exact resize.
             y = F.adaptive_avg_pool2d(y, x.shape[-2:])
         return y.to(x.dtype)
 

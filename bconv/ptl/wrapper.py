@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import BConvError, CheckpointError, ConfigError, WrappedModelError
+from ..errors import BConvError, CheckpointError, ConfigError, StageSelectionError, WrappedModelError
 from ..surgery import (
     Stage, anatomy, dummy_input, eval_mode, meta_input, on_meta, refuse_wrapped, select_stages, shape_keeping_skipped,
 )
@@ -27,7 +27,10 @@ from .config import PTLConfig, mismatch_message
 from .ladder import PTLLadder
 from .layouts import layout_of
 
-__all__ = ["PTLModel", "wrap_with_ptl", "unwrap_ptl", "check_ladder_version"]
+__all__ = ["PTLModel", "wrap_with_ptl", "unwrap_ptl", "check_ladder_version", "pairable_stages"]
+
+# Token backbones pair this many evenly spaced blocks by default (a CNN pairs every stage: it has 4 or 5).
+TOKEN_STAGES = 4
 
 
 class PTLModel(nn.Module):
@@ -284,12 +287,15 @@ def wrap_with_ptl(
 
     leaf_modules = config.leaf_module_classes()
     body = anatomy(model, config.input_size, config.source, leaf_modules=leaf_modules)
-    chosen = select_stages(body.stages, config.stages, model)
+    chosen = pairable_stages(body.stages, config.stages, model)
     input_size = body.input_size
+    if chosen[0].tokens is not None:
+        refuse_patch_dropout(model)
     config = dataclasses.replace(
         config, stages=tuple(s.name for s in chosen), input_size=input_size, leaf_modules=leaf_modules
     )
-    ladder = PTLLadder([s.channels for s in chosen], [s.reduction for s in chosen], input_size[0], config)
+    tokens = chosen[0].tokens is not None
+    ladder = PTLLadder([s.channels for s in chosen], [s.reduction for s in chosen], input_size[0], config, taper=tokens)
     param = next(model.parameters(), None)
     if param is not None:
         ladder.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
@@ -298,6 +304,49 @@ def wrap_with_ptl(
     wrapped = PTLModel(model, ladder, adapter, chosen, config)
     _check_wiring(wrapped, input_size)
     return wrapped
+
+
+def pairable_stages(found: Sequence[Stage], stages: Any, model: nn.Module) -> list[Stage]:
+    """The stages ``stages`` names (:func:`bconv.surgery.select_stages`), checked for a PTL ladder.
+
+    ``None`` pairs every stage of a CNN; on a token backbone, whose stages are its blocks (12 to 40 of
+    them), :data:`TOKEN_STAGES` evenly spaced blocks whose grid tokens reach the output, the last of them the
+    last such block. A ladder ends by writing into its last stage's grid tokens, so a last stage whose grid
+    never reaches the output (the last block of a model that classifies from its class token) is refused:
+    the ladder would get no gradient and do nothing.
+
+    Raises:
+        bconv.errors.StageSelectionError: what :func:`~bconv.surgery.select_stages` refuses, or a last stage
+            whose grid tokens never reach the output (naming the ones that do).
+    """
+    reaching = [s for s in found if s.tokens is None or s.tokens.reaches_output]
+    if stages is None and any(s.tokens is not None for s in found):
+        n = len(reaching)
+        return [reaching[round(n * (k + 1) / min(TOKEN_STAGES, n)) - 1] for k in range(min(TOKEN_STAGES, n))]
+    chosen = select_stages(found, stages, model)
+    last = chosen[-1]
+    if last.tokens is not None and not last.tokens.reaches_output:
+        names = ", ".join(s.name for s in reaching[-3:])
+        raise StageSelectionError(
+            f"stage `{last.name}` cannot end a PTL ladder: its grid tokens never reach the output ({type(model).__name__} "
+            f"classifies from its prefix tokens, which the ladder leaves untouched), so the ladder would get no "
+            f"gradient and change nothing. End at a block whose grid reaches the output: the last ones are {names} "
+            f"(stages=None chooses {TOKEN_STAGES} of them)."
+        )
+    return chosen
+
+
+def refuse_patch_dropout(model: nn.Module) -> None:
+    """Refuse a network that drops tokens in training (timm's ``PatchDropout``): its grid is broken."""
+    dropping = next(
+        (n for n, m in model.named_modules() if type(m).__name__ == "PatchDropout" and getattr(m, "prob", 0) > 0), None
+    )
+    if dropping is not None:
+        raise BConvError(
+            f"{type(model).__name__} drops tokens in training (`{dropping}`, prob {model.get_submodule(dropping).prob}): "
+            f"the patch grid a token ladder reads is then incomplete. Build the model with patch_drop_rate=0 "
+            f"(timm.create_model(..., patch_drop_rate=0.0)) to pair its blocks."
+        )
 
 
 def _check_wiring(wrapped: PTLModel, input_size: Sequence[int]) -> None:

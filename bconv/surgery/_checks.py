@@ -25,12 +25,21 @@ __all__ = [
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The model's own input size where it declares one (timm's ``pretrained_cfg``), else (3, 224, 224)."""
+    """The model's own input size where it declares one, else (3, 224, 224).
+
+    The image size a model was built for (timm's ``patch_embed.img_size``, torchvision's ViT ``image_size``)
+    comes first: ``create_model("vit_small_patch14_dinov2", img_size=224)`` keeps its weights' 518 in
+    ``pretrained_cfg`` and refuses 518. Then timm's ``pretrained_cfg["input_size"]``.
+    """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if size and len(size) == 3:
-        return tuple(int(s) for s in size)  # type: ignore[return-value]
-    return (3, 224, 224)
+    size = tuple(int(s) for s in size) if size and len(size) == 3 else (3, 224, 224)
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None) or getattr(model, "image_size", None)
+    if isinstance(built, int) and not isinstance(built, bool):
+        built = (built, built)
+    if isinstance(built, (tuple, list)) and len(built) == 2 and all(isinstance(v, int) and v > 0 for v in built):
+        return (size[0], int(built[0]), int(built[1]))
+    return size  # type: ignore[return-value]
 
 
 def check_input_size(input_size: Any, model: nn.Module | None = None) -> tuple[int, int, int]:

@@ -36,13 +36,35 @@ from ..errors import BConvError, NoSpatialStagesError
 from ._trace import Traced, geometry, run_at_two_sizes
 
 __all__ = [
-    "Stage", "Source", "SOURCES", "Layout", "spatial_layout", "main_chain", "stage_runs", "fx_stages", "group_modules",
-    "feature_info_entries", "feature_info_stages", "is_global_pool",
+    "Stage", "Tokens", "Source", "SOURCES", "Layout", "spatial_layout", "main_chain", "stage_runs", "fx_stages", "group_modules",
+    "feature_info_entries", "feature_info_stages", "is_global_pool", "head_start",
 ]  # fmt: skip
 
-Layout = Literal["NCHW", "NHWC"]
+Layout = Literal["NCHW", "NHWC", "NLC"]
 Source = Literal["auto", "fx", "feature_info"]
 SOURCES = typing.get_args(Source)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Where the patch grid sits in a token stage's ``[B, N, C]`` output (ViT, DeiT, EVA, Mixer, ...).
+
+    The tokens are ``prefix`` tokens (class, distillation, registers), then the ``grid``'s cells row by row,
+    as timm's ``forward_intermediates`` reads them. Everything here is measured (docs/design.md §3.6).
+
+    Attributes:
+        prefix: tokens before the grid at this stage (CaiT's blocks carry none; ConViT's class token joins late).
+        grid: ``(Hp, Wp)`` at the anatomy's input size.
+        patch: image pixels per grid cell ``(ph, pw)`` (16, 14): ``grid`` is ``image // patch`` (or its ceiling,
+            for a model that pads the image).
+        reaches_output: whether this stage's grid tokens reach the network's output. On a model that classifies
+            from its class token, the last block's grid tokens never do: a ladder ending there does nothing.
+    """
+
+    prefix: int
+    grid: tuple[int, int]
+    patch: tuple[int, int]
+    reaches_output: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,12 +75,13 @@ class Stage:
         index: position among the model's stages, from the input.
         name: module path whose output is the stage output (``layer3``, ``features.denseblock2``, ``stages.1``).
         channels: channel count of the output.
-        reduction: stride relative to the input, rounded to a power of two.
-        layout: ``"NCHW"`` or ``"NHWC"`` (Swin-like models).
+        reduction: stride relative to the input, rounded to a power of two; a token stage's patch size (16, 14).
+        layout: ``"NCHW"``, ``"NHWC"`` (Swin-like models) or ``"NLC"`` (tokens ``[B, N, C]``: ViT-like models).
         shape: output shape at the ``input_size`` used, without the batch dimension.
         modules: outermost module paths computed after the previous stage's end and up to this
             stage's end; the stem belongs to the first stage.
         source: ``"fx"`` or ``"feature_info"``: how this stage was found.
+        tokens: for a token stage (``layout == "NLC"``), where its patch grid sits (:class:`Tokens`); else None.
     """
 
     index: int
@@ -69,6 +92,7 @@ class Stage:
     shape: tuple[int, ...]
     modules: tuple[str, ...]
     source: str
+    tokens: Tokens | None = None
 
 
 # --------------------------------------------------------------------------- geometry
@@ -193,7 +217,7 @@ def is_global_pool(node: fx.Node, traced: Traced) -> bool:
     return len(out) == len(x) and len(collapsed) >= 2 and all(out[i] == 1 for i in collapsed)
 
 
-def _head_start(traced: Traced) -> int:
+def head_start(traced: Traced) -> int:
     """Index of the first node computed inside a module named like a head (``head``, ``conv_head``, ``neck``).
 
     A module so named that still downsamples is part of the backbone (SelecSLS calls its last strided
@@ -332,7 +356,7 @@ def stage_runs(traced: Traced, chain: list[fx.Node]) -> list[tuple[int, list[fx.
     """Runs of consecutive spatial chain nodes at one reduction, up to the head (global pooling)."""
     runs: list[tuple[int, list[fx.Node]]] = []
     previous_hw: int | None = None
-    head = _head_start(traced)
+    head = head_start(traced)
     for node in chain:
         if traced.index(node) >= head or is_global_pool(node, traced):
             break
@@ -389,7 +413,7 @@ def _check_spatial(model: nn.Module, traced: Traced, chain: list[fx.Node], ends:
     if not ends:
         raise NoSpatialStagesError(
             f"{name} has no spatial stages: no feature map [C, H, W] or [H, W, C] that every path of the "
-            f"network passes through was found. bconv needs a CNN (or a hierarchical model such as Swin)."
+            f"network passes through was found."
         )
     if len(ends) > 1:
         return
@@ -404,8 +428,7 @@ def _check_spatial(model: nn.Module, traced: Traced, chain: list[fx.Node], ends:
         after = f" the network then works on flattened tokens {list(tokens[1:])}" if tokens else " most of the work follows it"
         raise NoSpatialStagesError(
             f"{name} has no spatial stages: its only feature map is the output of `{ends[0][2]}` "
-            f"(reduction {ends[0][0]}), and{after} (a plain ViT/MLP-Mixer-like model). "
-            f"bconv needs a CNN or a hierarchical model (ResNet, ConvNeXt, Swin, ...)."
+            f"(reduction {ends[0][0]}), and{after}."
         )
 
 

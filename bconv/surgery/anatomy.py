@@ -48,6 +48,7 @@ from ._stages import (
     is_global_pool,
     main_chain,
 )
+from ._tokens import token_stages
 from ._trace import Traced, eval_mode, propagate_shapes, trace
 
 __all__ = [
@@ -295,7 +296,10 @@ def _measure(
             try:
                 stages = fx_stages(model, traced, chain)
             except NoSpatialStagesError as e:
-                stages, stages_error = [], e
+                try:  # one feature map, then tokens: a ViT-like network's blocks are its stages
+                    stages = token_stages(model, traced, chain, input_size, _classifier_or_none(model, traced), str(e))
+                except NoSpatialStagesError as token_error:
+                    stages, stages_error = [], token_error
     elif stages is None:
         assert trace_error is not None
         hint = _submodule_hint(model)
@@ -304,7 +308,8 @@ def _measure(
         raise trace_error
 
     assert stages is not None
-    if traced is not None and traced.alt_input_size is None and stages:
+    tokens = bool(stages) and stages[0].tokens is not None  # measured by probes, not read from one shape
+    if traced is not None and traced.alt_input_size is None and stages and not tokens:
         warnings.warn(
             f"{type(model).__name__} accepts only its input size {tuple(input_size)}: layouts were read from one "
             f"shape per tensor, and maps whose layout that leaves ambiguous ([56, 56, 56] from a square input) are "
@@ -438,6 +443,13 @@ def _head(model: nn.Module, traced: Traced | None, chain: list[fx.Node], stages:
     except ClassifierNotFoundError as e:
         return Head(modules, pool_name, None, features, str(e))
     return Head(modules, pool_name, classifier, width if width is not None else features)
+
+
+def _classifier_or_none(model: nn.Module, traced: Traced) -> str | None:
+    try:
+        return _find_classifier(model, traced)[0]
+    except ClassifierNotFoundError:
+        return None
 
 
 def _width(shape: Sequence[int]) -> int | None:
