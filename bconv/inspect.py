@@ -27,10 +27,12 @@ __all__ = ["main", "format_table", "format_head", "format_plan"]
 
 
 def format_table(stages: Sequence[Stage]) -> str:
-    """The stages as an aligned text table (index, module, channels, reduction, output shape, layout)."""
+    """The stages as an aligned text table (index, module, channels, reduction, output shape, layout); a token
+    stage's layout shows its prefix tokens and grid (``NLC 1+14x14``), and ``*`` marks a grid that never
+    reaches the output."""
     header = ("index", "module", "channels", "reduction", "output shape", "layout")
     rows = [header] + [
-        (str(s.index), s.name, str(s.channels), str(s.reduction), "x".join(map(str, s.shape)), s.layout)
+        (str(s.index), s.name, str(s.channels), str(s.reduction), "x".join(map(str, s.shape)), _layout(s))
         for s in stages
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -40,10 +42,17 @@ def format_table(stages: Sequence[Stage]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _layout(s: Stage) -> str:
+    if s.tokens is None:
+        return s.layout
+    grid = f"{s.tokens.prefix}+{s.tokens.grid[0]}x{s.tokens.grid[1]}"
+    return f"{s.layout} {grid}" + ("" if s.tokens.reaches_output else " *")
+
+
 def format_head(head: Head) -> str:
     """What follows the deepest stage: pooling, classifier and the pooled feature width."""
     lines = [f"head    {', '.join(head.modules) or '(nothing after the last stage)'}"]
-    lines.append(f"  pooling     {head.pool or 'none (the network keeps its feature maps)'}")
+    lines.append(f"  pooling     {head.pool or 'none found (the network keeps its feature maps, or pools its tokens itself)'}")
     if head.classifier:
         lines.append(f"  classifier  {head.classifier} (reads a {head.features}-wide pooled feature vector)")
     else:
@@ -138,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "source": source,
             "stages": [
                 {"index": s.index, "name": s.name, "channels": s.channels, "reduction": s.reduction,
-                 "shape": list(s.shape), "layout": s.layout, "modules": list(s.modules)}
+                 "shape": list(s.shape), "layout": s.layout, "modules": list(s.modules),
+                 "tokens": None if s.tokens is None else dataclasses.asdict(s.tokens)}
                 for s in stages
             ],
             "head": dataclasses.asdict(body.head),
@@ -156,14 +166,18 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{len(stages)} stages found with {source}, shapes from {body.shapes_from} tensors")  # fmt: skip
     print()
     print(format_table(stages))
+    tokens = stages[0].tokens is not None
+    if tokens:
+        print("(NLC P+HxW: P prefix tokens, then the patch grid row by row; * its grid never reaches the output)")
     print()
     print(format_head(body.head))
     print()
-    if not body.layout_measured:
+    if not body.layout_measured and not tokens:
         print("(the model accepts one input size only: layouts read from one shape, unambiguous ones only)")
         print()
     if plan is not None:
-        print(f"PTL preview, wrap_with_ptl(model, cell={args.cell!r}) with every stage paired:")
+        paired = f"{len(plan.rows)} evenly spaced blocks" if tokens else "every stage"
+        print(f"PTL preview, wrap_with_ptl(model, cell={args.cell!r}) with {paired} paired:")
         print()
         print(format_plan(plan))
         print()

@@ -55,9 +55,15 @@ def test_unknown_name_exits_2_with_one_line_and_suggestions(capsys):
 
 
 def test_model_without_spatial_stages_exits_1_without_traceback(capsys):
-    assert main(["vit_b_16", "--no-plan"]) == 1
+    assert main(["timm:crossvit_tiny_240", "--no-plan"]) == 1
     err = capsys.readouterr().err
-    assert "has no spatial stages" in err and "Traceback" not in err
+    assert "has no spatial stages" in err and "CrossViT" in err and "Traceback" not in err
+
+
+def test_a_vits_blocks_are_listed_with_their_tokens(capsys):
+    assert main(["timm:vit_tiny_patch16_224"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.11" in out and "blocks.10" in out
 
 
 def test_bad_input_size_shows_the_models_message(capsys):

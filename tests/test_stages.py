@@ -85,6 +85,8 @@ def _output_ignores_input_when_stage_is_replaced(model: nn.Module, stage: Stage,
 def check_stage_invariants(model: nn.Module, stages: list[Stage], input_size) -> None:
     assert stages, "no stages"
     assert [s.index for s in stages] == list(range(len(stages)))
+    if stages[0].tokens is not None:
+        return check_token_stage_invariants(model, stages, input_size)
     reductions = [s.reduction for s in stages]
     assert reductions == sorted(set(reductions)), f"reductions not strictly increasing: {reductions}"
     assert all(r & (r - 1) == 0 for r in reductions), reductions
@@ -115,6 +117,21 @@ def check_stage_invariants(model: nn.Module, stages: list[Stage], input_size) ->
         assert any(s.name == m or s.name.startswith(m + ".") or m.startswith(s.name + ".") for m in s.modules) or (
             s.index == len(stages) - 1
         ), f"stage {s.name} not covered by its modules {s.modules}"
+
+
+def check_token_stage_invariants(model: nn.Module, stages: list[Stage], input_size) -> None:
+    """Token stages (tests/test_tokens.py has the details): one grid and patch, each output P + Hp*Wp tokens."""
+    assert all(s.layout == "NLC" and s.tokens is not None for s in stages)
+    assert len({(s.tokens.grid, s.tokens.patch, s.reduction, s.channels) for s in stages}) == 1
+    grid = stages[0].tokens.grid
+    outputs = _stage_outputs(model.eval(), stages, torch.randn(1, *input_size))
+    for s in stages:
+        assert len(outputs[s.name]) == 1 and tuple(outputs[s.name][0].shape[1:]) == s.shape
+        assert s.shape[0] == s.tokens.prefix + grid[0] * grid[1]
+    reaching = [s.tokens.reaches_output for s in stages]
+    assert reaching[0] and reaching == sorted(reaching, reverse=True), reaching  # unreachable: a suffix at most
+    grouped = [m for s in stages for m in s.modules]
+    assert len(grouped) == len(set(grouped))
 
 
 # -------------------------------------------------------------------- the invariants on the zoos, and named networks
@@ -689,10 +706,28 @@ def test_untraceable_whole_model_names_its_traceable_submodule():
 
 
 @pytest.mark.parametrize("spec", ["torchvision:vit_b_16", "timm:test_vit"])
-def test_plain_vit_has_no_spatial_stages(spec):
+def test_a_plain_vits_blocks_are_token_stages(spec):
     model = zoo_model(spec)
-    with pytest.raises(NoSpatialStagesError, match="no spatial stages.*tokens"):
-        find_stages(model, (3, 224, 224) if spec.startswith("torchvision") else None)
+    size = (3, 224, 224) if spec.startswith("torchvision") else None
+    stages = find_stages(model, size)
+    check_token_stage_invariants(model, stages, size or (3, 160, 160))
+    assert stages[-1].tokens.reaches_output is False  # both classify from the class token
+
+
+def test_a_network_of_tokens_without_a_patch_grid_map_is_refused():
+    class Tokens(nn.Module):  # patches embedded by a Linear over unfolded pixels: no [C, Hp, Wp] map
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(3 * 64, 16)
+            self.blocks = nn.Sequential(*[nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16)) for _ in range(3)])
+            self.head = nn.Linear(16, 5)
+
+        def forward(self, x):
+            tokens = F.unfold(x, 8, stride=8).transpose(1, 2)
+            return self.head(self.blocks(self.embed(tokens)).mean(1))
+
+    with pytest.raises(NoSpatialStagesError, match="no spatial stages.*patch embedding's \\[C, Hp, Wp\\] map"):
+        find_stages(Tokens(), (3, 32, 32))
 
 
 def test_input_size_the_model_rejects_shows_the_models_message():

@@ -81,7 +81,11 @@ def ptl_plan(wrapped: PTLModel, input_size: Sequence[int]) -> Plan:
     for i, (name, chain) in enumerate(zip(wrapped.adapter.stage_names, ladder.cells)):
         first, last = chain[0], chain[-1]
         version = "v2" if hasattr(first, "recover") else "v1"
-        cells = f"{version} {first.in_channels}->{last.out_channels} " + "x".join(f"s{c.stride}" for c in chain)
+        widths = "->".join(map(str, dict.fromkeys([first.in_channels, *(c.out_channels for c in chain)])))
+        tapered = len({c.out_channels for c in chain}) > 1  # a token backbone's first chain widens as it goes
+        cells = f"{version} {widths if tapered else f'{first.in_channels}->{last.out_channels}'} " + "x".join(
+            f"s{c.stride}" for c in chain
+        )
         fuse = ladder.fuses[i] if i < n - 1 else ladder.final_fuse
         if i < n - 1:
             fusion = f"1x1+BN+ReLU {fuse.in_channels}->{fuse.out_channels}"
