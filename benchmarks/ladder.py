@@ -55,10 +55,14 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return (x - x.mean()) / x.std(), y
 
 
-def train(model, x, y, lr, epochs, seed, ptl=False, batch=32):
-    """SGD (momentum 0.9, weight decay 5e-4) as a new user fine-tunes; the per-step training losses."""
+def train(model, x, y, lr, epochs, seed, ptl=False, batch=32, adamw=False):
+    """SGD (momentum 0.9, weight decay 5e-4) as a new user fine-tunes a CNN, or AdamW (weight decay 0.05) as
+    one fine-tunes a ViT; the per-step training losses."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    if adamw:
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     losses = []
     for _ in range(epochs):
         if ptl:
@@ -123,13 +127,13 @@ def run(lr: float, seed: int, condition: str, epochs: int) -> dict:
     return row
 
 
-def _summary(rows: list[dict], lrs: list[float]) -> list[str]:
+def _summary(rows: list[dict], lrs: list[float], conditions=tuple(CONDITIONS)) -> list[str]:
     lines = [
         "| lr | condition | last-epoch loss | max loss | accuracy | stage share | output share | state effect |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for lr in lrs:
-        for condition in CONDITIONS:
+        for condition in conditions:
             sel = [r for r in rows if r["lr"] == lr and r["condition"] == condition]
 
             def cell(key: str, fmt: str = "{:.3f}") -> str:

@@ -383,3 +383,27 @@ def test_ddp_with_two_gloo_processes_on_a_vit(tmp_path):
 
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     assert all(torch.load(tmp_path / f"rank{r}.pt")["in_sync"] for r in range(2))
+
+
+# ------------------------------------------------------------------------------- STD and rolling back
+
+
+def test_std_distils_a_ptl_vit_teacher_into_a_plain_vit_student():
+    from bconv.distill import STDTrainer
+
+    teacher = wrap_with_ptl(vit().eval(), input_size=(3, 32, 32))
+    student = vit()
+    trainer = STDTrainer(student, teacher, input_size=(3, 32, 32))
+    assert trainer.student_width == trainer.teacher_width == 32 and trainer.projection is None
+    before = copy.deepcopy(student.state_dict())
+    step = trainer.step(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)), torch.optim.SGD(trainer.parameters(), lr=0.01))
+    assert step.l1 > 0 and torch.isfinite(step.loss)
+    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+
+
+def test_rolling_back_counts_a_vits_blocks():
+    from bconv.rollback import Rollback
+
+    model = vit()
+    rollback = Rollback(model, input_size=(3, 32, 32))
+    assert [b.name for b in rollback.blocks] == ["stem", *(f"blocks.{i}" for i in range(6))]
