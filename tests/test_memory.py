@@ -75,6 +75,8 @@ def _pair(net: type[nn.Module], **options) -> tuple[nn.Module, nn.Module]:
 @pytest.mark.parametrize("cell", ["v1", "v2"])
 @pytest.mark.parametrize("final_init", ["identity", "paper"])
 def test_recomputed_ladder_equals_the_stored_one_over_training_steps(cell, final_init):
+    # Bit for bit on CPU: the recompute runs the same operations on the same arguments.
+    exact = dict(rtol=0, atol=0)
     stored, recomputed = _pair(Stride4Net, cell=cell, final_init=final_init)
     assert [len(chain) for chain in recomputed.ptl.cells] == [2, 1, 2], "chains at the first and last rungs"
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (stored, recomputed)]
@@ -89,20 +91,20 @@ def test_recomputed_ladder_equals_the_stored_one_over_training_steps(cell, final
             loss.backward()
             losses.append(loss)
             inputs.append(xi.grad)
-        torch.testing.assert_close(losses[1], losses[0])
-        torch.testing.assert_close(inputs[1], inputs[0], msg="gradient of the image")
+        torch.testing.assert_close(losses[1], losses[0], **exact)
+        torch.testing.assert_close(inputs[1], inputs[0], **exact, msg="gradient of the image")
         for (name, p), q in zip(stored.named_parameters(), recomputed.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, msg=f"gradient of {name} at step {step}")
+            torch.testing.assert_close(q.grad, p.grad, **exact, msg=f"gradient of {name} at step {step}")
         if step:  # (v2's transpose conv gets a gradient once there is a previous output)
             assert all(p.grad.abs().sum() > 0 for p in recomputed.ptl.parameters()), "the loss reaches every weight"
         for opt in opts:
             opt.step()
     for a, b in zip(stateful_cells(stored), stateful_cells(recomputed)):
         for name in a._state_names:
-            torch.testing.assert_close(getattr(b, name), getattr(a, name), msg=name)
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), **exact, msg=name)
     with torch.no_grad():
         x = torch.randn(2, 3, 64, 64)
-        torch.testing.assert_close(recomputed.eval()(x), stored.eval()(x))
+        torch.testing.assert_close(recomputed.eval()(x), stored.eval()(x), **exact)
 
 
 @pytest.mark.parametrize("cls", [BConvCell, BConvCellV2])
@@ -204,3 +206,16 @@ def test_a_frozen_backbone_keeps_only_the_stage_outputs_the_fusions_read():
     assert all(p.grad is None for n, p in wrapped.model.named_parameters() if not n.startswith("head"))
     _train_step(full, x)
     assert frozen < saved_bytes(lambda: _train_step(full, x))[0]
+
+
+def test_recompute_is_saved_with_a_checkpoint_but_not_compared_when_one_loads():
+    from bconv import PTLConfig, load_ptl
+
+    stored = wrap_with_ptl(TinyCNN(), input_size=(3, 32, 32), recompute=False)
+    state = stored.state_dict()
+    assert PTLConfig.from_extra_state(state["_extra_state"]).recompute is False
+    default = wrap_with_ptl(TinyCNN(), input_size=(3, 32, 32))
+    default.load_state_dict(state)  # an option of how the ladder runs, not of what it computes: no mismatch
+    assert all(c.recompute for c in stateful_cells(default))
+    rebuilt = load_ptl(TinyCNN(), state)
+    assert rebuilt.config.recompute is False and not any(c.recompute for c in stateful_cells(rebuilt))

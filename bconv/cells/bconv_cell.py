@@ -177,8 +177,9 @@ class BConvCell(_BConvBase):
         in_channels: channels of the input.
         out_channels: channels of the output and of the state.
         stride: stride of the 3x3 convolution (``H_out = (H - 1) // stride + 1``).
-        **options: how the state is kept: the :class:`~bconv.cells.StateOptions`
-            (``state_mode``, ``detach``, ``on_size_change``, ``sync_state``).
+        **options: how the state is kept, and whether the gates are recomputed in backward: the
+            :class:`~bconv.cells.StateOptions` (``state_mode``, ``detach``, ``on_size_change``,
+            ``sync_state``, ``recompute``).
 
     Example::
 
@@ -238,8 +239,9 @@ class BConvCellV2(_BConvBase):
         in_channels: channels of the input.
         out_channels: channels of the output and of the state.
         stride: stride of the 3x3 convolution and of the transpose convolution.
-        **options: how the state is kept: the :class:`~bconv.cells.StateOptions`
-            (``state_mode``, ``detach``, ``on_size_change``, ``sync_state``).
+        **options: how the state is kept, and whether the gates are recomputed in backward: the
+            :class:`~bconv.cells.StateOptions` (``state_mode``, ``detach``, ``on_size_change``,
+            ``sync_state``, ``recompute``).
 
     Example::
 
