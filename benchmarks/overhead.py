@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         rows.append(measure(name, args.batch, args.repeats, device))
         r = rows[-1]
-        print(f"{name}: time ratio {r['time_ratio']:.3f}, memory ratio {r['memory_ratio']:.3f}, FLOP ratio {r['flop_ratio']:.3f}", flush=True)
+        print(f"{name}: time ratio {r['time_ratio']:.3f}, memory ratio {r['memory_ratio']:.3f}, "
+              f"FLOP ratio {r['flop_ratio']:.3f}", flush=True)
     hand = None
     if args.hand_wired_repeats:
         hand = measure_hand_wired(args.hand_wired_batch or args.batch, args.hand_wired_repeats, device)

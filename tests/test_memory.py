@@ -64,7 +64,8 @@ def _pair(net: type[nn.Module], **options) -> tuple[nn.Module, nn.Module]:
     models = []
     for recompute in (False, True):
         torch.manual_seed(0)
-        model = wrap_with_ptl(net(), getattr(net, "STAGES", None), input_size=(3, 64, 64), recompute=recompute, **options)
+        stages = getattr(net, "STAGES", None)
+        model = wrap_with_ptl(net(), stages, input_size=(3, 64, 64), recompute=recompute, **options)
         if options.get("final_init", "identity") == "identity":  # as after some training: the silenced cell acts
             nn.init.normal_(model.ptl.cells[-1][-1].conv.weight, std=0.3)
         models.append(model)
@@ -194,7 +195,7 @@ def test_a_frozen_backbone_keeps_only_the_stage_outputs_the_fusions_read():
     outputs: dict[int, str] = {}  # storage -> module, for every module inside the stem and the stages
     for name, m in wrapped.model.named_modules():
         if name.startswith(("stem.", "stage")) and not list(m.children()):
-            m.register_forward_hook(lambda m, a, o, name=name: outputs.__setitem__(o.untyped_storage().data_ptr(), name))
+            m.register_forward_hook(lambda m, a, o, n=name: outputs.__setitem__(o.untyped_storage().data_ptr(), n))
     _train_step(wrapped, x)
     outputs.clear()
     frozen, saved = saved_bytes(lambda: _train_step(wrapped, x))

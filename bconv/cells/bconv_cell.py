@@ -97,7 +97,8 @@ class _BConvBase(StatefulCell):
         if source is None:
             args, update = (x, *own), self._update
         else:
-            args, update = (*source.args, *own), functools.partial(_chained, source.update, len(source.args), self._update)
+            args = (*source.args, *own)
+            update = functools.partial(_chained, source.update, len(source.args), self._update)
         new = torch.utils.checkpoint.checkpoint(update, *args, use_reentrant=False, preserve_rng_state=False)
         if source is None:  # one step deep: a third cell in a chain keeps its input
             setattr(new[0], _SOURCE, _Source(self._update, args, new[0]._version))
