@@ -937,6 +937,9 @@ def test_overhead_runs_and_writes_its_results(tmp_path):
     assert row["params_ptl"] > row["params_plain"] and row["flops_ptl"] > row["flops_plain"] > 0
     assert row["flop_ratio"] == row["flops_ptl"] / row["flops_plain"] and row["memory_ptl"] > 0
     assert row["time_ratio_min"] <= row["time_ratio"] <= row["time_ratio_max"]
+    # the recomputed ladder keeps less than the stored one; a frozen backbone (head trains) less than both
+    assert row["memory_frozen"] < row["memory_ptl"] < row["memory_stored"] and row["head"] == ["classifier"]
+    assert 0 < row["memory_frozen_stage_outputs"] < row["memory_frozen"] and row["frozen_time_ratio"] > 0
     assert f"Made by `{saved['run']['command']}`" in out.with_suffix(".md").read_text()
 
 

@@ -84,6 +84,7 @@ def test_config_records_every_option_with_the_stage_names():
         final_init="paper",
         source="fx",
         leaf_modules=[_LocalLeaf],
+        recompute=False,
     )
     assert wrapped.config == PTLConfig(
         stages=("stage1", "stage2"),
@@ -98,13 +99,15 @@ def test_config_records_every_option_with_the_stage_names():
         final_init="paper",
         source="fx",
         leaf_modules=("test_checkpoint:_LocalLeaf",),
+        recompute=False,
     )
+    assert wrapped.config.recompute is False and wrapped.ptl.cells[0][0].recompute is False
     assert wrapped.config.version == bconv.__version__
     with pytest.raises(dataclasses.FrozenInstanceError):
         wrapped.config.cell = "v1"
     # The call above passed every option PTLConfig declares (input_size through _wrap), and each was recorded.
     passed = {"stages", "cell", "cell_width", "fuse_width", "state_mode", "sync_state", "detach", "on_size_change",
-              "final_init", "source", "leaf_modules", "input_size"}  # fmt: skip
+              "final_init", "source", "leaf_modules", "input_size", "recompute"}  # fmt: skip
     assert passed == {f.name for f in dataclasses.fields(PTLConfig)} - {"version"}
 
 

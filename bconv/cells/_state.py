@@ -47,6 +47,11 @@ class StateOptions:
         on_size_change: what a training forward does when the stored state's spatial size differs from the
             current one: ``"reset"`` (warn and start from zeros) or ``"raise"``.
         sync_state: with ``state_mode="pooled"``, average the pooled state across DistributedDataParallel ranks.
+        recompute: in training, keep for backward only the cell's input, weights and previous state, and
+            compute its gates again in backward (non-reentrant ``torch.utils.checkpoint`` over a pure function
+            of those; the state is read before and written after, so the recompute never touches it). Same
+            values and gradients as ``False``, which keeps the gate activations instead: less memory for a
+            little more compute (docs/memory.md). Not compared when a checkpoint is loaded.
 
     Raises:
         bconv.errors.ConfigError: a value outside its choices, or ``sync_state`` without the pooled mode.
@@ -56,6 +61,7 @@ class StateOptions:
     detach: bool = True
     on_size_change: SizeChangePolicy = "reset"
     sync_state: bool = False
+    recompute: bool = dataclasses.field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -109,14 +115,14 @@ class StatefulCell(nn.Module):
       :class:`ValueError`. Call :meth:`reset_state` when you change resolution to
       avoid both.
     * **Dtype**: the previous state is cast to the dtype the current forward computes
-      in (the ``like`` tensor of :meth:`_read_state`), and the new state is stored in
+      in (the ``like`` tensor of :meth:`_read_state`, or the cell's gates), and the new state is stored in
       the dtype it was computed in. A state stored under ``torch.autocast`` (bf16) is
       therefore read in float32 by a later full-precision batch, and the other way
       round, without error.
 
     Args:
         **options: the :class:`StateOptions` (``state_mode``, ``detach``, ``on_size_change``,
-            ``sync_state``), declared there once with their defaults.
+            ``sync_state``, ``recompute``), declared there once with their defaults.
     """
 
     def __init__(self, **options: Any) -> None:
@@ -126,6 +132,7 @@ class StatefulCell(nn.Module):
         self.detach = opts.detach
         self.on_size_change = opts.on_size_change
         self.sync_state = opts.sync_state
+        self.recompute = opts.recompute
         self._state_names: tuple[str, ...] = ()
 
     # -- registration, reset, detach, device and dtype moves -------------------------
@@ -244,13 +251,14 @@ class StatefulCell(nn.Module):
 
     # -- reading and writing, used by the subclasses' forward -------------------------
 
-    def _read_state(self, name: str, shape: Sequence[int], like: Tensor) -> Tensor:
+    def _read_state(self, name: str, shape: Sequence[int], like: Tensor, *, cast: bool = True) -> Tensor:
         """The previous state ``name`` for a batch whose state has ``shape``.
 
         Returns a tensor of exactly ``shape`` ``[B, C, H, W]`` in ``like``'s dtype and
         device: zeros in eval mode or without history, else the stored state (its
         first ``B`` slots, zero-padded if the state has fewer; or the pooled state
-        broadcast to ``B``).
+        broadcast to ``B``). With ``cast=False`` a stored state keeps its own dtype: the
+        cell casts it where it computes (the dtype of its gates is known only there).
         """
         shape = torch.Size(shape)
         stored = getattr(self, name)
@@ -259,7 +267,7 @@ class StatefulCell(nn.Module):
             stored = None
         if stored is None or not self.training:
             return like.new_zeros(shape)
-        stored = stored.to(dtype=like.dtype, device=like.device)
+        stored = stored.to(dtype=like.dtype if cast else stored.dtype, device=like.device)
         if self.state_mode == "pooled":
             return stored.expand(shape)
         batch, slots = shape[0], stored.shape[0]

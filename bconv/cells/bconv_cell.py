@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+import functools
+from typing import Any, Callable, NamedTuple
 
-from typing import Any
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
 
 from bconv.cells._state import StatefulCell
 
@@ -16,6 +19,31 @@ def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
     return value
+
+
+class _Source(NamedTuple):
+    """How a cell's output was computed, for a next cell to compute it again instead of keeping it."""
+
+    update: Callable[..., tuple[Tensor, ...]]
+    args: tuple[Tensor, ...]
+    version: int
+
+
+# Attribute of a cell's output (under recompute) naming its _Source; a next cell reads it (a chain of cells).
+_SOURCE = "_bconv_source"
+
+
+def _source_of(x: Tensor) -> _Source | None:
+    """The :class:`_Source` of ``x`` if ``x`` is a cell's output, unchanged since (not modified in place)."""
+    source = getattr(x, _SOURCE, None)
+    return source if source is not None and source.version == x._version else None
+
+
+def _chained(first: Callable[..., tuple[Tensor, ...]], n: int, update: Callable[..., tuple[Tensor, ...]],
+             *args: Tensor) -> tuple[Tensor, ...]:  # fmt: skip
+    """``update(first(*args[:n])[0], *args[n:])``: a cell's update whose input is the previous cell's output,
+    computed again from that cell's arguments (a pure function of ``args``, like each update)."""
+    return update(first(*args[:n])[0], *args[n:])
 
 
 class _BConvBase(StatefulCell):
@@ -44,13 +72,58 @@ class _BConvBase(StatefulCell):
     def _state_channels(self) -> int:
         return self.out_channels
 
-    def _step(self, gates: Tensor, shape: tuple[int, ...]) -> Tensor:
-        """The LSTM update from the gate pre-activations ``(i, f, o, g)``: stores ``C_b``, returns ``y_b``."""
+    def forward(self, x: Tensor) -> Tensor:
+        shape = self._state_shape(x)  # checks x before the conv sees it
+        own = (*self._weights(), *self._previous(shape, x))
+        if not (self.recompute and torch.is_grad_enabled() and any(a.requires_grad for a in (x, *own))):
+            new = self._update(x, *own)
+        elif torch.compiler.is_compiling():
+            # The compiler's partitioner decides what to keep for backward in a compiled graph.
+            new = torch.utils.checkpoint.checkpoint(self._update, x, *own, use_reentrant=False)
+        else:
+            new = self._recomputed(x, own)
+        for name, value in zip(self._state_names, new[1:]):
+            self._write_state(name, value)
+        return new[0]
+
+    def _recomputed(self, x: Tensor, own: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """:meth:`_update` under non-reentrant ``torch.utils.checkpoint``: autograd keeps only its arguments (the
+        input, the weights, the previous state, each kept anyway by the backbone, the module or the state) and
+        the gates are computed again in backward. The update is a pure function of its arguments, so the
+        recompute neither reads nor writes the state. When ``x`` is the output of a previous cell (a chain of
+        stride-2 cells), this cell's update takes that cell's arguments instead and computes ``x`` again
+        itself, so that ``x`` is not kept either (it costs the previous cell's update once more)."""
+        source = _source_of(x)
+        if source is None:
+            args, update = (x, *own), self._update
+        else:
+            args = (*source.args, *own)
+            update = functools.partial(_chained, source.update, len(source.args), self._update)
+        new = torch.utils.checkpoint.checkpoint(update, *args, use_reentrant=False, preserve_rng_state=False)
+        if source is None:  # one step deep: a third cell in a chain keeps its input
+            setattr(new[0], _SOURCE, _Source(self._update, args, new[0]._version))
+        return new
+
+    def _weights(self) -> tuple[Tensor, ...]:
+        """The parameters :meth:`_update` reads, passed to it explicitly (so a saved-tensor hook sees them)."""
+        raise NotImplementedError
+
+    def _previous(self, shape: tuple[int, ...], x: Tensor) -> tuple[Tensor, ...]:
+        """The previous states, in the order of ``_state_names``, for an input ``x`` whose state has ``shape``."""
+        raise NotImplementedError
+
+    def _update(self, x: Tensor, *weights_and_previous: Tensor) -> tuple[Tensor, ...]:
+        """``(y_b, *new states)`` from the input, :meth:`_weights` and :meth:`_previous`: the cell's equations,
+        a pure function of its arguments (it is computed again in backward under ``recompute``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _lstm(gates: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor]:
+        """The LSTM update from the gate pre-activations ``(i, f, o, g)``: ``(y_b, C_b)``."""
         i, f, o, g = gates.chunk(4, dim=1)
         i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
-        c = f * self._read_state("c_prev", shape, like=f) + i * g
-        self._write_state("c_prev", c)
-        return o * torch.tanh(c)
+        c = f * c_prev.to(f.dtype) + i * g
+        return o * torch.tanh(c), c
 
     def silence_(self) -> _BConvBase:
         """Zero the candidate rows (``g``) of the gate convolution, in place.
@@ -105,8 +178,9 @@ class BConvCell(_BConvBase):
         in_channels: channels of the input.
         out_channels: channels of the output and of the state.
         stride: stride of the 3x3 convolution (``H_out = (H - 1) // stride + 1``).
-        **options: how the state is kept: the :class:`~bconv.cells.StateOptions`
-            (``state_mode``, ``detach``, ``on_size_change``, ``sync_state``).
+        **options: how the state is kept, and whether the gates are recomputed in backward: the
+            :class:`~bconv.cells.StateOptions` (``state_mode``, ``detach``, ``on_size_change``,
+            ``sync_state``, ``recompute``).
 
     Example::
 
@@ -130,9 +204,14 @@ class BConvCell(_BConvBase):
         )
         self._register_state("c_prev")
 
-    def forward(self, x: Tensor) -> Tensor:
-        shape = self._state_shape(x)  # checks x before the conv sees it
-        return self._step(self.conv(x), shape)
+    def _weights(self) -> tuple[Tensor, ...]:
+        return (self.conv.weight,)
+
+    def _previous(self, shape: tuple[int, ...], x: Tensor) -> tuple[Tensor, ...]:
+        return (self._read_state("c_prev", shape, like=x, cast=False),)
+
+    def _update(self, x: Tensor, weight: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor]:
+        return self._lstm(F.conv2d(x, weight, None, self.stride, 1), c_prev)
 
 
 class BConvCellV2(_BConvBase):
@@ -161,8 +240,9 @@ class BConvCellV2(_BConvBase):
         in_channels: channels of the input.
         out_channels: channels of the output and of the state.
         stride: stride of the 3x3 convolution and of the transpose convolution.
-        **options: how the state is kept: the :class:`~bconv.cells.StateOptions`
-            (``state_mode``, ``detach``, ``on_size_change``, ``sync_state``).
+        **options: how the state is kept, and whether the gates are recomputed in backward: the
+            :class:`~bconv.cells.StateOptions` (``state_mode``, ``detach``, ``on_size_change``,
+            ``sync_state``, ``recompute``).
 
     Example::
 
@@ -189,10 +269,15 @@ class BConvCellV2(_BConvBase):
         self._register_state("c_prev")
         self._register_state("y_prev")
 
-    def forward(self, x: Tensor) -> Tensor:
-        shape = self._state_shape(x)
-        y_prev = self._read_state("y_prev", shape, like=x)
-        r = self.recover(y_prev, output_size=x.shape[-2:])
-        y = self._step(self.conv(torch.cat([x, r.to(x.dtype)], dim=1)), shape)
-        self._write_state("y_prev", y)
-        return y
+    def _weights(self) -> tuple[Tensor, ...]:
+        return self.conv.weight, self.recover.weight
+
+    def _previous(self, shape: tuple[int, ...], x: Tensor) -> tuple[Tensor, ...]:
+        return self._read_state("c_prev", shape, like=x, cast=False), self._read_state("y_prev", shape, like=x)
+
+    def _update(self, x: Tensor, weight: Tensor, recover: Tensor, c_prev: Tensor, y_prev: Tensor) -> tuple[Tensor, ...]:
+        # The transpose conv's output_padding brings r back to exactly x's size ((H - 1) % stride extra rows).
+        padding = tuple((size - 1) % self.stride for size in x.shape[-2:])
+        r = F.conv_transpose2d(y_prev, recover, None, self.stride, 1, padding)
+        y, c = self._lstm(F.conv2d(torch.cat([x, r.to(x.dtype)], dim=1), weight, None, self.stride, 1), c_prev)
+        return y, c, y

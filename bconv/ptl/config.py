@@ -49,7 +49,9 @@ class PTLConfig(StateOptions):
     stages whatever the call used (indices, names or ``None``), ``input_size`` the size used to find them;
     ``state_dict()`` carries it. Comparing two configs (``==``) ignores ``version``: a checkpoint written
     by another bconv version loads if its options are the same. The state options (``state_mode``,
-    ``detach``, ``on_size_change``, ``sync_state``) are :class:`bconv.cells.StateOptions`, inherited.
+    ``detach``, ``on_size_change``, ``sync_state``) and ``recompute`` (the cells recompute their gates in
+    backward instead of keeping them: docs/memory.md; not compared, like ``version``) are
+    :class:`bconv.cells.StateOptions`, inherited.
 
     Attributes:
         stages: the stages to pair: ``None`` (all), indices (negative allowed) or names as

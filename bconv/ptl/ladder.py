@@ -41,6 +41,11 @@ class Fusion(nn.Module):
 
     The BatchNorm keeps the fused signal at unit scale whatever the scale of the backbone's features, so
     the ladder neither vanishes beside them nor swamps them (docs/design.md §3).
+
+    The convolution over the concatenation is computed as the sum of its two column blocks,
+    ``W[:, :C_x] * x + W[:, C_x:] * y + b``: the same parameters and ``state_dict`` keys, and no concatenated
+    copy of the backbone's stage output for autograd to keep (``x`` itself is kept, which the backbone's
+    next layer keeps anyway; docs/memory.md).
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -58,7 +63,9 @@ class Fusion(nn.Module):
         return self.conv.out_channels
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.relu(self.bn(self.conv(torch.cat([x, y], dim=1))))
+        weight, split = self.conv.weight, x.shape[1]
+        fused = F.conv2d(x, weight[:, :split], self.conv.bias) + F.conv2d(y, weight[:, split:])  # = conv(cat(x, y))
+        return self.relu(self.bn(fused))
 
 
 class FinalFusion(nn.Module):
