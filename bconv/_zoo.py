@@ -70,7 +70,9 @@ def _close(name: str, candidates: Sequence[str], n: int = 5) -> list[str]:
     lower = {c.lower(): c for c in candidates}
     key = name.lower()
     close = difflib.get_close_matches(key, list(lower), n=20, cutoff=0.6)
-    close.sort(key=lambda c: (not (key.startswith(c) or c.startswith(key)), -difflib.SequenceMatcher(None, key, c).ratio()))
+    close.sort(key=lambda c: (
+        not (key.startswith(c) or c.startswith(key)), -difflib.SequenceMatcher(None, key, c).ratio()
+    ))
     return [lower[c] for c in dict.fromkeys(close)][:n]
 
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 import bconv
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ptl_finetune import build_network, datasets_from  # noqa: E402  (the plain loop's model and data, shared)
+from ptl_finetune import add_common_arguments, build_network, datasets_from  # noqa: E402  (shared)
 
 
 class Progress:
@@ -48,17 +48,7 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", help="a folder with train/ and val/ image folders (one subfolder per class)")
-    data.add_argument("--fake-data", type=int, metavar="N", help="N generated training images instead (FakeData)")
-    p.add_argument("--classes", type=int, default=10, help="classes of --fake-data (default: 10)")
-    p.add_argument("--model", default="torchvision:resnet18", help="timm:NAME or torchvision:NAME")
-    p.add_argument("--pretrained", action="store_true", help="start from the network's pre-trained weights (a download)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--workers", type=int, default=0)
+    add_common_arguments(p)
     p.add_argument("--no-augment", action="store_true", help="no random crop or flip (a resume is then bitwise)")
     p.add_argument("--checkpoint", default="checkpoint", help="a folder, written every --checkpoint-every steps")
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS")
@@ -66,8 +56,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--log", default="ladder_usage.jsonl", help="where the ladder diagnostic goes, one JSON line each")
     p.add_argument("--out", default="ptl.pt", help="the final weights (load with bconv.load_ptl)")
     p.add_argument("--stop-after", type=int, metavar="STEPS", help="simulate an interruption after this many steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     set_seed(args.seed)

@@ -28,7 +28,7 @@ import bconv
 from bconv.integrations.lightning import PTLCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ptl_finetune import build_network, datasets_from  # noqa: E402  (the plain loop's model and data, shared)
+from ptl_finetune import add_common_arguments, build_network, datasets_from  # noqa: E402  (shared)
 
 
 class Classifier(L.LightningModule):
@@ -54,22 +54,10 @@ class Classifier(L.LightningModule):
 
 def main(argv: list[str] | None = None) -> L.Trainer:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", help="a folder with train/ and val/ image folders (one subfolder per class)")
-    data.add_argument("--fake-data", type=int, metavar="N", help="N generated training images instead (FakeData)")
-    p.add_argument("--classes", type=int, default=10, help="classes of --fake-data (default: 10)")
-    p.add_argument("--model", default="torchvision:resnet18", help="timm:NAME or torchvision:NAME")
-    p.add_argument("--pretrained", action="store_true", help="start from the network's pre-trained weights (a download)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--workers", type=int, default=0)
+    add_common_arguments(p)
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS")
     p.add_argument("--log-usage-every", type=int, default=50, metavar="STEPS", help="ladder_usage every N steps")
     p.add_argument("--dir", default="lightning_run", help="checkpoints in DIR/checkpoints, logs in DIR/logs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     L.seed_everything(args.seed)

@@ -31,6 +31,24 @@ from tqdm import tqdm
 import bconv
 
 
+def add_common_arguments(p: argparse.ArgumentParser, epochs: bool = True) -> None:
+    """The data, model and optimizer options every example takes (``--help`` lists them)."""
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="a folder with train/ and val/ image folders (one subfolder per class)")
+    data.add_argument("--fake-data", type=int, metavar="N", help="N generated training images instead (FakeData)")
+    p.add_argument("--classes", type=int, default=10, help="classes of --fake-data (default: 10)")
+    p.add_argument("--model", default="torchvision:resnet18", help="timm:NAME or torchvision:NAME")
+    p.add_argument("--pretrained", action="store_true", help="start from pre-trained weights (a download)")
+    p.add_argument("--image-size", type=int, default=224)
+    if epochs:
+        p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_network(name: str, classes: int, pretrained: bool) -> torch.nn.Module:
     """``timm:NAME`` or ``torchvision:NAME`` (a bare name: torchvision), with a new classifier for ``classes``."""
     zoo, _, arch = name.rpartition(":")
@@ -50,7 +68,8 @@ def datasets_from(args) -> tuple[torch.utils.data.Dataset, torch.utils.data.Data
     """Training and validation sets: an image folder, or FakeData through the same transforms."""
     size = args.image_size
     normalize = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    val_tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(), normalize])
+    val_tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+                                 normalize])  # fmt: skip
     train_tf = val_tf if getattr(args, "no_augment", False) else transforms.Compose([
         transforms.RandomResizedCrop(size, scale=(0.6, 1.0)), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
         normalize])  # fmt: skip
@@ -89,26 +108,14 @@ def evaluate(model: torch.nn.Module, loader) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", help="a folder with train/ and val/ image folders (one subfolder per class)")
-    data.add_argument("--fake-data", type=int, metavar="N", help="N generated training images instead (FakeData)")
-    p.add_argument("--classes", type=int, default=10, help="classes of --fake-data (default: 10)")
-    p.add_argument("--model", default="torchvision:resnet18", help="timm:NAME or torchvision:NAME")
-    p.add_argument("--pretrained", action="store_true", help="start from the network's pre-trained weights (a download)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--checkpoint", default="run.pt", help="written every --checkpoint-every steps; resumed from if present")
+    add_common_arguments(p)
+    p.add_argument("--checkpoint", default="run.pt", help="written every --checkpoint-every steps; resumed if present")
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS")
     p.add_argument("--log-usage-every", type=int, default=50, metavar="STEPS", help="ladder_usage every N steps")
     p.add_argument("--log", default="ladder_usage.jsonl", help="where the ladder diagnostic goes, one JSON line each")
     p.add_argument("--out", default="ptl.pt", help="the final weights (load with bconv.load_ptl)")
     p.add_argument("--stop-after", type=int, metavar="STEPS", help="simulate an interruption: stop after this many "
                    "steps of this run, right after a checkpoint")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)

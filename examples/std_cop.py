@@ -24,7 +24,7 @@ from bconv.distill import STDTrainer
 from bconv.prune import cop_prune, format_report, load_pruned, reestimate_batchnorm, save_pruned
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ptl_finetune import build_network, datasets_from, evaluate  # noqa: E402  (model, data and evaluation, shared)
+from ptl_finetune import add_common_arguments, build_network, datasets_from, evaluate  # noqa: E402
 
 
 def train_ptl(model: bconv.PTLModel, loader, epochs: int, lr: float, progress: bool) -> None:
@@ -54,22 +54,12 @@ def distil(student, teacher, loader, epochs: int, lr: float, input_size, progres
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", help="a folder with train/ and val/ image folders (one subfolder per class)")
-    data.add_argument("--fake-data", type=int, metavar="N", help="N generated training images instead (FakeData)")
-    p.add_argument("--classes", type=int, default=10, help="classes of --fake-data (default: 10)")
-    p.add_argument("--model", default="torchvision:resnet18", help="teacher and student: timm:NAME or torchvision:NAME")
-    p.add_argument("--pretrained", action="store_true", help="start both from pre-trained weights (a download)")
-    p.add_argument("--image-size", type=int, default=224)
+    add_common_arguments(p, epochs=False)  # --model: the teacher's and the student's network
     p.add_argument("--teacher-epochs", type=int, default=5)
     p.add_argument("--std-epochs", type=int, default=5)
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--prune", type=float, default=0.5, metavar="RATIO", help="fraction of FLOPs to remove")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--out", default="pruned.pt", help="the pruned student (load with bconv.prune.load_pruned)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)

@@ -53,6 +53,16 @@ def _one_thread():
         yield
 
 
+def test_quickstart_runs_as_written_and_its_ladder_is_in_use(tmp_path, monkeypatch, capsys):
+    # examples/quickstart.py is the README's and the docs' PTL example, shown as it is
+    import runpy
+
+    monkeypatch.chdir(tmp_path)
+    namespace = runpy.run_path(str(EXAMPLES / "quickstart.py"))
+    assert not namespace["model"].training and "epoch 1: loss" in capsys.readouterr().out
+    assert bconv.ladder_usage(namespace["model"], namespace["x"], namespace["y"]).output_share > 0
+
+
 def test_ptl_finetune_logs_the_ladder_and_resumes_an_interrupted_run_exactly(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = image_folder(tmp_path / "data")
@@ -137,7 +147,8 @@ def test_segmentation_example_trains_on_a_mask_folder_and_its_weights_reload(tmp
     assert 0 <= out["miou"] <= 1 and out["usage"].output_share > 0
     import torchvision
 
-    network = torchvision.models.get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=4)
+    network = torchvision.models.get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None,
+                                           num_classes=4)  # fmt: skip
     reloaded = bconv.load_ptl(network, torch.load("segmentation_ptl.pt", weights_only=True))
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(reloaded.eval()(x)["out"], out["model"].eval()(x)["out"])

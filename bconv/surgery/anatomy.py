@@ -400,7 +400,7 @@ def _submodule_hint(model: nn.Module) -> str:
             f"{type(model).__name__} is a whole model that torch.fx cannot trace, but its submodule "
             f"`model.{path}` ({type(sub).__name__}) is a backbone bconv can trace (stages: {names}): wrap that "
             f"one in place, `model.{path} = wrap_with_ptl(model.{path})`, and train the whole model with its "
-            f"own loss (see the README's dense prediction section; python -m bconv.inspect shows the stages)."
+            f"own loss (see docs/guides/dense-prediction.md; python -m bconv.inspect shows the stages)."
         )
     return ""
 
