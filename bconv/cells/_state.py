@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bconv._options import build, check_fields
-from bconv.errors import BConvError, ConfigError
+from bconv.errors import BConvError, ConfigError, StateGraphError
 
 __all__ = ["StatefulCell", "StateOptions", "StateMode", "SizeChangePolicy"]
 
@@ -75,10 +75,6 @@ def _usable_in_training(value: Tensor) -> Tensor:
         return value
     with torch.inference_mode(False):
         return value.clone()
-
-
-class StateGraphFreedError(BConvError, RuntimeError):
-    """A state kept with ``detach=False`` points into a graph that ``backward()`` has freed."""
 
 
 def _graph_freed(t: Tensor, nodes: int = 8) -> bool:
@@ -289,7 +285,7 @@ class StatefulCell(nn.Module):
         if stored is None or not self.training:
             return like.new_zeros(shape)
         if not self.detach and stored.grad_fn is not None and torch.is_grad_enabled() and _graph_freed(stored):
-            raise StateGraphFreedError(
+            raise StateGraphError(
                 f"{type(self).__name__}: with detach=False the state kept from the previous batch still points "
                 "into that batch's autograd graph, which backward() has already freed, so this batch's backward "
                 "would fail with torch's 'Trying to backward through the graph a second time'. Call "
