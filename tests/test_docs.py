@@ -157,3 +157,22 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
     assert "wrap_with_ptl" in api and "ladder_usage" in api  # the reference is generated from the docstrings
     assert (site / "results" / "ladder_trajectory" / "index.html").exists()  # results files are pages
     assert (site / "images" / "ladder-resnet50.svg").exists()
+
+
+# --------------------------------------------------------------------------- the guidance's measurement
+
+
+@pytest.mark.slow  # pre-trains the benchmark's CNN on digits, then one epoch per condition: 6 to 35 s
+def test_the_ladder_trajectory_the_guidance_quotes_is_measured_by_the_benchmark(tmp_path):
+    import json
+
+    from benchmarks import ladder
+
+    ladder.main(["--trajectory", "--seeds", "1", "--epochs", "1", "--lrs", "0.1", "--out", str(tmp_path / "t")])
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    share = {(r["condition"], r["step"], r.get("end_of_epoch", False)): r["output_share"] for r in rows}
+    assert share["ptl", 0, False] == 0.0 and share["frozen", 0, False] == 0.0  # a fresh wrap reads exactly 0
+    assert share["ptl", 1, False] > 0 and share["ptl", 9, True] > share["ptl", 1, False]  # it wakes up and grows
+    assert all(v == 0.0 for (c, _, _), v in share.items() if c == "frozen")  # an untrained ladder stays at 0
+    assert share["ptl_paper", 0, False] > 0.01  # the paper's random final fusion starts high
+    assert "| 9 (end of epoch 1) |" in (tmp_path / "t.md").read_text()
