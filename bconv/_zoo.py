@@ -57,24 +57,79 @@ def timm_names() -> tuple[str, ...]:
     return tuple(timm.list_models())
 
 
+def _timm_tags(base: str) -> tuple[str, ...]:
+    """The pretrained tags timm knows for ``base`` (``resnet50`` -> ``a1_in1k``, ...), none downloaded."""
+    import timm
+
+    return tuple(n.split(".", 1)[1] for n in timm.list_pretrained(f"{base}.*"))
+
+
+def _close(name: str, candidates: Sequence[str], n: int = 5) -> list[str]:
+    """Close names, best first: ``difflib``'s ratio on lower case, with a name that ``name`` starts, or that starts
+    with ``name``, ahead of one merely similar (``resnet50`` before ``resnet50_gn`` for ``resnet50x``)."""
+    lower = {c.lower(): c for c in candidates}
+    key = name.lower()
+    close = difflib.get_close_matches(key, list(lower), n=20, cutoff=0.6)
+    close.sort(key=lambda c: (
+        not (key.startswith(c) or c.startswith(key)), -difflib.SequenceMatcher(None, key, c).ratio()
+    ))
+    return [lower[c] for c in dict.fromkeys(close)][:n]
+
+
+def _user_name(spec: str) -> tuple[str, str]:
+    """The zoo (``""``: either) and name of a model as users copy it from a model card.
+
+    ``timm:NAME`` and ``torchvision:NAME`` choose the zoo; ``hf-hub:timm/NAME`` and ``timm/NAME`` (the Hugging
+    Face Hub repository of a timm model) and ``NAME.TAG`` (timm's pretrained tag, ``resnet50.a1_in1k``) are timm's.
+    """
+    zoo, _, name = spec.partition(":") if ":" in spec else ("", "", spec)
+    if zoo == "hf-hub":
+        org, _, rest = name.partition("/")
+        if org != "timm" or not rest:
+            raise UnknownModelError(
+                f"{spec!r} is a Hugging Face Hub repository outside timm's: its architecture is described by a "
+                "file on the Hub, and bconv builds models offline. Pass the timm architecture it names "
+                "(timm:NAME or hf-hub:timm/NAME)"
+            )
+        zoo, name = "timm", rest
+    elif not zoo and name.startswith("timm/"):
+        zoo, name = "timm", name[len("timm/") :]
+    if zoo not in ("", "torchvision", "timm"):
+        raise UnknownModelError(
+            f"unknown zoo {zoo!r} in {spec!r}: use torchvision:NAME, timm:NAME, hf-hub:timm/NAME or a bare NAME"
+        )
+    if not zoo and "." in name:
+        zoo = "timm"  # a pretrained tag: only timm's names have one
+    return zoo, name
+
+
 def resolve(spec: str) -> ZooModel:
-    """``resnet50`` (torchvision first, then timm), ``timm:resnet50`` or ``torchvision:resnet50``.
+    """A model name as users copy it, checked against the zoos' registries (nothing is downloaded).
+
+    Accepted: ``resnet50`` (torchvision first, then timm), ``timm:resnet50``, ``torchvision:resnet50``, and timm's
+    names as model cards print them: ``resnet50.a1_in1k`` (a pretrained tag: its input size is used, its weights
+    are not), ``timm/resnet50.a1_in1k`` and ``hf-hub:timm/resnet50.a1_in1k``.
 
     Raises:
-        UnknownModelError: with the closest names of the zoos searched.
+        UnknownModelError: with the closest names of the zoos searched (or the model's known tags).
     """
-    zoo, _, name = spec.rpartition(":")
+    zoo, name = _user_name(spec)
     zoos = {"torchvision": torchvision_all_names, "timm": timm_names}
-    if zoo and zoo not in zoos:
-        raise UnknownModelError(f"unknown zoo {zoo!r} in {spec!r}: use torchvision:NAME or timm:NAME")
     searched = [zoo] if zoo else ["torchvision", "timm"]
+    base, _, tag = name.partition(".")
     for z in searched:
-        if name in zoos[z]():
+        if base in zoos[z]():
+            if z == "timm" and tag:
+                tags = _timm_tags(base)
+                if tag not in tags:
+                    near = _close(tag, tags) or list(tags[:5])
+                    known = f"; closest: {', '.join(f'{base}.{t}' for t in near)}" if near else " (it has none)"
+                    raise UnknownModelError(f"timm knows no pretrained tag {tag!r} for {base!r}{known}")
             return ZooModel(z, name)
     candidates = [n for z in searched for n in zoos[z]()]
-    close = list(dict.fromkeys(difflib.get_close_matches(name, candidates, n=8, cutoff=0.6)))[:5]
+    close = _close(base, candidates)
     hint = f"; closest: {', '.join(close)}" if close else ""
-    raise UnknownModelError(f"no model named {name!r} in {' or '.join(searched)}{hint}")
+    raise UnknownModelError(f"no model named {base!r} in {' or '.join(searched)}{hint}")
 
 
 def build(model: ZooModel | str, **kwargs) -> nn.Module:

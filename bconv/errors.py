@@ -17,7 +17,7 @@ checkpoint that does not fit is a :class:`CheckpointError` in ``load_ptl`` and
 __all__ = [
     "BConvError", "TraceError", "NoSpatialStagesError", "InputSizeError", "ClassifierNotFoundError",
     "UnsupportedModelError", "StageSelectionError", "ModulePathError", "LeafModuleError", "WrappedModelError",
-    "CheckpointError", "ConfigError", "PruneError", "PruneTargetError", "UnknownModelError",
+    "CheckpointError", "ConfigError", "PruneError", "PruneTargetError", "UnknownModelError", "StateGraphError",
 ]  # fmt: skip
 
 
@@ -30,7 +30,7 @@ class TraceError(BConvError, RuntimeError):
 
 
 class NoSpatialStagesError(BConvError, ValueError):
-    """The model has no convolutional stages at several resolutions (for example a plain ViT)."""
+    """The model has no stages: no feature maps at several resolutions, and no patch grid on tokens (CrossViT, TNT, PiT)."""
 
 
 class InputSizeError(BConvError, ValueError):
@@ -81,3 +81,8 @@ class PruneTargetError(BConvError, ValueError):
 
 class UnknownModelError(BConvError, LookupError):
     """No model zoo knows the name; the message suggests the closest names."""
+
+
+class StateGraphError(BConvError, RuntimeError):
+    """With ``detach=False``, the cells' state still points into an autograd graph that ``backward()`` has freed:
+    call ``detach_state()`` after each optimizer step (or back-propagate with ``retain_graph=True``)."""

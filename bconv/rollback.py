@@ -273,7 +273,9 @@ class Rollback:
             periods: number of periods, 1..len(blocks) + 1; the released code uses 4.
             make_optimizer: builds an optimizer from :meth:`param_groups`; defaults to
                 :func:`released_sgd` (SGD, momentum 0.9, Nesterov, weight decay 5e-4).
-            lr_rolled, lr_kept, lr_head: learning rates as in :meth:`param_groups`.
+            lr_rolled: the rolled-back blocks' learning rate, as in :meth:`param_groups`.
+            lr_kept: the kept blocks' learning rate, as in :meth:`param_groups`.
+            lr_head: the head's learning rate after period 0, as in :meth:`param_groups`.
             lr_head_first: the head's learning rate in period 0 (0.1 in the released code).
 
         Returns:

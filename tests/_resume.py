@@ -2,7 +2,7 @@
 
 ``run`` trains for a few epochs with a shuffling DataLoader, SGD with momentum, a per-batch LR
 scheduler and augmentation drawn from torch, numpy and python's ``random``. With ``stop`` it stops
-mid-epoch and writes one checkpoint, as the README's "Resuming an interrupted run" does; with
+mid-epoch and writes one checkpoint, as docs/guides/checkpoints.md's "Resuming an interrupted run" does; with
 ``resume`` it continues from such a checkpoint. Run as a script, it resumes checkpoints in a new
 Python process::
 

@@ -69,12 +69,13 @@ class TinyCNN(nn.Module):
         return self.head(self.stage2(self.stage1(self.stem(x))).mean((2, 3)))
 
 
-def readme_block(heading: str) -> str:
-    """The first ```python block after ``heading`` in the README: what a test runs, so the README cannot drift."""
+def docs_block(page: str, heading: str) -> str:
+    """The first ```python block after the line ``heading`` of ``docs/PAGE``: what a test runs, so the docs cannot
+    drift (tests/test_docs.py checks that every block marked ``<!-- test: tests/test_NAME.py -->`` is read here)."""
     from pathlib import Path
 
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    section = text[text.index(heading) :]
+    text = (Path(__file__).parents[1] / "docs" / page).read_text()
+    section = text[text.index(f"\n{heading}\n") :]
     start = section.index("```python\n") + len("```python\n")
     return section[start : section.index("\n```\n", start)]
 
@@ -84,7 +85,7 @@ class Preempted(Exception):
 
 
 def preempt_after_checkpoint(at: int):
-    """A ``time_to_checkpoint()`` for the README's resume recipes: a checkpoint at call ``at``, killed right after."""
+    """A ``time_to_checkpoint()`` for the docs' resume recipes: a checkpoint at call ``at``, killed right after."""
     calls = []
 
     def time_to_checkpoint():

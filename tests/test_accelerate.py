@@ -1,4 +1,4 @@
-"""The README's Accelerate recipe, run on CPU: prepare, detach_state, save_state/load_state with the
+"""The docs' Accelerate recipe (docs/guides/lightning-accelerate.md), run on CPU: prepare, detach_state, save_state/load_state with the
 latent state registered, a mid-epoch resume that ends bitwise, unwrap_model then bconv.load_ptl."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from accelerate.state import AcceleratorState
 
 import bconv
 
-from conftest import Preempted, TinyCNN, preempt_after_checkpoint, readme_block
+from conftest import Preempted, TinyCNN, docs_block, preempt_after_checkpoint
 
 SIZE = (3, 16, 16)
 
@@ -26,10 +26,11 @@ def _dataset() -> torch.utils.data.TensorDataset:
 
 
 def _run_recipe(time_to_checkpoint) -> dict:
-    """The README's script as written, in the current directory; returns its namespace."""
+    """The docs' script as written, in the current directory; returns its namespace."""
     AcceleratorState._reset_state(True)  # one Accelerator per script, as in a fresh process
     namespace = dict(dataset=_dataset(), epochs=3, build_network=TinyCNN, time_to_checkpoint=time_to_checkpoint)
-    exec(compile(readme_block("### PTL with Accelerate"), "README.md", "exec"), namespace)
+    recipe = docs_block("guides/lightning-accelerate.md", "## PTL with Accelerate")
+    exec(compile(recipe, "docs/guides/lightning-accelerate.md", "exec"), namespace)
     return namespace
 
 

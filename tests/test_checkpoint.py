@@ -34,10 +34,10 @@ from conftest import (
     Preempted,
     Snapshot,
     TinyCNN,
+    docs_block,
     free_port,
     latent_tensors,
     preempt_after_checkpoint,
-    readme_block,
     stateful_cells,
     zoo_model,
 )
@@ -611,9 +611,10 @@ def test_ddp_run_resumes_bitwise_with_two_gloo_processes(tmp_path):
 
 
 def test_the_readme_resume_recipe_resumes_exactly(tmp_path, monkeypatch):
-    """The README's script, run as written: once uninterrupted, once preempted after a checkpoint and rerun."""
+    """The docs' script (docs/guides/checkpoints.md), run as written: once uninterrupted, once preempted after a checkpoint and rerun."""
     monkeypatch.chdir(tmp_path)
-    recipe = compile(readme_block("### Resuming an interrupted run"), "README.md", "exec")
+    text = docs_block("guides/checkpoints.md", "## Resuming an interrupted run")
+    recipe = compile(text, "docs/guides/checkpoints.md", "exec")
     g = torch.Generator().manual_seed(5)
     dataset = torch.utils.data.TensorDataset(
         torch.randn(150, *SIZE, generator=g), torch.randint(0, 5, (150,), generator=g)

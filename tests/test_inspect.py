@@ -51,7 +51,79 @@ def test_unknown_name_exits_2_with_one_line_and_suggestions(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no model named 'resnet5O'" in err and "closest: resnet50" in err
     assert main(["keras:resnet50"]) == 2
-    assert "use torchvision:NAME or timm:NAME" in capsys.readouterr().err
+    assert "use torchvision:NAME, timm:NAME, hf-hub:timm/NAME or a bare NAME" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- names as users copy them
+
+
+@pytest.mark.parametrize("name", ["resnet50.a1_in1k", "timm/resnet50.a1_in1k", "hf-hub:timm/resnet50.a1_in1k"])
+def test_timm_names_as_model_cards_print_them_resolve_to_the_tagged_timm_model(name):
+    from bconv._zoo import resolve
+
+    assert resolve(name) == resolve("timm:resnet50.a1_in1k")
+    assert str(resolve(name)) == "timm:resnet50.a1_in1k"
+
+
+def test_a_tagged_name_is_built_without_weights_with_its_tags_config(monkeypatch):
+    import timm.models
+
+    from bconv._zoo import build
+
+    calls = []
+    monkeypatch.setattr(timm.models, "load_pretrained", lambda *a, **k: calls.append(a))  # a download would land here
+    model = build("hf-hub:timm/resnet50.a1_in1k")
+    assert model.pretrained_cfg["tag"] == "a1_in1k" and calls == []
+
+
+def test_inspect_takes_a_hub_name(capsys):
+    assert main(["hf-hub:timm/resnet18.a1_in1k", "--input-size", "3", "64", "64", "--no-plan"]) == 0
+    assert "resnet18.a1_in1k from timm (random weights)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name, first",
+    [
+        ("resnet50.a1_in1kk", "resnet50.a1_in1k"),  # a misspelt tag: the model's own tags
+        ("ResNet50", "resnet50"),  # case
+        ("resnet50x", "resnet50"),  # the name it starts with before merely similar ones
+        ("timm/resnet5O.a1_in1k", "resnet50"),
+    ],
+)
+def test_close_names_are_suggested_best_first(name, first):
+    from bconv._zoo import resolve
+    from bconv.errors import UnknownModelError
+
+    with pytest.raises(UnknownModelError, match=r"closest: ") as e:
+        resolve(name)
+    assert str(e.value).split("closest: ")[1].split(", ")[0] == first
+
+
+def test_a_hub_repository_outside_timm_is_refused_with_what_to_pass(capsys):
+    assert main(["hf-hub:facebook/convnext-tiny-224"]) == 2
+    err = capsys.readouterr().err
+    assert "outside timm's" in err and "timm:NAME" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- the picture
+
+
+def test_image_writes_an_svg_of_the_stages_and_the_ladder(tmp_path, capsys):
+    import xml.etree.ElementTree as ET
+
+    path = tmp_path / "ladder.svg"
+    assert main(["resnet18", "--input-size", "3", "64", "64", "--image", str(path)]) == 0
+    root = ET.parse(path).getroot()  # well-formed XML
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    for stage in ("relu", "layer1", "layer2", "layer3", "layer4"):
+        assert stage in texts
+    assert texts.count("fuse") == 4 and texts.count("x + proj(y)") == 1
+    assert sum(t.startswith("BConv-Cell v1") for t in texts) == 5
+    assert any("+145,568 parameters" in t for t in texts)  # the preview's figure, not another
+    # without the plan: the backbone only
+    assert main(["resnet18", "--input-size", "3", "64", "64", "--no-plan", "--image", str(path)]) == 0
+    texts = [t.text for t in ET.parse(path).getroot().iter("{http://www.w3.org/2000/svg}text")]
+    assert "layer4" in texts and not any(t.startswith("BConv-Cell") for t in texts)
 
 
 def test_model_without_spatial_stages_exits_1_without_traceback(capsys):
@@ -100,7 +172,9 @@ def test_every_torchvision_model_name_is_known():
 def test_a_segmentation_model_shows_its_backbones_stages(capsys):
     assert main(["fcn_resnet50", "--input-size", "3", "64", "64", "--no-plan"]) == 0
     out = capsys.readouterr().out
-    assert "backbone.layer4" in out and "pooling     none" in out
+    assert "backbone.layer4" in out and "dense prediction" in out
+    # the head's modules once, and no "classifier none" after a head named classifier
+    assert "head    classifier\n" in out and "classifier  none" not in out
 
 
 def test_a_video_model_is_refused_with_its_reason(capsys):

@@ -22,7 +22,7 @@ import bconv
 from bconv import BConvError
 from bconv.integrations.lightning import PTLCallback
 
-from conftest import TinyCNN, readme_block
+from conftest import TinyCNN, docs_block
 
 SIZE = (3, 16, 16)
 SAMPLES, BATCH, EPOCHS = 44, 8, 3  # 6 batches an epoch, the last of 4 samples: per-sample slots 4..7 keep their state
@@ -473,7 +473,7 @@ def test_with_several_ptl_models_each_is_logged_under_its_module_path():
     }
 
 
-# -- the README's recipe -------------------------------------------------------------------------
+# -- the docs' recipe -----------------------------------------------------------------------------
 
 
 class PreemptibleDataset(TensorDataset):
@@ -493,7 +493,8 @@ class PreemptibleDataset(TensorDataset):
 def test_the_readme_lightning_recipe_resumes_a_preempted_run_bitwise(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(5)
     data = torch.randn(150, *SIZE, generator=g), torch.randint(0, 5, (150,), generator=g)
-    recipe = compile(readme_block("### PTL with Lightning"), "README.md", "exec")
+    text = docs_block("guides/lightning-accelerate.md", "## PTL with Lightning")
+    recipe = compile(text, "docs/guides/lightning-accelerate.md", "exec")
 
     def script(directory: Path, limit: int | None = None) -> dict:
         directory.mkdir(exist_ok=True)

@@ -309,10 +309,11 @@ def test_timm_gradient_checkpointing_gives_the_same_gradients():
 # ------------------------------------------------------------------------------- the README, frameworks, compile, DDP
 
 
-def test_the_readme_token_backbone_example_runs_as_written(capsys):
-    from conftest import readme_block
+def test_the_guides_example_runs_as_written(capsys):
+    from conftest import docs_block
 
-    exec(compile(readme_block("### Token backbones"), "README.md", "exec"), {})
+    code = docs_block("guides/token-backbones.md", "# Token backbones: ViT, DeiT, EVA, DINOv2, CaiT, ConViT, Mixer")
+    exec(compile(code, "docs/guides/token-backbones.md", "exec"), {})
     assert "('blocks.2', 'blocks.5', 'blocks.7', 'blocks.10')" in capsys.readouterr().out
 
 

@@ -294,9 +294,9 @@ def test_the_cells_take_the_state_options_declared_once():
 
 
 def test_the_readme_options_example_runs_as_written(capsys):
-    from conftest import readme_block
+    from conftest import docs_block
 
-    exec(readme_block("### Options: `PTLConfig`"), {})
+    exec(docs_block("guides/ptl-loop.md", "## Options: `PTLConfig`"), {})
     assert capsys.readouterr().out.startswith("('layer3', 'layer4') v2")
 
 

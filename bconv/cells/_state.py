@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bconv._options import build, check_fields
-from bconv.errors import BConvError, ConfigError
+from bconv.errors import BConvError, ConfigError, StateGraphError
 
 __all__ = ["StatefulCell", "StateOptions", "StateMode", "SizeChangePolicy"]
 
@@ -83,6 +83,27 @@ def _usable_in_training(value: Tensor) -> Tensor:
         return value.clone()
 
 
+def _graph_freed(t: Tensor, nodes: int = 8) -> bool:
+    """Whether ``backward()`` (without ``retain_graph``) has freed the graph behind ``t``: the saved tensors of
+    the first autograd nodes reachable from ``t.grad_fn`` can no longer be read (torch raises on access)."""
+    todo, seen = [t.grad_fn], 0
+    while todo and seen < nodes:
+        node = todo.pop(0)
+        if node is None:
+            continue
+        seen += 1
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    value = getattr(node, name)
+                except RuntimeError:
+                    return True
+                if isinstance(value, Tensor):
+                    return False  # a readable saved tensor: the graph is alive
+        todo.extend(f for f, _ in node.next_functions)
+    return False
+
+
 class StatefulCell(nn.Module):
     """Base class of modules that carry a state from one mini-batch to the next.
 
@@ -124,6 +145,10 @@ class StatefulCell(nn.Module):
         **options: the :class:`StateOptions` (``state_mode``, ``detach``, ``on_size_change``,
             ``sync_state``, ``recompute``), declared there once with their defaults.
     """
+
+    #: Warn when a new input resolution resets the state. A ladder sets it ``False`` on every cell but its
+    #: first, so that one resolution change gives one warning, not one per cell.
+    report_size_change: bool = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
@@ -267,6 +292,14 @@ class StatefulCell(nn.Module):
             stored = None
         if stored is None or not self.training:
             return like.new_zeros(shape)
+        if not self.detach and stored.grad_fn is not None and torch.is_grad_enabled() and _graph_freed(stored):
+            raise StateGraphError(
+                f"{type(self).__name__}: with detach=False the state kept from the previous batch still points "
+                "into that batch's autograd graph, which backward() has already freed, so this batch's backward "
+                "would fail with torch's 'Trying to backward through the graph a second time'. Call "
+                "model.detach_state() after every optimizer step (every k batches for k-step truncated "
+                "back-propagation), or backward(retain_graph=True) if you mean to back-propagate through it again."
+            )
         stored = stored.to(dtype=like.dtype if cast else stored.dtype, device=like.device)
         if self.state_mode == "pooled":
             return stored.expand(shape)
@@ -334,10 +367,12 @@ class StatefulCell(nn.Module):
                 what + avoid + " (on_size_change='raise'; on_size_change='reset' would "
                 "forget the state with a warning instead.)"
             )
-        warnings.warn(
-            what + "The state was reset to zeros (on_size_change='reset'). " + avoid
-            + " Pass on_size_change='raise' to make this an error.",
-            UserWarning,
-            stacklevel=2,
-        )
+        if self.report_size_change:
+            warnings.warn(
+                what + "The state was reset to zeros (on_size_change='reset'), as is every other cell's of "
+                "the same ladder whose state no longer fits. " + avoid
+                + " Pass on_size_change='raise' to make this an error.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.reset_state()

@@ -6,5 +6,5 @@ none of them:
 - ``bconv.integrations.lightning``: :class:`~bconv.integrations.lightning.PTLCallback`, for
   Lightning's ``Trainer`` (``pip install "bconv[lightning]"``).
 - Hugging Face Accelerate needs no module: :class:`bconv.LatentState` registers the cells' state with
-  ``accelerator.register_for_checkpointing`` (README: "PTL with Accelerate").
+  ``accelerator.register_for_checkpointing`` (docs/guides/lightning-accelerate.md).
 """

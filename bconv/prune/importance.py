@@ -324,8 +324,10 @@ class COPImportance(tp.importance.Importance):
     selection itself.
 
     Args:
-        alpha, beta, gamma: the weights of redundancy, FLOPs and params (``PRESETS`` holds the
-            released recipes: ``COPImportance(*PRESETS["faster"], example_inputs=x)``).
+        alpha: the weight of redundancy (``PRESETS`` holds the released recipes' ``(alpha, beta, gamma)``:
+            ``COPImportance(*PRESETS["faster"], example_inputs=x)``).
+        beta: the weight of the FLOPs term.
+        gamma: the weight of the parameters term.
         top_k: how many of a channel's largest correlations make its redundancy.
         similarity: ``"pearson"`` (COP's default), ``"cosine"`` or ``"inner"`` (inner product).
         normalize: ``"max"``, ``"l1"`` or ``"l2"``: how each matrix is scaled (see ``similarity_matrix``).

@@ -197,6 +197,8 @@ class PTLLadder(nn.Module):
         released_init(self)
         if residual:
             self.cells[-1][-1].silence_()  # the last cell outputs 0 until it learns: out == x_n exactly
+        for cell in [c for chain in self.cells for c in chain][1:]:
+            cell.report_size_change = False  # a new resolution reaches every cell: the first one's warning says it
         self.zero_cells = False
 
     def forward(self, image: Tensor, stage_outputs: Sequence[Tensor]) -> Tensor:

@@ -7,7 +7,7 @@ it, under ``DistributedDataParallel`` and on a ``torch.compile``'d module. ``PTL
 are these functions.
 
 The latent state is data history, not weights, so it stays out of ``state_dict()``; a checkpoint
-that must resume mid-epoch exactly saves :func:`latent_state_dict` beside it (README: "Resuming
+that must resume mid-epoch exactly saves :func:`latent_state_dict` beside it (docs/guides/checkpoints.md: "Resuming
 an interrupted run"). Under DistributedDataParallel each rank holds, and saves, its own state;
 with ``state_mode="pooled", sync_state=True`` every rank holds the same state, so one rank's copy
 restores all of them.

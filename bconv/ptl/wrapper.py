@@ -142,7 +142,7 @@ class PTLModel(nn.Module):
             raise BConvError(
                 "A PTL model cannot run under nn.DataParallel: its replicas are rebuilt at every forward, "
                 "so the cells' state they write is lost. Use DistributedDataParallel (one process per "
-                "device), which keeps the module and its state: see the README's DDP section."
+                "device), which keeps the module and its state: see docs/guides/ptl-loop.md, 'Several GPUs'."
             )
         try:
             return self.model(*args, **kwargs)  # the network's own hook checks that every paired stage ran

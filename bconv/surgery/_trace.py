@@ -140,7 +140,14 @@ def _trace_failure_message(model: nn.Module, scope: list[tuple[str, type]] | Non
                 f"find_stages(model, leaf_modules=[{cls.__qualname__}]) "
                 f"(or timm.layers.register_notrace_module({cls.__qualname__}) for every timm trace)."
             )
-    if not hint:
+    if scope is None or (scope and not scope[-1][0]):
+        # No submodule was running: the failing step is in the network's own forward, which cannot be a leaf.
+        hint = (
+            f" The data-dependent step is in {type(model).__name__}.forward itself, which cannot be a leaf: move it "
+            f"into a submodule and pass leaf_modules=[ThatSubmodule], or give bconv the part that traces "
+            f"(wrap_with_ptl(model.backbone) in place of the whole model, as for a detector)."
+        )
+    elif not hint:
         hint = " Mark the module that does this as a leaf with find_stages(model, leaf_modules=[TheModuleClass])."
     return (
         f"torch.fx could not trace {type(model).__name__}: in {where}, {type(e).__name__}: {reason}.{hint} "

@@ -101,7 +101,7 @@ class Anatomy:
     input_size: tuple[int, ...]
     shapes_from: str
     layout_measured: bool
-    # Why there are no stages (a plain ViT still has a head that distillation can read).
+    # Why there are no stages (such a network, CrossViT say, still has a head that distillation can read).
     stages_error: BConvError | None = field(default=None, repr=False, compare=False)
 
     def with_prefix(self, prefix: str) -> Anatomy:
@@ -177,14 +177,15 @@ def find_stages(
             through (for code with data-dependent control flow).
 
     Returns:
-        The stages in order from the input, with strictly increasing reduction.
+        The stages in order from the input: with strictly increasing reduction, or a token backbone's blocks
+        (all at the patch size, ``layout="NLC"``).
 
     Raises:
         ValueError: for an unknown ``source``.
         bconv.errors.InputSizeError: a malformed ``input_size``, or one the model rejects (shows its message).
         bconv.errors.LeafModuleError: ``leaf_modules`` holds something other than module classes.
         bconv.errors.TraceError: fx could not trace the model (names the module and the fix).
-        bconv.errors.NoSpatialStagesError: the model has no spatial stages (e.g. a plain ViT).
+        bconv.errors.NoSpatialStagesError: neither spatial stages nor a token grid (CrossViT, TNT, PiT).
 
     Example::
 
@@ -215,7 +216,7 @@ def anatomy(
         source: how to find the stages: ``"fx"``, ``"feature_info"`` (timm) or ``"auto"``.
         leaf_modules: module classes that fx should call whole instead of tracing through.
         need_stages: raise when the model has no spatial stages (default); ``False`` returns the anatomy
-            with no stages and its head (a plain ViT's classifier, for distillation).
+            with no stages and its head (for distillation).
 
     Returns:
         An :class:`Anatomy`.
@@ -226,7 +227,7 @@ def anatomy(
         bconv.errors.LeafModuleError: ``leaf_modules`` holds something other than module classes.
         bconv.errors.TraceError: fx cannot trace the model (names the module, the fix, and a traceable
             submodule to use instead when there is one, such as a detector's ``model.backbone.body``).
-        bconv.errors.NoSpatialStagesError: no spatial stages (a plain ViT).
+        bconv.errors.NoSpatialStagesError: neither spatial stages nor a token grid (CrossViT, TNT, PiT).
         UnsupportedModelError: a video (3-D) or 1-D network.
 
     Example::
@@ -405,7 +406,7 @@ def _submodule_hint(model: nn.Module) -> str:
             f"{type(model).__name__} is a whole model that torch.fx cannot trace, but its submodule "
             f"`model.{path}` ({type(sub).__name__}) is a backbone bconv can trace (stages: {names}): wrap that "
             f"one in place, `model.{path} = wrap_with_ptl(model.{path})`, and train the whole model with its "
-            f"own loss (see the README's dense prediction section; python -m bconv.inspect shows the stages)."
+            f"own loss (see docs/guides/dense-prediction.md; python -m bconv.inspect shows the stages)."
         )
     return ""
 
