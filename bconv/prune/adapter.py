@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import BConvError, TraceError
 from ..surgery import TotalFlopCounter, eval_mode
+from .graph import ShapedGraph, shaped_index_mapping
 from .report import PruneError
 
 __all__ = [
@@ -27,8 +28,9 @@ __all__ = [
 
 def build_graph(
     model: nn.Module, x: Tensor, forward: Callable[[nn.Module, Tensor], Any] | None = None
-) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model``, traced from one forward of ``x`` (eval mode, autograd on).
+) -> ShapedGraph:
+    """Torch-Pruning's dependency graph of ``model`` (a :class:`~.graph.ShapedGraph`, whose index mappings read the
+    traced shapes), traced from one forward of ``x`` (eval mode, autograd on).
 
     ``forward(model, x)`` runs that forward when given (``cop_prune`` measures the model in it); it must
     return the model's output. An error of bconv's own raised in it passes through unchanged.
@@ -40,7 +42,7 @@ def build_graph(
     try:
         with warnings.catch_warnings(), torch.enable_grad(), eval_mode(model):
             warnings.simplefilter("ignore")
-            return tp.DependencyGraph().build_dependency(model, example_inputs=x, forward_fn=forward, verbose=False)
+            return ShapedGraph().build_dependency(model, example_inputs=x, forward_fn=forward, verbose=False)
     except BConvError:
         raise
     except Exception as e:  # Torch-Pruning raises whatever its tracing hits
@@ -285,7 +287,8 @@ def all_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[nn.Mod
     # Torch-Pruning recomputes every concatenation's index mapping for each group it builds; nothing is
     # pruned while the groups are listed, so once is enough (DenseNet: 70 ms per group otherwise).
     update = index_mapping.update_index_mapping
-    update(graph)
+    with shaped_index_mapping():
+        update(graph)
     found: list[tuple[nn.Module, Any, str]] = []
     visited: set[nn.Module] = set()
     index_mapping.update_index_mapping = lambda graph: None

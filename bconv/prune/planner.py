@@ -218,7 +218,8 @@ class Planner:
             seen_roots |= {m for m, _ in outs if is_layer(m)}
             ch_groups = _channel_groups(touched)
             step, floor = _floor_in_units(floors, n, ch_groups)
-            why = self._protected(outs, touched, whole, outputs, allowed) or _too_narrow(n, ch_groups, floor)
+            why = (self._protected(outs, touched, whole, outputs, allowed) or _too_narrow(n, ch_groups, floor)
+                   or _unfollowable(group, self.graph))
             if why is not None:
                 self.skipped.append((root_name, why))
                 continue
@@ -418,6 +419,16 @@ def _refuse_unreached_layers(model: nn.Module, graph: tp.DependencyGraph, positi
             f"from the output: an op between them cannot be followed through autograd (.detach(), .data, "
             f"numpy, integer ops, torch.no_grad()). Its channels cannot be pruned safely; the model is unchanged."
         )
+
+
+def _unfollowable(group: Any, graph: tp.DependencyGraph) -> str | None:
+    """Why a group crosses an op whose channel indices Torch-Pruning cannot follow (:mod:`.graph`), or None."""
+    unfollowable = getattr(graph, "unfollowable", {})
+    for dep, _ in group:
+        for node in (dep.source, dep.target):
+            if node.module in unfollowable:
+                return f"cross {unfollowable[node.module]}, whose channels Torch-Pruning cannot follow"
+    return None
 
 
 def _channel_groups(touched: set[nn.Module]) -> int:

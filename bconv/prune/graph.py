@@ -1,0 +1,195 @@
+"""Torch-Pruning's dependency graph with the tensor shapes it already holds: fixes for the ops it does not follow.
+
+Torch-Pruning (1.6) infers the channel counts at a concatenation or a reshape by walking the graph to the
+nearest layer, and gives up (or divides by zero) where that walk finds nothing: a concatenation of strided
+slices (Swin's patch merging), of an addition and a slice (DPN, CSPNet), of a class token and the patch
+tokens (CoaT, TNT); a channel shuffle (ShuffleNetV2). Yet every autograd node it traces knows the exact shape
+of the tensors it saw (``grad_fn._input_metadata``). :class:`ShapedGraph` reads them:
+
+* a concatenation maps each input to its exact offsets, on the channel dimension only (a concatenation of
+  tokens or of rows keeps every channel where it is, as Torch-Pruning's identity mapping says);
+* the ops whose channel indices Torch-Pruning cannot follow are named (:attr:`ShapedGraph.unfollowable`):
+  a reshape that splits the channel dimension into groups (a channel shuffle, split attention, attention
+  heads), a split of the channel dimension into fixed widths (``torch.split``, ``chunk``,
+  ``split_with_sizes``: the widths are the forward's own numbers, which pruning cannot update). A channel
+  group that crosses one of them is not pruned; every other group stays prunable.
+
+Each fix is small and self-contained, and could be offered to Torch-Pruning as it is (its
+``update_concat_index_mapping`` and ``update_reshape_index_mapping``). The patches are in effect only inside
+:class:`ShapedGraph`'s own calls and :func:`shaped_index_mapping`; Torch-Pruning is left as it was.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.dependency import index_mapping
+
+__all__ = ["ShapedGraph", "shaped_index_mapping", "unfollowable_op"]
+
+
+def _shape(fn: Any, nr: int = 0) -> tuple[int, ...] | None:
+    """The shape of the tensor that autograd node ``fn``'s forward produced (its output ``nr``)."""
+    if fn is None:
+        return None
+    if hasattr(fn, "variable"):  # a leaf: the tensor itself
+        return tuple(fn.variable.shape)
+    try:
+        return tuple(fn._input_metadata[nr].shape)
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+
+
+def _dim(saved: int, ndim: int) -> int:
+    """A dimension saved by autograd (a negative one is stored as an unsigned 64-bit integer), made positive."""
+    if saved >= 2**63:
+        saved -= 2**64
+    return saved % ndim if ndim else 0
+
+
+def _channels_last(node: Any) -> bool | None:
+    """Whether the tensor at ``node`` holds its channels last: the nearest layer upstream is a Linear (True) or a
+    convolution (False); None when no layer is upstream."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if isinstance(n.module, nn.Linear):
+            return True
+        if isinstance(n.module, nn.modules.conv._ConvNd):
+            return False
+        stack.extend(n.inputs)
+    return None
+
+
+def _channel_dim(node: Any, ndim: int) -> int | None:
+    """The channel dimension of a tensor of ``ndim`` dimensions produced at ``node``: the last of a 2-D or 3-D one
+    (features, tokens), 1 of an NCHW map or 3 of an NHWC one; None where that cannot be told."""
+    if ndim in (2, 3):
+        return ndim - 1
+    if ndim == 4:
+        last = _channels_last(node)
+        return None if last is None else (3 if last else 1)
+    return None
+
+
+def _concat_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
+    """Torch-Pruning's ``update_concat_index_mapping``, with each input's exact width along the concatenated
+    dimension (read from autograd) instead of one inferred from the nearest layer, which can be None."""
+    fn = node.grad_fn
+    out = _shape(fn)
+    if out is None or not hasattr(fn, "_saved_dim"):
+        return
+    dim = _dim(fn._saved_dim, len(out))
+    if dim != _channel_dim(node, len(out)):
+        return  # tokens, rows or an unknown layout: every channel stays where it is (the identity mapping)
+    # Offsets over every input in autograd's order, the ones the graph leaves out (constants) included.
+    inputs = [(f, nr) for f, nr in fn.next_functions]
+    widths = [(_shape(f, nr) or (0,) * len(out))[dim] if f is not None else 0 for f, nr in inputs]
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    spans, used = [], set()
+    for n in node.inputs:
+        i = next((i for i, (f, _) in enumerate(inputs) if f is n.grad_fn and i not in used), None)
+        if i is None:
+            return  # an input the graph holds but autograd's order does not: leave Torch-Pruning's mapping
+        used.add(i)
+        spans.append([starts[i], starts[i] + widths[i]])
+    node.module.concat_sizes = [b - a for a, b in spans]
+    node.module.offsets = [s[0] for s in spans] + [spans[-1][1]] if spans else None
+    if not node.enable_index_mapping:
+        return
+    for n, span in zip(node.inputs, spans):
+        for dep in node.dependencies:
+            if dep.target is n:
+                dep.index_mapping[1] = index_mapping._ConcatIndexMapping(offset=span, reverse=True)
+        for dep in n.dependencies:
+            if dep.target is node:
+                dep.index_mapping[1] = index_mapping._ConcatIndexMapping(offset=span, reverse=False)
+
+
+_reshape_index_mapping = index_mapping.update_reshape_index_mapping
+
+
+def _guarded_reshape_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
+    """Torch-Pruning's ``update_reshape_index_mapping``, leaving the identity mapping where its inferred widths
+    are zero (it divides by them: ShuffleNetV2, SHViT)."""
+    try:
+        _reshape_index_mapping(graph, node)
+    except ZeroDivisionError:
+        return
+
+
+def unfollowable_op(node: Any) -> str | None:
+    """Why Torch-Pruning cannot follow channel indices through ``node`` (a reshape that splits the channel
+    dimension into groups, a split of it into fixed widths), or None."""
+    fn = node.grad_fn
+    if isinstance(node.module, tp.ops._ReshapeOp) and hasattr(fn, "_saved_self_sym_sizes"):
+        before, after = tuple(int(s) for s in fn._saved_self_sym_sizes), _shape(fn)
+        if after is None or len(after) <= len(before):
+            return None
+        channel = _channel_dim(node.inputs[0], len(before)) if node.inputs else None
+        if channel is None:
+            return None
+        # The dimensions before the channel one are kept, the channel one is cut into >= 2 factors above 1.
+        if after[:channel] != before[:channel]:
+            return None
+        pieces, product = [], 1
+        for s in after[channel:]:
+            if product == before[channel]:
+                break
+            pieces.append(s)
+            product *= s
+        if product == before[channel] and sum(p > 1 for p in pieces) >= 2:
+            return f"a reshape splits the {before[channel]} channels into groups {list(pieces)} (channel shuffle, " \
+                   f"split attention, heads)"
+    if isinstance(node.module, tp.ops._SplitOp) and hasattr(fn, "_saved_dim"):
+        before = tuple(int(s) for s in getattr(fn, "_saved_self_sym_sizes", ()))
+        if not before:
+            return None
+        if _dim(fn._saved_dim, len(before)) == _channel_dim(node.inputs[0] if node.inputs else node, len(before)):
+            return f"a split of the {before[_dim(fn._saved_dim, len(before))]} channels into fixed widths " \
+                   f"(torch.split, chunk)"
+    if isinstance(node.module, tp.ops._SliceOp) and hasattr(fn, "_saved_self_sym_sizes"):
+        before = tuple(int(s) for s in fn._saved_self_sym_sizes)
+        dim = _dim(node.module.dim, len(before))
+        end = min(before[dim], node.module.end if node.module.end is not None else before[dim])
+        whole = node.module.start in (0, None) and end >= before[dim] and node.module.step == 1
+        if not whole and dim == _channel_dim(node.inputs[0] if node.inputs else node, len(before)):
+            return f"a slice of the {before[dim]} channels at fixed indices ({node.module.start}:{end})"
+    return None
+
+
+@contextmanager
+def shaped_index_mapping() -> Iterator[None]:
+    """While inside, Torch-Pruning maps concatenations and reshapes as :class:`ShapedGraph` does."""
+    saved = index_mapping.update_concat_index_mapping, index_mapping.update_reshape_index_mapping
+    index_mapping.update_concat_index_mapping = _concat_index_mapping
+    index_mapping.update_reshape_index_mapping = _guarded_reshape_index_mapping
+    try:
+        yield
+    finally:
+        index_mapping.update_concat_index_mapping, index_mapping.update_reshape_index_mapping = saved
+
+
+class ShapedGraph(tp.DependencyGraph):
+    """Torch-Pruning's ``DependencyGraph``, whose index mappings read the traced tensors' shapes (see the module's
+    docstring), and which names the ops it cannot follow.
+
+    Attributes:
+        unfollowable: each op node whose channel indices cannot be followed, with the reason.
+    """
+
+    def build_dependency(self, *args: Any, **kwargs: Any) -> "ShapedGraph":
+        with shaped_index_mapping():
+            super().build_dependency(*args, **kwargs)
+        self.unfollowable = {n.module: why for n in self.module2node.values() if (why := unfollowable_op(n))}
+        return self
+
+    def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:
+        with shaped_index_mapping():
+            return super().get_pruning_group(*args, **kwargs)
