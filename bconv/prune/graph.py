@@ -12,7 +12,12 @@ of the tensors it saw (``grad_fn._input_metadata``). :class:`ShapedGraph` reads 
   a reshape that splits the channel dimension into groups (a channel shuffle, split attention, attention
   heads), a split of the channel dimension into fixed widths (``torch.split``, ``chunk``,
   ``split_with_sizes``: the widths are the forward's own numbers, which pruning cannot update). A channel
-  group that crosses one of them is not pruned; every other group stays prunable.
+  group that crosses one of them is not pruned; every other group stays prunable;
+* a 4-D parameter added to an NCHW map (Visformer's position embedding ``[1, C, H, W]``) is pruned along its
+  channels, where Torch-Pruning guesses its last dimension;
+* timm's layers that keep a per-channel tensor of their own get a customised pruner (Torch-Pruning's
+  ``customized_pruners``): ``ScaledStdConv2d``'s gain (NFNet), ``BlurPool2d``'s filter (TResNet's
+  anti-aliasing).
 
 Each fix is small and self-contained, and could be offered to Torch-Pruning as it is (its
 ``update_concat_index_mapping`` and ``update_reshape_index_mapping``). The patches are in effect only inside
@@ -22,13 +27,13 @@ Each fix is small and self-contained, and could be offered to Torch-Pruning as i
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping
 
-__all__ = ["ShapedGraph", "shaped_index_mapping", "unfollowable_op"]
+__all__ = ["BlurPoolPruner", "ShapedGraph", "StdConvGainPruner", "shaped_index_mapping", "unfollowable_op"]
 
 
 def _shape(fn: Any, nr: int = 0) -> tuple[int, ...] | None:
@@ -176,6 +181,61 @@ def shaped_index_mapping() -> Iterator[None]:
         index_mapping.update_concat_index_mapping, index_mapping.update_reshape_index_mapping = saved
 
 
+class StdConvGainPruner(tp.pruner.function.ConvPruner):
+    """Torch-Pruning's convolution pruner, for timm's ``ScaledStdConv2d``: its ``gain`` (one per output channel)
+    goes with the output channels it scales."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.out_channels)) - set(idxs))
+        super().prune_out_channels(layer, idxs)
+        layer.gain = self._prune_parameter_and_grad(layer.gain, keep, 0)
+        return layer
+
+
+class BlurPoolPruner(tp.pruner.function.BasePruningFunc):
+    """timm's ``BlurPool2d`` (a fixed depthwise blur): its ``filt`` buffer and ``channels`` follow the channels it
+    blurs, input and output alike."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.channels)) - set(idxs))
+        layer.filt = layer.filt[keep]
+        layer.channels = len(keep)
+        return layer
+
+    prune_in_channels = prune_out_channels  # one channel in, the same channel out (as Torch-Pruning's norms)
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.channels
+
+    get_in_channels = get_out_channels
+
+
+def _customized_pruners(model: nn.Module) -> dict[type, Any]:
+    """A pruner for each of timm's layer classes in ``model`` that Torch-Pruning's own pruners would break."""
+    try:
+        from timm.layers import BlurPool2d, ScaledStdConv2d
+    except ImportError:
+        return {}
+    pruners: dict[type, Any] = {}
+    for m in model.modules():
+        if isinstance(m, ScaledStdConv2d) and isinstance(getattr(m, "gain", None), nn.Parameter):
+            pruners[type(m)] = StdConvGainPruner()  # Torch-Pruning matches a customised class exactly
+        elif isinstance(m, BlurPool2d) and m.channels is not None:
+            pruners[type(m)] = BlurPoolPruner()
+    return pruners
+
+
+def _fix_parameter_dims(graph: tp.DependencyGraph) -> None:
+    """A 4-D parameter added to an NCHW map is pruned along dimension 1, not Torch-Pruning's guess (its last
+    dimension of more than one element)."""
+    for node in graph.module2node.values():
+        p = node.module
+        if node.type != tp.ops.OPTYPE.PARAMETER or p.dim() != 4 or p.shape[1] <= 1:
+            continue
+        if all(_channels_last(out) is False for out in node.outputs) and node.outputs:
+            node.pruning_dim = 1
+
+
 class ShapedGraph(tp.DependencyGraph):
     """Torch-Pruning's ``DependencyGraph``, whose index mappings read the traced tensors' shapes (see the module's
     docstring), and which names the ops it cannot follow.
@@ -184,9 +244,11 @@ class ShapedGraph(tp.DependencyGraph):
         unfollowable: each op node whose channel indices cannot be followed, with the reason.
     """
 
-    def build_dependency(self, *args: Any, **kwargs: Any) -> "ShapedGraph":
+    def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> "ShapedGraph":
+        kwargs["customized_pruners"] = {**_customized_pruners(model), **(kwargs.get("customized_pruners") or {})}
         with shaped_index_mapping():
-            super().build_dependency(*args, **kwargs)
+            super().build_dependency(model, *args, **kwargs)
+        _fix_parameter_dims(self)
         self.unfollowable = {n.module: why for n in self.module2node.values() if (why := unfollowable_op(n))}
         return self
 
