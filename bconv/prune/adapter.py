@@ -61,11 +61,13 @@ class Protection:
         whole: neither input nor output channels change (attention, ``protect=``, and the classifier
             when the pooled feature width is kept).
         outputs: output channels stay; input channels may go as any consumer's do (every layer that
-            produces a model output, the classifier's classes included).
+            produces a model output, the classifier's classes included, and attention's inner projections).
+        inputs: input channels stay; output channels may go (attention's output projection).
     """
 
     whole: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 def protected_layers(
@@ -74,14 +76,19 @@ def protected_layers(
     graph: tp.DependencyGraph,
     extra: Sequence[str],
     keep_feature_width: bool = False,
+    order: Sequence[nn.Module] = (),
+    whole_classes: Iterable[type] = (),
 ) -> Protection:
     """What counts as the head, and what the caller protects.
 
     As in the released COP code, the classifier keeps its classes but its input channels (the last
     convolution's, VGG's dense layers', ResNet's last residual stream) are pruned like any consumer's;
     ``keep_feature_width`` keeps the classifier whole, so the pooled feature that STD compares keeps its
-    width. Every layer whose output channels reach a model output keeps them.
+    width. Every layer whose output channels reach a model output keeps them. ``order`` lists the layers
+    in the order the forward ran them (the last of an attention's is its output projection);
+    ``whole_classes`` are module classes whose layers keep every width (their forward failed once pruned).
     """
+    whole_classes = set(whole_classes)
     from ..surgery.anatomy import anatomy
 
     # A caller's path keeps every layer inside it: protect=["layer4"] keeps the block whole.
@@ -103,22 +110,46 @@ def protected_layers(
         else:
             protected.outputs[classifier] = "the classifier's classes"
     # A model with no classifier (segmentation, features only) has its outputs protected below.
-    # Attention keeps its widths: Torch-Pruning does not update head counts and head dims (timm's
-    # Attention reshapes with self.num_heads), so pruning its projections breaks the forward.
-    # Only the innermost modules that keep a head count are attention: a block that keeps num_heads too
-    # (torchvision's ViT EncoderBlock, timm's DaViT blocks) keeps its MLP prunable.
-    # timm and torchvision: num_heads; Hiera: heads; torchvision's MaxViT: n_heads.
+    # Attention keeps its head structure: Torch-Pruning does not update head counts and head dims (timm's
+    # Attention reshapes with self.num_heads and self.head_dim), so the channels its projections produce
+    # inside it (queries, keys, values, relative-position biases per head) stay, and so do the inputs of
+    # its output projection, the last of its layers to run. The residual stream it reads and writes (the
+    # projections' inputs, the output projection's outputs) is pruned like any other; an attention whose
+    # forward reads its width from its input (torchvision's Swin: C // num_heads) fails the check after
+    # pruning, and cop_prune then keeps every module of its class whole (``whole_classes``).
+    # The modules that keep a head count and own a layer directly, or hold no inner one that keeps a head
+    # count, are attention: a block that keeps num_heads too (torchvision's ViT EncoderBlock, timm's DaViT
+    # blocks) keeps its MLP prunable. timm and torchvision: num_heads; Hiera: heads; torchvision's MaxViT: n_heads.
     with_heads = {}
     for name, module in model.named_modules():
         heads = next((h for h in (getattr(module, a, None) for a in ("num_heads", "heads", "n_heads")) if h), None)
         if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
             with_heads[name] = (module, heads)
+    ran = {m: i for i, m in enumerate(order)}
     for name, (module, heads) in with_heads.items():
-        if any(other != name and (name == "" or other.startswith(name + ".")) for other in with_heads):
+        inner = any(other != name and (name == "" or other.startswith(name + ".")) for other in with_heads)
+        if inner and not any(is_layer(child) for child in module.children()):
             continue  # an inner module keeps the heads
-        for sub, layer in module.named_modules():
-            if is_layer(layer) or isinstance(layer, nn.MultiheadAttention):
-                protected.whole.setdefault(f"{name}.{sub}" if sub else name, f"attention with {heads} heads")
+        why = f"attention with {heads} heads"
+        layers = [(f"{name}.{sub}" if sub else name, m) for sub, m in module.named_modules() if is_layer(m)]
+        if type(module) in whole_classes:
+            for path, _ in layers:
+                protected.whole.setdefault(path, f"{why}, whose forward failed once its widths changed")
+            continue
+        last = max(layers, key=lambda pm: ran.get(pm[1], -1))[0] if layers else None
+        for path, _ in layers:
+            if path == last:
+                protected.inputs.setdefault(path, f"{why}: its output projection reads the heads")
+            else:
+                protected.outputs.setdefault(path, f"{why}: its heads")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            protected.whole.setdefault(name, "attention")
+        if type(module) in whole_classes:
+            for sub, m in module.named_modules():
+                if is_layer(m) or isinstance(m, nn.MultiheadAttention):
+                    protected.whole.setdefault(f"{name}.{sub}" if sub else name,
+                                               f"inside a {type(module).__name__}, whose forward failed once pruned")
     # Walk back from every model output through parameter-free ops (add, interpolate, reshape, ...): the
     # first module with parameters on each path produces output channels.
     # Torch-Pruning adds an output node only where an op, not a module, ends the forward: the sinks of its
@@ -162,12 +193,14 @@ def check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) ->
         measured, out = measure(model, x)
     except Exception as e:
         where = stack[-1] if stack else type(model).__name__
-        raise PruneError(
+        error = PruneError(
             f"after pruning, {type(model).__name__} fails in `{where or '(top level)'}`: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}. Torch-Pruning did not update something this module "
             f"depends on (a static shape or head count, an op it cannot follow); pass stages=[...] without it, "
             f"or protect=['{where}']. The model is unchanged."
-        ) from e
+        )
+        error.module_path = stack[-1] if stack else None
+        raise error from e
     finally:
         for h in handles:
             h.remove()

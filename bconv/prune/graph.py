@@ -120,9 +120,28 @@ def _concat_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
 _reshape_index_mapping = index_mapping.update_reshape_index_mapping
 
 
+def _keeps_channels(node: Any) -> bool:
+    """Whether a reshape leaves the channel dimension whole, first (NCHW: ``flatten(2)``) or last (tokens, NHWC
+    windows) as it was: then every channel maps to itself."""
+    fn = node.grad_fn
+    if not hasattr(fn, "_saved_self_sym_sizes") or not node.inputs:
+        return False
+    before, after = tuple(int(s) for s in fn._saved_self_sym_sizes), _shape(fn)
+    channel = _channel_dim(node.inputs[0], len(before))
+    if after is None or channel is None:
+        return False
+    if channel == len(before) - 1:
+        return len(after) > 1 and after[-1] == before[-1]
+    return channel == 1 and len(after) > 2 and after[:2] == before[:2]
+
+
 def _guarded_reshape_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
-    """Torch-Pruning's ``update_reshape_index_mapping``, leaving the identity mapping where its inferred widths
-    are zero (it divides by them: ShuffleNetV2, SHViT)."""
+    """Torch-Pruning's ``update_reshape_index_mapping`` (which reads a reshape as a flatten of the channels), only
+    where the reshape does not keep the channel dimension whole (Swin's window partitions do: Torch-Pruning
+    multiplied their indices), and leaving the identity mapping where its inferred widths are zero (it divides
+    by them: ShuffleNetV2, SHViT)."""
+    if _keeps_channels(node):
+        return
     try:
         _reshape_index_mapping(graph, node)
     except ZeroDivisionError:
@@ -169,16 +188,38 @@ def unfollowable_op(node: Any) -> str | None:
     return None
 
 
+_slice_index_mapping = index_mapping.update_slice_index_mapping
+
+
+def _channel_slice_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
+    """Torch-Pruning's ``update_slice_index_mapping`` for slices of the channel dimension only: it takes dim 1 of
+    any 4-D tensor for channels, and so maps LeViT's strided rows of an NHWC map onto channels."""
+    fn = node.grad_fn
+    if hasattr(fn, "_saved_self_sym_sizes") and node.inputs:
+        ndim = len(fn._saved_self_sym_sizes)
+        if _dim(node.module.dim, ndim) != _channel_dim(node.inputs[0], ndim):
+            return
+    _slice_index_mapping(graph, node)
+
+
+_PATCHES = {
+    "update_concat_index_mapping": _concat_index_mapping,
+    "update_reshape_index_mapping": _guarded_reshape_index_mapping,
+    "update_slice_index_mapping": _channel_slice_index_mapping,
+}
+
+
 @contextmanager
 def shaped_index_mapping() -> Iterator[None]:
-    """While inside, Torch-Pruning maps concatenations and reshapes as :class:`ShapedGraph` does."""
-    saved = index_mapping.update_concat_index_mapping, index_mapping.update_reshape_index_mapping
-    index_mapping.update_concat_index_mapping = _concat_index_mapping
-    index_mapping.update_reshape_index_mapping = _guarded_reshape_index_mapping
+    """While inside, Torch-Pruning maps concatenations, reshapes and slices as :class:`ShapedGraph` does."""
+    saved = {name: getattr(index_mapping, name) for name in _PATCHES}
+    for name, patch in _PATCHES.items():
+        setattr(index_mapping, name, patch)
     try:
         yield
     finally:
-        index_mapping.update_concat_index_mapping, index_mapping.update_reshape_index_mapping = saved
+        for name, original in saved.items():
+            setattr(index_mapping, name, original)
 
 
 class StdConvGainPruner(tp.pruner.function.ConvPruner):
