@@ -20,7 +20,7 @@ from .graph import ShapedGraph, shaped_index_mapping
 from .report import PruneError
 
 __all__ = [
-    "Protection", "Snapshot", "all_groups", "build_graph", "check_forward", "has_submodule", "in_channels",
+    "Protection", "Snapshot", "all_groups", "build_graph", "check_forward", "constant_input_layers", "has_submodule", "in_channels",
     "is_depthwise", "is_inside", "is_layer", "kernel_taps", "measure", "out_channels", "output_shapes",
     "plain_history", "protected_layers", "recording_positions",
 ]  # fmt: skip
@@ -168,6 +168,30 @@ def protected_layers(
         else:
             stack.extend(node.inputs)
     return protected
+
+
+def constant_input_layers(model: nn.Module, x: Tensor, layers: Sequence[nn.Module]) -> set[nn.Module]:
+    """Those of ``layers`` whose input does not depend on the model's input (Swin V2's continuous position bias
+    MLP reads a fixed table of coordinates): equal on two forwards of different inputs."""
+    seen: dict[nn.Module, list[Tensor]] = {m: [] for m in layers}
+
+    def hook(m: nn.Module, args: Any) -> None:
+        seen[m].append(args[0].detach().clone() if args and isinstance(args[0], Tensor) else None)
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x)
+            model(torch.randn_like(x) * 2 + 1)
+    finally:
+        for h in handles:
+            h.remove()
+    half = {m: len(v) // 2 for m, v in seen.items()}
+    return {
+        m for m, v in seen.items()
+        if v and all(a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
+                     for a, b in zip(v[:half[m]], v[half[m]:]))
+    }  # fmt: skip
 
 
 def output_shapes(out: Any) -> list[tuple[int, ...]]:

@@ -18,7 +18,7 @@ from ..surgery import (
 )
 from ..surgery.anatomy import anatomy
 from .adapter import (
-    Snapshot, build_graph, check_forward, measure, out_channels, output_shapes, plain_history, protected_layers,
+    Snapshot, build_graph, check_forward, constant_input_layers, measure, out_channels, output_shapes, plain_history, protected_layers,
 )
 from .importance import PRESETS, COPImportance
 from .planner import TOLERANCE, Floors, Planner
@@ -126,14 +126,24 @@ def cop_prune(
     snapshot = Snapshot(model)
     tol = _tolerance(ratio, tolerance)
     whole_classes: list[type] = []
+    aim = ratio  # the cost model's target: corrected once if the measured reduction overshoots it
     try:
         while True:
             try:
                 graph, planner, before, after, achieved = _prune(
-                    model, x, input_size, ratio, metric, tol, importance, floors, stages, protect,
+                    model, x, input_size, ratio, aim, metric, tol, importance, floors, stages, protect,
                     keep_feature_width, calibration, allowed, whole_classes,
                 )  # fmt: skip
                 break
+            except PruneTargetError as e:
+                # The cost model counts convolutions and linear layers at their planned widths; where the cuts
+                # remove more than it says (FLOPs of ops around the layers), plan once more for less.
+                overshoot = getattr(e, "overshoot", None)
+                if overshoot is None or aim != ratio:
+                    raise
+                snapshot.restore()
+                estimated, measured_cut = overshoot
+                aim = ratio * estimated / measured_cut
             except PruneError as e:
                 # The pruned forward failed inside a module whose widths Torch-Pruning does not update (an
                 # attention that reads its width from its input): once per class, keep that class whole and retry.
@@ -191,12 +201,14 @@ def _failing_class(model: nn.Module, path: str | None) -> type | None:
 
 
 def _prune(
-    model: nn.Module, x: Tensor, input_size: tuple[int, ...], ratio: float, metric: str, tol: float,
+    model: nn.Module, x: Tensor, input_size: tuple[int, ...], ratio: float, aim: float, metric: str, tol: float,
     importance: COPImportance, floors: Floors, stages: Sequence[str | int] | None, protect: Sequence[str],
     keep_feature_width: bool, calibration: Iterable[Tensor] | None, allowed: list[str] | None,
     whole_classes: Sequence[type],
 ) -> tuple[Any, Planner, dict[str, int], dict[str, int], float]:
-    """One attempt: the graph, the plan, the removal and the checks (the caller restores the model on failure)."""
+    """One attempt: the graph, the plan (the cost model aiming at ``aim``), the removal and the checks against
+    ``ratio`` (the caller restores the model on failure). An overshoot's PruneTargetError carries
+    ``overshoot = (estimated, measured)`` reductions."""
     positions: dict[nn.Module, int] = {}
     measured: dict[str, Any] = {}
 
@@ -218,6 +230,11 @@ def _prune(
 
     graph = build_graph(model, x, measuring_forward)
     before, reference_shapes = measured["before"], measured["shapes"]
+    # Layers Torch-Pruning's graph does not reach are refused by the planner, unless they compute from constants
+    # only (a position-bias MLP): those keep their widths, as nothing in the graph reads their channels.
+    unreached = [m for m in positions if m not in graph.module2node]
+    for m in constant_input_layers(model, x, unreached) if unreached else ():
+        del positions[m]
     protection = protected_layers(model, input_size, graph, protect, keep_feature_width, list(positions),
                                   whole_classes)  # fmt: skip
     try:
@@ -231,20 +248,21 @@ def _prune(
             f"{str(e).splitlines()[0] if str(e) else ''}. Pass stages=[...] to prune only some stages; the model "
             f"is unchanged."
         ) from e
-    target = ratio
-    achieved = 0.0
+    target = aim
+    achieved = estimated = 0.0
     after = before
     asked = f"ratio={ratio} of {metric} (keep {1 - ratio:.4g} of it, +-{tol:.2g})"
     for _ in range(6):
         reached = planner.run(metric, target, before)
         reachable = planner.estimated_reduction(metric, before)
-        if not reached and planner.applied_cuts == 0 and reachable < ratio - tol:
+        if not reached and planner.applied_cuts == 0 and reachable < aim - tol:
             raise PruneTargetError(
                 f"{asked} is not reachable: with every prunable layer at its floor "
                 f"({_floors_text(floors)}{', stages=' + repr(list(stages)) if stages is not None else ''}) "
                 f"about {reachable:.3f} can be removed (keep {1 - reachable:.4g}). Pass ratio<={reachable:.3f}, or "
                 f"loosen the floors." + skipped_hint(planner.skipped)
             )
+        estimated = planner.estimated_reduction(metric, before)
         planner.apply()
         with eval_mode(model), torch.enable_grad():
             after = check_forward(model, x, reference_shapes)
@@ -254,11 +272,13 @@ def _prune(
         # The estimate counts convolutions and linear layers only: ask it for the remaining gap.
         target += ratio - achieved
     if achieved > ratio + tol:
-        raise PruneTargetError(
+        error = PruneTargetError(
             f"{asked} cannot be met: the smallest step that reaches it removes {achieved:.4g} (keeps "
             f"{1 - achieved:.4g}; one channel of this model is a large share of its {metric}). Pass "
             f"ratio={achieved:.4g}, a larger tolerance=, or another metric."
         )
+        error.overshoot = (estimated, achieved)
+        raise error
     if achieved < ratio - tol:
         raise PruneTargetError(
             f"{asked} is not reachable: pruning stopped at {achieved:.4g} (keeps {1 - achieved:.4g}) with every "
