@@ -55,31 +55,41 @@ def _dim(saved: int, ndim: int) -> int:
     return saved % ndim if ndim else 0
 
 
-def _channels_last(node: Any) -> bool | None:
-    """Whether the tensor at ``node`` holds its channels last: the nearest layer upstream is a Linear (True) or a
-    convolution (False); None when no layer is upstream."""
+def _nearest_layer(node: Any) -> nn.Module | None:
+    """The nearest convolution or linear layer upstream of ``node`` (breadth first), or None."""
     stack, seen = [node], set()
     while stack:
         n = stack.pop(0)
         if n in seen:
             continue
         seen.add(n)
-        if isinstance(n.module, nn.Linear):
-            return True
-        if isinstance(n.module, nn.modules.conv._ConvNd):
-            return False
+        if isinstance(n.module, (nn.Linear, nn.modules.conv._ConvNd)):
+            return n.module
         stack.extend(n.inputs)
     return None
 
 
-def _channel_dim(node: Any, ndim: int) -> int | None:
-    """The channel dimension of a tensor of ``ndim`` dimensions produced at ``node``: the last of a 2-D or 3-D one
-    (features, tokens), 1 of an NCHW map or 3 of an NHWC one; None where that cannot be told."""
+def _channels_last(node: Any) -> bool | None:
+    """Whether the tensor at ``node`` holds its channels last: the nearest layer upstream is a Linear (True) or a
+    convolution (False); None when no layer is upstream."""
+    layer = _nearest_layer(node)
+    return None if layer is None else isinstance(layer, nn.Linear)
+
+
+def _channel_dim(node: Any, shape: Sequence[int]) -> int | None:
+    """The channel dimension of a tensor of ``shape`` at ``node``: the one dimension as wide as the nearest layer's
+    outputs (a transposed token map [B, C, N] included), else the last of a 2-D or 3-D one (features, tokens),
+    1 of an NCHW map or 3 of an NHWC one; None where that cannot be told."""
+    layer, ndim = _nearest_layer(node), len(shape)
+    if layer is not None:
+        width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        dims = [d for d in range(1, ndim) if shape[d] == width]
+        if len(dims) == 1:
+            return dims[0]
     if ndim in (2, 3):
         return ndim - 1
-    if ndim == 4:
-        last = _channels_last(node)
-        return None if last is None else (3 if last else 1)
+    if ndim == 4 and layer is not None:
+        return 3 if isinstance(layer, nn.Linear) else 1
     return None
 
 
@@ -91,7 +101,7 @@ def _concat_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
     if out is None or not hasattr(fn, "_saved_dim"):
         return
     dim = _dim(fn._saved_dim, len(out))
-    if dim != _channel_dim(node, len(out)):
+    if dim != _channel_dim(node, out):
         return  # tokens, rows or an unknown layout: every channel stays where it is (the identity mapping)
     # Offsets over every input in autograd's order, the ones the graph leaves out (constants) included.
     inputs = [(f, nr) for f, nr in fn.next_functions]
@@ -127,7 +137,7 @@ def _keeps_channels(node: Any) -> bool:
     if not hasattr(fn, "_saved_self_sym_sizes") or not node.inputs:
         return False
     before, after = tuple(int(s) for s in fn._saved_self_sym_sizes), _shape(fn)
-    channel = _channel_dim(node.inputs[0], len(before))
+    channel = _channel_dim(node.inputs[0], before)
     if after is None or channel is None:
         return False
     if channel == len(before) - 1:
@@ -156,7 +166,7 @@ def unfollowable_op(node: Any) -> str | None:
         before, after = tuple(int(s) for s in fn._saved_self_sym_sizes), _shape(fn)
         if after is None or len(after) <= len(before):
             return None
-        channel = _channel_dim(node.inputs[0], len(before)) if node.inputs else None
+        channel = _channel_dim(node.inputs[0], before) if node.inputs else None
         if channel is None:
             return None
         # The dimensions before the channel one are kept, the channel one is cut into >= 2 factors above 1.
@@ -175,7 +185,7 @@ def unfollowable_op(node: Any) -> str | None:
         before = tuple(int(s) for s in getattr(fn, "_saved_self_sym_sizes", ()))
         if not before:
             return None
-        if _dim(fn._saved_dim, len(before)) == _channel_dim(node.inputs[0] if node.inputs else node, len(before)):
+        if _dim(fn._saved_dim, len(before)) == _channel_dim(node.inputs[0] if node.inputs else node, before):
             return f"a split of the {before[_dim(fn._saved_dim, len(before))]} channels into fixed widths " \
                    f"(torch.split, chunk)"
     if isinstance(node.module, tp.ops._SliceOp) and hasattr(fn, "_saved_self_sym_sizes"):
@@ -183,7 +193,7 @@ def unfollowable_op(node: Any) -> str | None:
         dim = _dim(node.module.dim, len(before))
         end = min(before[dim], node.module.end if node.module.end is not None else before[dim])
         whole = node.module.start in (0, None) and end >= before[dim] and node.module.step == 1
-        if not whole and dim == _channel_dim(node.inputs[0] if node.inputs else node, len(before)):
+        if not whole and dim == _channel_dim(node.inputs[0] if node.inputs else node, before):
             return f"a slice of the {before[dim]} channels at fixed indices ({node.module.start}:{end})"
     return None
 
@@ -196,8 +206,8 @@ def _channel_slice_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
     any 4-D tensor for channels, and so maps LeViT's strided rows of an NHWC map onto channels."""
     fn = node.grad_fn
     if hasattr(fn, "_saved_self_sym_sizes") and node.inputs:
-        ndim = len(fn._saved_self_sym_sizes)
-        if _dim(node.module.dim, ndim) != _channel_dim(node.inputs[0], ndim):
+        before = tuple(int(s) for s in fn._saved_self_sym_sizes)
+        if _dim(node.module.dim, len(before)) != _channel_dim(node.inputs[0], before):
             return
     _slice_index_mapping(graph, node)
 
