@@ -20,7 +20,8 @@ from .graph import ShapedGraph, shaped_index_mapping
 from .report import PruneError
 
 __all__ = [
-    "Protection", "Snapshot", "all_groups", "build_graph", "check_forward", "constant_input_layers", "has_submodule", "in_channels",
+    "Protection", "Snapshot", "all_groups", "build_graph", "check_forward", "constant_input_layers", "has_submodule",
+    "in_channels",
     "is_depthwise", "is_inside", "is_layer", "kernel_taps", "measure", "out_channels", "output_shapes",
     "plain_history", "protected_layers", "recording_positions",
 ]  # fmt: skip

@@ -18,7 +18,8 @@ from ..surgery import (
 )
 from ..surgery.anatomy import anatomy
 from .adapter import (
-    Snapshot, build_graph, check_forward, constant_input_layers, measure, out_channels, output_shapes, plain_history, protected_layers,
+    Snapshot, build_graph, check_forward, constant_input_layers, measure, out_channels, output_shapes, plain_history,
+    protected_layers,
 )
 from .importance import PRESETS, COPImportance
 from .planner import TOLERANCE, Floors, Planner
@@ -139,8 +140,8 @@ def cop_prune(
                 # The cost model counts convolutions and linear layers at their planned widths; where the cuts
                 # remove more than it says (FLOPs of ops around the layers), plan once more for less.
                 overshoot = getattr(e, "overshoot", None)
-                if overshoot is None or aim != ratio:
-                    raise
+                if overshoot is None or aim != ratio or overshoot[0] >= overshoot[1]:
+                    raise  # replanned once already, or the cost model did not undercount: the step is coarse
                 snapshot.restore()
                 estimated, measured_cut = overshoot
                 aim = ratio * estimated / measured_cut

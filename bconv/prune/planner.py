@@ -441,7 +441,8 @@ def _unfollowable(group: Any, graph: tp.DependencyGraph) -> str | None:
 def _channel_groups(touched: set[nn.Module]) -> int:
     """The unit a group's channels move in: a grouped (not depthwise) convolution it touches prunes every group
     alike, and so does a GroupNorm (its groups are contiguous runs of channels too: each keeps as many)."""
-    groups = [m.groups for m in touched if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not is_depthwise(m)]
+    convs = [m for m in touched if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1]
+    groups = [m.groups for m in convs if not is_depthwise(m)]
     groups += [m.num_groups for m in touched if isinstance(m, nn.GroupNorm) and m.num_groups > 1]
     return math.lcm(*groups) if groups else 1
 
