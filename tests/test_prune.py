@@ -525,6 +525,7 @@ def test_vit_mlps_prune_while_attention_keeps_its_widths():
     assert model(torch.randn(2, *SMALL)).shape == (2, 10)
 
 
+@pytest.mark.slow  # Swin-T: over ten seconds
 def test_swin_prunes_its_mlps_and_leaves_its_functional_attention_alone():
     # Swin's window reshapes made Torch-Pruning's index mappings grow until 24 GB ran out, and its patch merging
     # concatenation had no width it could infer. Its attention reads qkv.weight functionally (F.linear), which
