@@ -89,6 +89,28 @@ def measure(spec: ZooModel, family: str, max_params: float | None = None) -> dic
     return row
 
 
+# The kinds of refusal, in the order the results list them, each with what it means.
+KINDS = {
+    "graph": "Torch-Pruning's graph cannot be built, or does not reach a layer the forward runs",
+    "forward": "the pruned forward fails even with the failing module's class kept whole",
+    "target": "the target is out of reach: the groups left prunable (attention keeps its heads; groups crossing "
+              "an op Torch-Pruning cannot follow stay whole) floor out before it",
+    "other": "another refusal",
+}
+
+
+def kind(row: dict) -> str:
+    """The kind of a refused row (a key of KINDS), from bconv's message."""
+    reason = row.get("reason", "")
+    if reason.startswith("PruneTargetError"):
+        return "target"
+    if "after pruning" in reason:
+        return "forward"
+    if reason.startswith("PruneError"):
+        return "graph"
+    return "other"
+
+
 def write(command: str, note: str = "", wall_s: float | None = None) -> dict:
     order = {(spec.zoo, spec.name): i for i, (spec, _) in enumerate(models(None))}
     rows = sorted(RowLog(ROWS).rows(), key=lambda r: order.get((r["zoo"], r["model"]), len(order)))  # zoo order
@@ -102,6 +124,8 @@ def write(command: str, note: str = "", wall_s: float | None = None) -> dict:
         "torchvision": f"{count(zoo='torchvision', status='pruned')}/{count(zoo='torchvision')} pruned",
         "timm": f"{count(zoo='timm', status='pruned')}/{count(zoo='timm')} families pruned",
         "median_seconds": sorted(r["seconds"] for r in pruned)[len(pruned) // 2] if pruned else None,
+        "refused_by_kind": {k: sum(r["status"] == "refused" and kind(r) == k for r in rows) for k in KINDS},
+        "carried": sorted({r["carried_from"] for r in rows if r.get("carried_from")}),
         "command": command, "wall_s": wall_s, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }  # fmt: skip
@@ -116,14 +140,24 @@ def write(command: str, note: str = "", wall_s: float | None = None) -> dict:
         f"- {summary['models']} models: **{summary['pruned']} pruned** ({summary['pruned_ok']} with FLOPs within "
         f"2% of -50% and an unchanged output shape on a fresh batch), {summary['refused']} refused, "
         f"{summary['errors']} errors, {summary['skipped']} excluded or skipped", f"- torchvision: {summary['torchvision']}; timm: {summary['timm']}",
-        f"- median time to prune: {summary['median_seconds']} s", *([f"- {note}"] if note else []), "",
+        f"- median time to prune: {summary['median_seconds']} s", *([f"- {note}"] if note else []),
+        *([f"- rows marked `(measured at {c})` were not re-measured in this run: they are the run of commit {c}"
+           for c in summary["carried"]]),
+        "- refused, by kind: " + "; ".join(f"{n} {k} ({KINDS[k]})" for k, n in summary["refused_by_kind"].items()
+                                          if n), "",
         "| zoo | family | model | input | status | FLOPs removed | params removed | forward | time (s) | reason |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
-    for r in sorted(rows, key=lambda r: (r["zoo"] != "torchvision", r["status"] != "pruned", r["family"], r["model"])):
+    kinds = list(KINDS)
+    for r in sorted(rows, key=lambda r: (r["status"] != "pruned", r["status"] == "refused" and kinds.index(kind(r)),
+                                         r["zoo"] != "torchvision", r["family"], r["model"])):
         f = f"{100 * r['flops_removed']:.1f}%" if "flops_removed" in r else ""
         p = f"{100 * r['params_removed']:.1f}%" if "params_removed" in r else ""
         reason = r.get("reason", "").replace("|", "\\|")[:220]
+        if r["status"] == "refused":
+            reason = f"**{kind(r)}**: {reason}"
+        if r.get("carried_from"):
+            reason = f"(measured at {r['carried_from']}) {reason}"
         lines.append(f"| {r['zoo']} | {r['family']} | {r['model']} | {r.get('input', '')} | {r['status']} | {f} | {p} | "
                      f"{r.get('forward', '')} | {r.get('seconds', '')} | {reason} |")  # fmt: skip
     (RESULTS / "prune_zoo.md").write_text("\n".join(lines) + "\n")

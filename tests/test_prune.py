@@ -525,15 +525,19 @@ def test_vit_mlps_prune_while_attention_keeps_its_widths():
     assert model(torch.randn(2, *SMALL)).shape == (2, 10)
 
 
-def test_swin_is_refused_in_seconds_with_the_model_unchanged():
-    # Swin's window reshapes made Torch-Pruning's index mappings grow until 24 GB ran out; its attention
-    # reads qkv.weight functionally, so a residual-stream cut cannot reach it: refused, not wrong.
+@pytest.mark.slow  # Swin-T: over ten seconds
+def test_swin_prunes_its_mlps_and_leaves_its_functional_attention_alone():
+    # Swin's window reshapes made Torch-Pruning's index mappings grow until 24 GB ran out, and its patch merging
+    # concatenation had no width it could infer. Its attention reads qkv.weight functionally (F.linear), which
+    # Torch-Pruning's graph cannot see: a residual-stream group crosses the heads' reshape and is not pruned.
     model = torchvision.models.swin_t(num_classes=10).eval()
     x = torch.randn(1, 3, 64, 64)
-    before = model(x)
-    with pytest.raises(PruneError, match="features.1.0.attn"):
-        cop_prune(model, (3, 64, 64), ratio=0.2, metric="flops")
-    assert torch.equal(model(x), before)
+    qkv = [m.attn.qkv.weight.shape for stage in model.features[1::2] for m in stage]
+    result = cop_prune(model, (3, 64, 64), ratio=0.2, metric="flops")
+    assert abs(result.report.achieved - 0.2) <= 0.02
+    assert qkv == [m.attn.qkv.weight.shape for stage in model.features[1::2] for m in stage]
+    assert result.report.layers and all(".mlp." in w.name for w in result.report.layers)
+    assert model(x).shape == (1, 10)
 
 
 def test_ptl_wrapped_model_is_refused_with_the_std_recipe():
@@ -583,11 +587,7 @@ def test_inspect_previews_pruning(capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "vgg16_bn", "densenet121", "mobilenet_v3_large", "regnet_y_400mf",
-                                  "resnext50_32x4d", "efficientnet_b0", "convnext_tiny",
-                                  pytest.param("shufflenet_v2_x1_0", marks=pytest.mark.xfail(
-                                      strict=True, raises=PruneError,
-                                      reason="Torch-Pruning 1.6 cannot build the graph of a channel shuffle "
-                                             "(ZeroDivisionError in its index mapping): refused with bconv's error"))])
+                                  "resnext50_32x4d", "efficientnet_b0", "convnext_tiny", "shufflenet_v2_x1_0"])
 def test_torchvision_models_prune_to_half_flops(name):
     model = torchvision.models.get_model(name, weights=None)
     x = torch.randn(1, 3, 64, 64)
@@ -604,8 +604,8 @@ def test_zoo_benchmark_classifies_pruned_and_refused_models():
     pruned = prune_zoo.measure(resolve("torchvision:squeezenet1_1"), "torchvision")
     assert pruned["status"] == "pruned" and pruned["forward"] == "same shape"
     assert abs(pruned["flops_removed"] - 0.5) <= 0.02
-    refused = prune_zoo.measure(resolve("torchvision:shufflenet_v2_x0_5"), "torchvision")
-    assert refused["status"] == "refused" and refused["unchanged"] and "PruneError" in refused["reason"]
+    refused = prune_zoo.measure(resolve("timm:test_vit_relpos"), "vision_transformer_relpos")
+    assert refused["status"] == "refused" and refused["unchanged"] and "PruneTargetError" in refused["reason"]
 
 
 def _zoo() -> list:

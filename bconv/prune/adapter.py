@@ -16,10 +16,12 @@ from torch import Tensor, nn
 
 from ..errors import BConvError, TraceError
 from ..surgery import TotalFlopCounter, eval_mode
+from .graph import ShapedGraph, shaped_index_mapping
 from .report import PruneError
 
 __all__ = [
-    "Protection", "Snapshot", "all_groups", "build_graph", "check_forward", "has_submodule", "in_channels",
+    "Protection", "Snapshot", "all_groups", "build_graph", "check_forward", "constant_input_layers", "has_submodule",
+    "in_channels",
     "is_depthwise", "is_inside", "is_layer", "kernel_taps", "measure", "out_channels", "output_shapes",
     "plain_history", "protected_layers", "recording_positions",
 ]  # fmt: skip
@@ -27,8 +29,9 @@ __all__ = [
 
 def build_graph(
     model: nn.Module, x: Tensor, forward: Callable[[nn.Module, Tensor], Any] | None = None
-) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model``, traced from one forward of ``x`` (eval mode, autograd on).
+) -> ShapedGraph:
+    """Torch-Pruning's dependency graph of ``model`` (a :class:`~.graph.ShapedGraph`, whose index mappings read the
+    traced shapes), traced from one forward of ``x`` (eval mode, autograd on).
 
     ``forward(model, x)`` runs that forward when given (``cop_prune`` measures the model in it); it must
     return the model's output. An error of bconv's own raised in it passes through unchanged.
@@ -40,7 +43,7 @@ def build_graph(
     try:
         with warnings.catch_warnings(), torch.enable_grad(), eval_mode(model):
             warnings.simplefilter("ignore")
-            return tp.DependencyGraph().build_dependency(model, example_inputs=x, forward_fn=forward, verbose=False)
+            return ShapedGraph().build_dependency(model, example_inputs=x, forward_fn=forward, verbose=False)
     except BConvError:
         raise
     except Exception as e:  # Torch-Pruning raises whatever its tracing hits
@@ -59,11 +62,13 @@ class Protection:
         whole: neither input nor output channels change (attention, ``protect=``, and the classifier
             when the pooled feature width is kept).
         outputs: output channels stay; input channels may go as any consumer's do (every layer that
-            produces a model output, the classifier's classes included).
+            produces a model output, the classifier's classes included, and attention's inner projections).
+        inputs: input channels stay; output channels may go (attention's output projection).
     """
 
     whole: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 def protected_layers(
@@ -72,14 +77,19 @@ def protected_layers(
     graph: tp.DependencyGraph,
     extra: Sequence[str],
     keep_feature_width: bool = False,
+    order: Sequence[nn.Module] = (),
+    whole_classes: Iterable[type] = (),
 ) -> Protection:
     """What counts as the head, and what the caller protects.
 
     As in the released COP code, the classifier keeps its classes but its input channels (the last
     convolution's, VGG's dense layers', ResNet's last residual stream) are pruned like any consumer's;
     ``keep_feature_width`` keeps the classifier whole, so the pooled feature that STD compares keeps its
-    width. Every layer whose output channels reach a model output keeps them.
+    width. Every layer whose output channels reach a model output keeps them. ``order`` lists the layers
+    in the order the forward ran them (the last of an attention's is its output projection);
+    ``whole_classes`` are module classes whose layers keep every width (their forward failed once pruned).
     """
+    whole_classes = set(whole_classes)
     from ..surgery.anatomy import anatomy
 
     # A caller's path keeps every layer inside it: protect=["layer4"] keeps the block whole.
@@ -101,22 +111,46 @@ def protected_layers(
         else:
             protected.outputs[classifier] = "the classifier's classes"
     # A model with no classifier (segmentation, features only) has its outputs protected below.
-    # Attention keeps its widths: Torch-Pruning does not update head counts and head dims (timm's
-    # Attention reshapes with self.num_heads), so pruning its projections breaks the forward.
-    # Only the innermost modules that keep a head count are attention: a block that keeps num_heads too
-    # (torchvision's ViT EncoderBlock, timm's DaViT blocks) keeps its MLP prunable.
-    # timm and torchvision: num_heads; Hiera: heads; torchvision's MaxViT: n_heads.
+    # Attention keeps its head structure: Torch-Pruning does not update head counts and head dims (timm's
+    # Attention reshapes with self.num_heads and self.head_dim), so the channels its projections produce
+    # inside it (queries, keys, values, relative-position biases per head) stay, and so do the inputs of
+    # its output projection, the last of its layers to run. The residual stream it reads and writes (the
+    # projections' inputs, the output projection's outputs) is pruned like any other; an attention whose
+    # forward reads its width from its input (torchvision's Swin: C // num_heads) fails the check after
+    # pruning, and cop_prune then keeps every module of its class whole (``whole_classes``).
+    # The modules that keep a head count and own a layer directly, or hold no inner one that keeps a head
+    # count, are attention: a block that keeps num_heads too (torchvision's ViT EncoderBlock, timm's DaViT
+    # blocks) keeps its MLP prunable. timm and torchvision: num_heads; Hiera: heads; torchvision's MaxViT: n_heads.
     with_heads = {}
     for name, module in model.named_modules():
         heads = next((h for h in (getattr(module, a, None) for a in ("num_heads", "heads", "n_heads")) if h), None)
         if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
             with_heads[name] = (module, heads)
+    ran = {m: i for i, m in enumerate(order)}
     for name, (module, heads) in with_heads.items():
-        if any(other != name and (name == "" or other.startswith(name + ".")) for other in with_heads):
+        inner = any(other != name and (name == "" or other.startswith(name + ".")) for other in with_heads)
+        if inner and not any(is_layer(child) for child in module.children()):
             continue  # an inner module keeps the heads
-        for sub, layer in module.named_modules():
-            if is_layer(layer) or isinstance(layer, nn.MultiheadAttention):
-                protected.whole.setdefault(f"{name}.{sub}" if sub else name, f"attention with {heads} heads")
+        why = f"attention with {heads} heads"
+        layers = [(f"{name}.{sub}" if sub else name, m) for sub, m in module.named_modules() if is_layer(m)]
+        if type(module) in whole_classes:
+            for path, _ in layers:
+                protected.whole.setdefault(path, f"{why}, whose forward failed once its widths changed")
+            continue
+        last = max(layers, key=lambda pm: ran.get(pm[1], -1))[0] if layers else None
+        for path, _ in layers:
+            if path == last:
+                protected.inputs.setdefault(path, f"{why}: its output projection reads the heads")
+            else:
+                protected.outputs.setdefault(path, f"{why}: its heads")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            protected.whole.setdefault(name, "attention")
+        if type(module) in whole_classes:
+            for sub, m in module.named_modules():
+                if is_layer(m) or isinstance(m, nn.MultiheadAttention):
+                    protected.whole.setdefault(f"{name}.{sub}" if sub else name,
+                                               f"inside a {type(module).__name__}, whose forward failed once pruned")
     # Walk back from every model output through parameter-free ops (add, interpolate, reshape, ...): the
     # first module with parameters on each path produces output channels.
     # Torch-Pruning adds an output node only where an op, not a module, ends the forward: the sinks of its
@@ -135,6 +169,30 @@ def protected_layers(
         else:
             stack.extend(node.inputs)
     return protected
+
+
+def constant_input_layers(model: nn.Module, x: Tensor, layers: Sequence[nn.Module]) -> set[nn.Module]:
+    """Those of ``layers`` whose input does not depend on the model's input (Swin V2's continuous position bias
+    MLP reads a fixed table of coordinates): equal on two forwards of different inputs."""
+    seen: dict[nn.Module, list[Tensor]] = {m: [] for m in layers}
+
+    def hook(m: nn.Module, args: Any) -> None:
+        seen[m].append(args[0].detach().clone() if args and isinstance(args[0], Tensor) else None)
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x)
+            model(torch.randn_like(x) * 2 + 1)
+    finally:
+        for h in handles:
+            h.remove()
+    half = {m: len(v) // 2 for m, v in seen.items()}
+    return {
+        m for m, v in seen.items()
+        if v and all(a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
+                     for a, b in zip(v[:half[m]], v[half[m]:]))
+    }  # fmt: skip
 
 
 def output_shapes(out: Any) -> list[tuple[int, ...]]:
@@ -160,12 +218,14 @@ def check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) ->
         measured, out = measure(model, x)
     except Exception as e:
         where = stack[-1] if stack else type(model).__name__
-        raise PruneError(
+        error = PruneError(
             f"after pruning, {type(model).__name__} fails in `{where or '(top level)'}`: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}. Torch-Pruning did not update something this module "
             f"depends on (a static shape or head count, an op it cannot follow); pass stages=[...] without it, "
             f"or protect=['{where}']. The model is unchanged."
-        ) from e
+        )
+        error.module_path = stack[-1] if stack else None
+        raise error from e
     finally:
         for h in handles:
             h.remove()
@@ -285,7 +345,8 @@ def all_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[nn.Mod
     # Torch-Pruning recomputes every concatenation's index mapping for each group it builds; nothing is
     # pruned while the groups are listed, so once is enough (DenseNet: 70 ms per group otherwise).
     update = index_mapping.update_index_mapping
-    update(graph)
+    with shaped_index_mapping():
+        update(graph)
     found: list[tuple[nn.Module, Any, str]] = []
     visited: set[nn.Module] = set()
     index_mapping.update_index_mapping = lambda graph: None

@@ -18,7 +18,8 @@ from ..surgery import (
 )
 from ..surgery.anatomy import anatomy
 from .adapter import (
-    Snapshot, build_graph, check_forward, measure, out_channels, output_shapes, plain_history, protected_layers,
+    Snapshot, build_graph, check_forward, constant_input_layers, measure, out_channels, output_shapes, plain_history,
+    protected_layers,
 )
 from .importance import PRESETS, COPImportance
 from .planner import TOLERANCE, Floors, Planner
@@ -47,6 +48,7 @@ def cop_prune(
     protect: Sequence[str] = (),
     keep_feature_width: bool = False,
     calibration: Iterable[Tensor] | None = None,
+    tolerance: float | None = None,
     **deprecated: Any,
 ) -> PruneResult:
     """Prune ``model``'s channels with COP until ``ratio`` of ``metric`` is removed.
@@ -55,7 +57,8 @@ def cop_prune(
         model: a plain CNN (timm, torchvision or your own), pruned in place. A PTL-wrapped
             model is refused: prune the plain student that STD distilled from it.
         input_size: ``(C, H, W)`` of the dummy input that traces the model and counts FLOPs.
-        ratio: fraction of ``metric`` to remove, in (0, 1); met within 2% of the metric.
+        ratio: fraction of ``metric`` to remove, in (0, 1); met within ``tolerance``, or refused with the
+            reachable figure.
         metric: ``"flops"``, ``"params"`` or ``"channels"`` (output channels of all convolutions
             and linear layers), each counted on the whole model.
         prefer: preset of ``(alpha, beta, gamma)`` (``PRESETS``): ``"balanced"`` (1, 1, 1, the default),
@@ -86,7 +89,7 @@ def cop_prune(
         A :class:`PruneResult`: ``.model`` (the same object), ``.report`` and ``.history``.
 
     Raises:
-        ValueError: a bad argument (names what is valid).
+        ValueError: a bad argument (names what is valid), ``tolerance`` included.
         TypeError: ``importance`` or ``floors`` of another type, or an unknown keyword.
         bconv.errors.ConfigError: ``importance`` with ``prefer`` or a deprecated keyword of COP's score, or
             ``floors`` with a deprecated keyword of the floors.
@@ -94,7 +97,8 @@ def cop_prune(
         bconv.errors.StageSelectionError: ``stages`` names no stage of the model (as in ``wrap_with_ptl``).
         bconv.errors.ModulePathError: ``protect`` names a module the model does not have.
         bconv.errors.WrappedModelError: a PTL-wrapped model.
-        PruneTargetError: ``ratio`` is not reachable with the floors; the model is unchanged.
+        PruneTargetError: ``ratio`` is not reachable with the floors, or not within ``tolerance`` (the message
+            gives the asked and the reachable figures); the model is unchanged.
         PruneError: Torch-Pruning cannot trace or prune the model; the model is unchanged.
 
     Example::
@@ -121,74 +125,34 @@ def cop_prune(
         floors = Floors(**{k: deprecated[k] for k in _FLOORS_KEYWORDS if k in deprecated})
     allowed = _stage_modules(model, input_size, stages)
     snapshot = Snapshot(model)
+    tol = _tolerance(ratio, tolerance)
+    whole_classes: list[type] = []
+    aim = ratio  # the cost model's target: corrected once if the measured reduction overshoots it
     try:
-        positions: dict[nn.Module, int] = {}
-        measured: dict[str, Any] = {}
-
-        def measuring_forward(m: nn.Module, inputs: Tensor) -> Any:
-            # Torch-Pruning's tracing forward measures the model too, one forward fewer. It runs with autograd
-            # on, and so does the check after pruning: both count alike (see TotalFlopCounter).
-            positions.clear()  # should a Torch-Pruning version run it twice, positions are counted once
+        while True:
             try:
-                measured["before"], out = measure(m, inputs, positions)
-            except Exception as e:
-                try:
-                    with torch.no_grad():
-                        m(inputs)
-                except Exception:  # the model's own complaint, as find_stages and wrap_with_ptl report it
-                    raise InputSizeError(model_error_message(model, x, e)) from e
-                raise  # it fails with autograd only: Torch-Pruning's graph cannot be built (a PruneError)
-            measured["shapes"] = output_shapes(out)
-            return out
-
-        graph = build_graph(model, x, measuring_forward)
-        before, reference_shapes = measured["before"], measured["shapes"]
-        protection = protected_layers(model, input_size, graph, protect, keep_feature_width)
-        try:
-            planner = Planner(model, graph, importance=importance, floors=floors, positions=positions,
-                              protection=protection, allowed=allowed, calibration=calibration)  # fmt: skip
-        except BConvError:
-            raise
-        except Exception as e:  # Torch-Pruning's groups of an op it mis-handles (seen: ZeroDivisionError, IndexError)
-            raise PruneError(
-                f"Torch-Pruning's dependency groups of {type(model).__name__} could not be read: {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}. Pass stages=[...] to prune only some stages; the model "
-                f"is unchanged."
-            ) from e
-        target = ratio
-        achieved = 0.0
-        after = before
-        for _ in range(6):
-            reached = planner.run(metric, target, before)
-            reachable = planner.estimated_reduction(metric, before)
-            if not reached and planner.applied_cuts == 0 and reachable < ratio - TOLERANCE:
-                raise PruneTargetError(
-                    f"ratio={ratio} of {metric} is not reachable: with every prunable layer at its floor "
-                    f"({_floors_text(floors)}{', stages=' + repr(list(stages)) if stages is not None else ''}) "
-                    f"about {reachable:.3f} can be removed. Pass ratio<={reachable:.3f}, or loosen the floors."
-                    + skipped_hint(planner.skipped)
-                )
-            planner.apply()
-            with eval_mode(model), torch.enable_grad():
-                after = check_forward(model, x, reference_shapes)
-            achieved = 1 - after[metric] / before[metric]
-            if achieved >= ratio - TOLERANCE / 4 or not reached:
+                graph, planner, before, after, achieved = _prune(
+                    model, x, input_size, ratio, aim, metric, tol, importance, floors, stages, protect,
+                    keep_feature_width, calibration, allowed, whole_classes,
+                )  # fmt: skip
                 break
-            # The estimate counts convolutions and linear layers only: ask it for the remaining gap.
-            target += ratio - achieved
-        if achieved > ratio + TOLERANCE:
-            raise PruneTargetError(
-                f"ratio={ratio} of {metric} cannot be met within {TOLERANCE:.0%}: the smallest step that reaches it "
-                f"removes {achieved:.3f} (one channel of this model is a large share of its {metric}). "
-                f"Pass ratio={achieved:.3f}, or another metric."
-            )
-        if achieved < ratio - TOLERANCE:
-            raise PruneTargetError(
-                f"ratio={ratio} of {metric} is not reachable: pruning stopped at {achieved:.3f} with every "
-                f"prunable layer at its floor ({_floors_text(floors)}). Pass ratio<={achieved:.3f}, or loosen the "
-                f"floors."
-                + skipped_hint(planner.skipped)
-            )
+            except PruneTargetError as e:
+                # The cost model counts convolutions and linear layers at their planned widths; where the cuts
+                # remove more than it says (FLOPs of ops around the layers), plan once more for less.
+                overshoot = getattr(e, "overshoot", None)
+                if overshoot is None or aim != ratio or overshoot[0] >= overshoot[1]:
+                    raise  # replanned once already, or the cost model did not undercount: the step is coarse
+                snapshot.restore()
+                estimated, measured_cut = overshoot
+                aim = ratio * estimated / measured_cut
+            except PruneError as e:
+                # The pruned forward failed inside a module whose widths Torch-Pruning does not update (an
+                # attention that reads its width from its input): once per class, keep that class whole and retry.
+                failed = _failing_class(model, getattr(e, "module_path", None))
+                if failed is None or failed in whole_classes or len(whole_classes) >= _RETRIES:
+                    raise
+                snapshot.restore()
+                whole_classes.append(failed)
     except BaseException:
         snapshot.restore()
         raise
@@ -200,10 +164,129 @@ def cop_prune(
         layers=[LayerWidth(n, w, out_channels(model.get_submodule(n))) for n, w in planner.widths_before.items()
                 if out_channels(model.get_submodule(n)) != w],
         alpha=importance.alpha, beta=importance.beta, gamma=importance.gamma, skipped=planner.skipped,
-        input_size=input_size, seconds=time.perf_counter() - start,
+        input_size=input_size, seconds=time.perf_counter() - start, tolerance=tol,
     )  # fmt: skip
     history = plain_history(graph.pruning_history())
     return PruneResult(model=model, report=report, history=history)
+
+
+_RETRIES = 3  # module classes kept whole after a failed pruned forward, at most
+
+
+def _tolerance(ratio: float, tolerance: float | None) -> float:
+    """How far the removed fraction may miss ``ratio``: the caller's, or 2 points and at most 4% of what remains
+    (so that ratio=0.999 keeps 0.1% +- 0.004%, not 1.7%)."""
+    if tolerance is None:
+        return min(TOLERANCE, 0.04 * (1 - ratio))
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise ValueError(f"tolerance={tolerance!r} must be a fraction of the metric, strictly between 0 and 1 "
+                         f"(the removed fraction may miss ratio by this much)")  # fmt: skip
+    return float(tolerance)
+
+
+def _failing_class(model: nn.Module, path: str | None) -> type | None:
+    """The class of the attention around ``path`` (a module that keeps a head count), else of the innermost module
+    around it that is not one of torch's own layers (a timm or torchvision block), or None."""
+    inside = path
+    while inside:
+        module = model.get_submodule(inside)
+        if any(isinstance(getattr(module, a, None), int) for a in ("num_heads", "heads", "n_heads")):
+            return type(module)
+        inside = inside.rpartition(".")[0]
+    while path:
+        cls = type(model.get_submodule(path))
+        if not cls.__module__.startswith("torch."):
+            return cls
+        path = path.rpartition(".")[0]
+    return None
+
+
+def _prune(
+    model: nn.Module, x: Tensor, input_size: tuple[int, ...], ratio: float, aim: float, metric: str, tol: float,
+    importance: COPImportance, floors: Floors, stages: Sequence[str | int] | None, protect: Sequence[str],
+    keep_feature_width: bool, calibration: Iterable[Tensor] | None, allowed: list[str] | None,
+    whole_classes: Sequence[type],
+) -> tuple[Any, Planner, dict[str, int], dict[str, int], float]:
+    """One attempt: the graph, the plan (the cost model aiming at ``aim``), the removal and the checks against
+    ``ratio`` (the caller restores the model on failure). An overshoot's PruneTargetError carries
+    ``overshoot = (estimated, measured)`` reductions."""
+    positions: dict[nn.Module, int] = {}
+    measured: dict[str, Any] = {}
+
+    def measuring_forward(m: nn.Module, inputs: Tensor) -> Any:
+        # Torch-Pruning's tracing forward measures the model too, one forward fewer. It runs with autograd
+        # on, and so does the check after pruning: both count alike (see TotalFlopCounter).
+        positions.clear()  # should a Torch-Pruning version run it twice, positions are counted once
+        try:
+            measured["before"], out = measure(m, inputs, positions)
+        except Exception as e:
+            try:
+                with torch.no_grad():
+                    m(inputs)
+            except Exception:  # the model's own complaint, as find_stages and wrap_with_ptl report it
+                raise InputSizeError(model_error_message(model, x, e)) from e
+            raise  # it fails with autograd only: Torch-Pruning's graph cannot be built (a PruneError)
+        measured["shapes"] = output_shapes(out)
+        return out
+
+    graph = build_graph(model, x, measuring_forward)
+    before, reference_shapes = measured["before"], measured["shapes"]
+    # Layers Torch-Pruning's graph does not reach are refused by the planner, unless they compute from constants
+    # only (a position-bias MLP): those keep their widths, as nothing in the graph reads their channels.
+    unreached = [m for m in positions if m not in graph.module2node]
+    for m in constant_input_layers(model, x, unreached) if unreached else ():
+        del positions[m]
+    protection = protected_layers(model, input_size, graph, protect, keep_feature_width, list(positions),
+                                  whole_classes)  # fmt: skip
+    try:
+        planner = Planner(model, graph, importance=importance, floors=floors, positions=positions,
+                          protection=protection, allowed=allowed, calibration=calibration, tolerance=tol)  # fmt: skip
+    except BConvError:
+        raise
+    except Exception as e:  # Torch-Pruning's groups of an op it mis-handles (seen: ZeroDivisionError, IndexError)
+        raise PruneError(
+            f"Torch-Pruning's dependency groups of {type(model).__name__} could not be read: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. Pass stages=[...] to prune only some stages; the model "
+            f"is unchanged."
+        ) from e
+    target = aim
+    achieved = estimated = 0.0
+    after = before
+    asked = f"ratio={ratio} of {metric} (keep {1 - ratio:.4g} of it, +-{tol:.2g})"
+    for _ in range(6):
+        reached = planner.run(metric, target, before)
+        reachable = planner.estimated_reduction(metric, before)
+        if not reached and planner.applied_cuts == 0 and reachable < aim - tol:
+            raise PruneTargetError(
+                f"{asked} is not reachable: with every prunable layer at its floor "
+                f"({_floors_text(floors)}{', stages=' + repr(list(stages)) if stages is not None else ''}) "
+                f"about {reachable:.3f} can be removed (keep {1 - reachable:.4g}). Pass ratio<={reachable:.3f}, or "
+                f"loosen the floors." + skipped_hint(planner.skipped)
+            )
+        estimated = planner.estimated_reduction(metric, before)
+        planner.apply()
+        with eval_mode(model), torch.enable_grad():
+            after = check_forward(model, x, reference_shapes)
+        achieved = 1 - after[metric] / before[metric]
+        if achieved >= ratio - tol / 4 or not reached:
+            break
+        # The estimate counts convolutions and linear layers only: ask it for the remaining gap.
+        target += ratio - achieved
+    if achieved > ratio + tol:
+        error = PruneTargetError(
+            f"{asked} cannot be met: the smallest step that reaches it removes {achieved:.4g} (keeps "
+            f"{1 - achieved:.4g}; one channel of this model is a large share of its {metric}). Pass "
+            f"ratio={achieved:.4g}, a larger tolerance=, or another metric."
+        )
+        error.overshoot = (estimated, achieved)
+        raise error
+    if achieved < ratio - tol:
+        raise PruneTargetError(
+            f"{asked} is not reachable: pruning stopped at {achieved:.4g} (keeps {1 - achieved:.4g}) with every "
+            f"prunable layer at its floor ({_floors_text(floors)}). Pass ratio<={achieved:.4g}, a larger "
+            f"tolerance=, or loosen the floors." + skipped_hint(planner.skipped)
+        )
+    return graph, planner, before, after, achieved
 
 
 def _check_target(ratio: float, metric: str, prefer: str | None) -> None:

@@ -138,6 +138,7 @@ class Planner:
         protection: the layers left whole, and those whose output channels stay.
         allowed: module paths whose output channels may be pruned (the chosen stages), None for all.
         calibration: input batches whose activations replace the consumer kernels, or None.
+        tolerance: how far the reduction may miss its target (a fraction of the metric).
 
     Raises:
         PruneError: Torch-Pruning's graph does not reach a layer the forward ran.
@@ -155,8 +156,10 @@ class Planner:
         protection: Protection,
         allowed: list[str] | None = None,
         calibration: Iterable[Tensor] | None = None,
+        tolerance: float = TOLERANCE,
     ) -> None:
         self.model, self.graph = model, graph
+        self.tolerance = tolerance
         self.alpha, self.beta, self.gamma = importance.alpha, importance.beta, importance.gamma
         self.skipped: list[tuple[str, str]] = []
         self.applied_cuts = 0
@@ -202,6 +205,7 @@ class Planner:
         model, names = self.model, self.graph._module2name
         whole = {model.get_submodule(p): why for p, why in protection.whole.items() if has_submodule(model, p)}
         outputs = {model.get_submodule(p): why for p, why in protection.outputs.items() if has_submodule(model, p)}
+        inputs = {model.get_submodule(p): why for p, why in protection.inputs.items() if has_submodule(model, p)}
         widths_in = np.array([in_channels(m) for m in self.layers])
         widths_out = np.array([out_channels(m) for m in self.layers])
         seen_roots: set[nn.Module] = set()
@@ -218,7 +222,8 @@ class Planner:
             seen_roots |= {m for m, _ in outs if is_layer(m)}
             ch_groups = _channel_groups(touched)
             step, floor = _floor_in_units(floors, n, ch_groups)
-            why = self._protected(outs, touched, whole, outputs, allowed) or _too_narrow(n, ch_groups, floor)
+            why = (self._protected(outs, ins, touched, whole, outputs, inputs, allowed) or _too_narrow(n, ch_groups, floor)
+                   or _unfollowable(group, self.graph))
             if why is not None:
                 self.skipped.append((root_name, why))
                 continue
@@ -236,9 +241,11 @@ class Planner:
     def _protected(
         self,
         outs: list[tuple[Any, Any]],
+        ins: list[tuple[Any, Any]],
         touched: set[nn.Module],
         whole: dict[nn.Module, str],
         outputs: dict[nn.Module, str],
+        inputs: dict[nn.Module, str],
         allowed: list[str] | None,
     ) -> str | None:
         """Why a group must stay (it touches a protected layer, or is produced outside the chosen stages), or None."""
@@ -246,6 +253,7 @@ class Planner:
         # A protected output keeps its output channels only: the layers that feed it stay prunable.
         hit = [(m, whole[m]) for m in touched if m in whole]
         hit += [(m, outputs[m]) for m, _ in outs if isinstance(m, nn.Module) and m in outputs]
+        hit += [(m, inputs[m]) for m, _ in ins if isinstance(m, nn.Module) and m in inputs]
         if hit:
             return f"touch `{names.get(hit[0][0], '?')}` ({hit[0][1]})"
         if allowed is not None and not all(is_inside(names[m], allowed) for m, _ in outs if m in names):
@@ -342,7 +350,7 @@ class Planner:
         # Per step only the cut group's redundancy term changes (and, through the layers, every cost term):
         # ResNet-50 takes ~4,300 steps, so the loop keeps its numpy calls few.
         reduction = self.estimated_reduction(metric, before)
-        while reduction < target - TOLERANCE / 4:  # within half a percent
+        while reduction < target - self.tolerance / 4:  # within half a percent
             if np.isinf(self.closed).all():
                 return False
             imp = self.redundancy_term + self._group_cost_terms() + self.closed
@@ -370,7 +378,7 @@ class Planner:
     def _choose(self, imp: np.ndarray, metric: str, target: float, before: dict[str, int], reduction: float) -> int:
         """The least important group, unless its step would overshoot the target by more than the tolerance
         (near the end, a coarse step of a wide layer): then the least important group whose step fits."""
-        if reduction < target - 2 * TOLERANCE:
+        if reduction < target - 2 * self.tolerance:
             return int(np.argmin(imp))  # the first of equals, as the stable order below
         order = np.argsort(imp, kind="stable")
         for gi in order:
@@ -378,7 +386,7 @@ class Planner:
                 break
             step = self._step(self.groups[gi]) * self.groups[gi].ch_groups
             self._cut_channels(gi, step)
-            fits = self.estimated_reduction(metric, before) <= target + TOLERANCE / 2
+            fits = self.estimated_reduction(metric, before) <= target + self.tolerance / 2
             self._cut_channels(gi, -step)
             if fits:
                 return int(gi)
@@ -420,11 +428,23 @@ def _refuse_unreached_layers(model: nn.Module, graph: tp.DependencyGraph, positi
         )
 
 
+def _unfollowable(group: Any, graph: tp.DependencyGraph) -> str | None:
+    """Why a group crosses an op whose channel indices Torch-Pruning cannot follow (:mod:`.graph`), or None."""
+    unfollowable = getattr(graph, "unfollowable", {})
+    for dep, _ in group:
+        for node in (dep.source, dep.target):
+            if node.module in unfollowable:
+                return f"cross {unfollowable[node.module]}, whose channels Torch-Pruning cannot follow"
+    return None
+
+
 def _channel_groups(touched: set[nn.Module]) -> int:
     """The unit a group's channels move in: a grouped (not depthwise) convolution it touches prunes every group
-    alike."""
+    alike, and so does a GroupNorm (its groups are contiguous runs of channels too: each keeps as many)."""
     convs = [m for m in touched if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1]
-    return max([m.groups for m in convs if not is_depthwise(m)] or [1])
+    groups = [m.groups for m in convs if not is_depthwise(m)]
+    groups += [m.num_groups for m in touched if isinstance(m, nn.GroupNorm) and m.num_groups > 1]
+    return math.lcm(*groups) if groups else 1
 
 
 def _too_narrow(n: int, ch_groups: int, floor: int) -> str | None:

@@ -38,6 +38,7 @@ class PruneReport:
         alpha, beta, gamma: the importance weights used.
         skipped: channel groups that were not candidates, ``(root layer, reason)``.
         input_size, seconds: the dummy input size and the wall time of the call.
+        tolerance: how far ``achieved`` was allowed to miss ``ratio``.
     """
 
     metric: str
@@ -56,6 +57,7 @@ class PruneReport:
     skipped: list[tuple[str, str]]
     input_size: tuple[int, ...]
     seconds: float
+    tolerance: float = 0.02
 
 
 @dataclass
@@ -100,7 +102,9 @@ def format_report(report: PruneReport, stages: Sequence[Any] | None = None) -> s
     lines.append(f"FLOPs      {change(report.flops_before, report.flops_after, 'G', 1e9)}")
     lines.append(f"channels   {report.channels_before:,} -> {report.channels_after:,} "
                  f"(-{100 * (report.channels_before - report.channels_after) / max(report.channels_before, 1):.1f}%)")
-    lines.append(f"target: -{100 * report.ratio:.0f}% {report.metric}, reached -{100 * report.achieved:.1f}%, "
+    lines.append(f"target: -{100 * report.ratio:.4g}% {report.metric} (keep {100 * (1 - report.ratio):.4g}% "
+                 f"+-{100 * report.tolerance:.2g}), reached -{100 * report.achieved:.4g}% "
+                 f"(keeps {100 * (1 - report.achieved):.4g}%), "
                  f"(alpha, beta, gamma) = ({report.alpha:g}, {report.beta:g}, {report.gamma:g}), "
                  f"{len(report.layers)} layers narrowed in {report.seconds:.1f} s")  # fmt: skip
     return "\n".join(lines)
