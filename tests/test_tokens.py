@@ -312,7 +312,7 @@ def test_timm_gradient_checkpointing_gives_the_same_gradients():
 def test_the_guides_example_runs_as_written(capsys):
     from conftest import docs_block
 
-    code = docs_block("guides/token-backbones.md", "# Token backbones: ViT, DeiT, EVA, DINOv2, CaiT, ConViT, Mixer")
+    code = docs_block("guides/token-backbones.md", "## Wrap a ViT")
     exec(compile(code, "docs/guides/token-backbones.md", "exec"), {})
     assert "('blocks.2', 'blocks.5', 'blocks.7', 'blocks.10')" in capsys.readouterr().out
 
