@@ -35,6 +35,7 @@ Benchmarks are modules of the ``benchmarks`` package, run from the repository ro
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import json
 import math
@@ -816,3 +817,72 @@ def write_results(out: Path, record: dict, markdown: Sequence[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     out.with_suffix(".md").write_text("\n".join(markdown) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- the ladder benchmarks' task
+# Shared by benchmarks.ladder (a small CNN) and benchmarks.ladder_vit (a small ViT): digits 0-4 to pre-train, 5-9 to
+# fine-tune, the way a new user fine-tunes.
+
+
+@functools.lru_cache(maxsize=1)
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y, _ = load_digits(16)
+    x = x.repeat(1, 3, 1, 1)
+    return (x - x.mean()) / x.std(), y
+
+
+def train(model, x, y, lr, epochs, seed, ptl=False, batch=32, adamw=False):
+    """SGD (momentum 0.9, weight decay 5e-4) as a new user fine-tunes a CNN, or AdamW (weight decay 0.05) as
+    one fine-tunes a ViT; the per-step training losses."""
+    g = torch.Generator().manual_seed(seed)
+    if adamw:
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    losses = []
+    for _ in range(epochs):
+        if ptl:
+            model.reset_state()
+        model.train()
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - batch + 1, batch):
+            idx = perm[i : i + batch]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if ptl:
+                model.detach_state()
+            losses.append(loss.item())
+    return losses
+
+
+def target_split(seed: int, n_train: int = 300):
+    x, y = digits()
+    x, y = x[y >= 5], y[y >= 5] - 5
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return (x[perm[:n_train]], y[perm[:n_train]]), (x[perm[n_train:]], y[perm[n_train:]])
+
+
+
+def ladder_table(rows: list[dict], lrs: list[float], conditions) -> list[str]:
+    """The ladder benchmarks' table: per lr and condition, mean ± std over seeds of each row's measures."""
+    lines = [
+        "| lr | condition | last-epoch loss | max loss | accuracy | stage share | output share | state effect |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for lr in lrs:
+        for condition in conditions:
+            sel = [r for r in rows if r["lr"] == lr and r["condition"] == condition]
+
+            def cell(key: str, fmt: str = "{:.3f}") -> str:
+                if key not in sel[0]:
+                    return "-"
+                values = [r[key] for r in sel]
+                return (fmt + " ± " + fmt).format(statistics.mean(values), statistics.stdev(values))
+
+            lines.append(
+                f"| {lr} | {condition} | {cell('final_loss')} | {cell('max_loss', '{:.2f}')} | {cell('accuracy')} | "
+                f"{cell('stage_share')} | {cell('output_share')} | {cell('state_effect')} |"
+            )
+    return lines

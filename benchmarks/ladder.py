@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bconv
-from benchmarks.common import RESULTS, command, load_digits, run_record, write_results
+from benchmarks.common import RESULTS, command, digits, ladder_table, run_record, target_split, train, write_results
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -55,52 +55,12 @@ class SmallNet(nn.Module):
 
 
 @functools.lru_cache(maxsize=1)
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    x, y, _ = load_digits(16)
-    x = x.repeat(1, 3, 1, 1)
-    return (x - x.mean()) / x.std(), y
-
-
-def train(model, x, y, lr, epochs, seed, ptl=False, batch=32, adamw=False):
-    """SGD (momentum 0.9, weight decay 5e-4) as a new user fine-tunes a CNN, or AdamW (weight decay 0.05) as
-    one fine-tunes a ViT; the per-step training losses."""
-    g = torch.Generator().manual_seed(seed)
-    if adamw:
-        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    losses = []
-    for _ in range(epochs):
-        if ptl:
-            model.reset_state()
-        model.train()
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x) - batch + 1, batch):
-            idx = perm[i : i + batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if ptl:
-                model.detach_state()
-            losses.append(loss.item())
-    return losses
-
-
-@functools.lru_cache(maxsize=1)
 def pretrained_state() -> dict[str, torch.Tensor]:
     x, y = digits()
     torch.manual_seed(0)
     net = SmallNet()
     train(net, x[y < 5], y[y < 5], lr=0.05, epochs=4, seed=0)
     return {k: v.clone() for k, v in net.state_dict().items()}
-
-
-def target_split(seed: int, n_train: int = 300):
-    x, y = digits()
-    x, y = x[y >= 5], y[y >= 5] - 5
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return (x[perm[:n_train]], y[perm[:n_train]]), (x[perm[n_train:]], y[perm[n_train:]])
 
 
 def fresh_pretrained(seed: int) -> SmallNet:
@@ -211,28 +171,6 @@ def main_trajectory(args, argv) -> None:
     print("\n".join(text))
 
 
-def _summary(rows: list[dict], lrs: list[float], conditions=tuple(CONDITIONS)) -> list[str]:
-    lines = [
-        "| lr | condition | last-epoch loss | max loss | accuracy | stage share | output share | state effect |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for lr in lrs:
-        for condition in conditions:
-            sel = [r for r in rows if r["lr"] == lr and r["condition"] == condition]
-
-            def cell(key: str, fmt: str = "{:.3f}") -> str:
-                if key not in sel[0]:
-                    return "-"
-                values = [r[key] for r in sel]
-                return (fmt + " ± " + fmt).format(statistics.mean(values), statistics.stdev(values))
-
-            lines.append(
-                f"| {lr} | {condition} | {cell('final_loss')} | {cell('max_loss', '{:.2f}')} | {cell('accuracy')} | "
-                f"{cell('stage_share')} | {cell('output_share')} | {cell('state_effect')} |"
-            )
-    return lines
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
@@ -259,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         f"decay 5e-4, batch 32; mean ± std over {args.seeds} seeds. Shares and state effect from "
         "`bconv.ladder_usage` after the fine-tune (a dormant ladder's output share is about 1e-4).",
         "",
-        *_summary(rows, args.lrs),
+        *ladder_table(rows, args.lrs, CONDITIONS),
     ]
     write_results(Path(args.out), {"run": made, "rows": rows, "seconds": seconds}, text)
     print("\n".join(text))

@@ -27,8 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import bconv
-from benchmarks.common import RESULTS, command, run_record, write_results
-from benchmarks.ladder import _summary, digits, target_split, train
+from benchmarks.common import RESULTS, command, digits, ladder_table, run_record, target_split, train, write_results
 
 SIZE = (3, 16, 16)
 CONDITIONS = ("plain", "ptl")
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         f"decay 0.05), batch 32; mean ± std over {args.seeds} seeds. PTL pairs the default stages {', '.join(stages)}. "
         "Shares and state effect from `bconv.ladder_usage` after the fine-tune.",
         "",
-        *_summary(rows, args.lrs, CONDITIONS),
+        *ladder_table(rows, args.lrs, CONDITIONS),
     ]
     write_results(Path(args.out), {"run": made, "rows": rows, "seconds": seconds}, text)
     print("\n".join(text))

@@ -568,19 +568,23 @@ def test_paired_interval_matches_scipys_paired_t_test():
 
 def test_zoo_on_a_few_models(tmp_path):
     out = tmp_path / "zoo"
-    specs = ["torchvision:resnet18", "timm:test_convnext", "timm:test_vit", "torchvision:vit_h_14"]
+    specs = ["torchvision:resnet18", "timm:test_convnext", "timm:test_vit", "timm:crossvit_tiny_240", "torchvision:vit_h_14"]
     summary = zoo.main(["--models", *specs, "--out", str(out)])
     saved = json.loads(out.with_suffix(".json").read_text())
     rows = {r["model"]: r for r in saved["rows"]}
     assert saved["run"]["command"] == "python -m benchmarks.zoo --models " + " ".join(specs) + f" --out {out}"
     assert {r["model"]: r["family"] for r in saved["rows"]} == {
-        "resnet18": "torchvision", "test_convnext": "convnext", "test_vit": "vision_transformer", "vit_h_14": "torchvision"}
+        "resnet18": "torchvision", "test_convnext": "convnext", "test_vit": "vision_transformer", "crossvit_tiny_240": "crossvit",
+        "vit_h_14": "torchvision"}
     assert rows["resnet18"]["status"] == "ok" and rows["resnet18"]["source"] == "fx"
     assert rows["resnet18"]["stages"] == 5 and rows["resnet18"]["max_abs_diff"] <= 1e-4
     assert rows["test_convnext"]["source"] == "feature_info" and rows["test_convnext"]["agree"]
-    assert rows["test_vit"]["status"] == "no-spatial"
+    # A token backbone is wrapped on its blocks; CrossViT's two branches are refused with the reason.
+    assert rows["test_vit"]["status"] == "ok" and rows["test_vit"]["max_abs_diff"] == 0.0
+    assert all(name.startswith("blocks.") for name in rows["test_vit"]["stage_names"])
+    assert rows["crossvit_tiny_240"]["status"] == "no-spatial" and "token backbone" in rows["crossvit_tiny_240"]["reason"]
     assert rows["vit_h_14"]["status"] == "excluded" and "params_m" not in rows["vit_h_14"]  # never built
-    assert summary["wrapped"] == 2 and summary["all_checks_ok"] == 2 and summary["no_spatial_stages"] == 1
+    assert summary["wrapped"] == 3 and summary["all_checks_ok"] == 3 and summary["no_spatial_stages"] == 1
     md = out.with_suffix(".md").read_text()
     assert "python -m benchmarks.zoo --models" in md and "## Failures" in md
 
