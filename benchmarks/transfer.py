@@ -45,6 +45,10 @@ augmentation; the pre-trained backbone is the same for all):
   ``ptl_v1`` model of the same seed at ``ptl_v1``'s chosen lr; its own grid, higher (its mean-reduced L1 term
   slows the student: issue 19 measured its backbone moving 0.45x and its classifier 0.2x as fast as plain's at
   equal lr);
+* ``std_plain``: the born-again control of ``std``: the same distillation, the teacher being the ``plain``
+  model of the same seed at ``plain``'s chosen lr, tuned on the same grid. Distilling a network into a copy of
+  itself helps on its own (born-again networks, Furlanello et al. 2018), so ``std - std_plain``, paired by
+  seed, is what the PTL teacher adds to STD: the paper's claim;
 * ``rollback``: ``bconv.rollback.Rollback.run`` with ``--rollback-periods`` periods of ``--epochs`` epochs
   each (each period a whole fine-tuning run, as the method assumes), the released lr ratios around the tuned
   lr (kept blocks lr/10, head 10*lr in the first period), the stem a block of its own.
@@ -52,7 +56,13 @@ augmentation; the pre-trained backbone is the same for all):
 **Ablation** (``--ablation``, on the evaluation seeds at ``ptl_v1``'s chosen lr): bconv's departures from the
 paper undone one at a time: the state reset never instead of every epoch; the batch-pooled state.
 
-**Reports** (``benchmarks/results/transfer_<dataset>.{md,json,png}``): per condition the test accuracy over
+**Backbones** (``--backbone``): ``small`` (the default, below) or ``resnet18``, timm's standard ResNet-18 (7x7
+stride-2 stem, max pooling, four stages of two basic blocks, 11M parameters; ``in_chans`` set to the images'
+channels), pre-trained on the source classes as the small one is. At Fashion-MNIST's own 28 px its stages see
+7, 4, 2 and 1 px (the stem and max pooling reduce by 4); ``--image-size`` trades resolution for time (a run
+step costs about twice as much at 56 px).
+
+**Reports** (``benchmarks/results/transfer_<dataset>[_<backbone>].{md,json,png}``): per condition the test accuracy over
 the evaluation seeds; paired per-seed differences against ``plain`` and against ``control`` with 95%
 t-intervals; the smallest difference the run could detect (80% power, two-sided paired t at 0.05, from the
 observed spread of the differences); retrieval mAP and rank-1 on the test split
@@ -109,7 +119,11 @@ from benchmarks.common import (FASHION_MNIST_DIR, RESULTS, Split, balanced_subse
                                per_class_split, reestimate_bn, relabel, resize, retrieval_metrics, run_record, seeded,
                                train_epochs, write_results)  # fmt: skip
 
-CONDITIONS = ("plain", "ptl_v1", "ptl_v1_paper", "control", "ptl_v2", "std", "rollback")
+CONDITIONS = ("plain", "ptl_v1", "ptl_v1_paper", "control", "ptl_v2", "std", "std_plain", "rollback")
+#: the distilled conditions and the condition whose model (same seed, at its chosen lr) is their teacher
+TEACHER = {"std": "ptl_v1", "std_plain": "plain"}
+#: the backbones of the protocol (``--backbone``)
+BACKBONES = ("small", "resnet18")
 PTL = {"ptl_v1": ("v1", "identity"), "ptl_v1_paper": ("v1", "paper"), "control": ("v1", "paper"),
        "ptl_v2": ("v2", "identity")}  # fmt: skip
 #: the ablation of bconv's departures from the paper: name -> (what changes, wrap/train options)
@@ -306,6 +320,7 @@ class Protocol:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    backbone: str = "small"  # "small": SmallResNet(width, blocks); "resnet18": timm's resnet18
     width: int = 16
     blocks: int = 1
     lam: float = 0.8
@@ -315,7 +330,7 @@ class Protocol:
     grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
         "plain": (0.03, 0.1, 0.3), "ptl_v1": (0.03, 0.1, 0.3), "ptl_v1_paper": (0.03, 0.1, 0.3),
         "control": (0.03, 0.1, 0.3), "ptl_v2": (0.03, 0.1, 0.3), "std": (0.1, 0.3, 1.0),
-        "rollback": (0.01, 0.03, 0.1)})  # fmt: skip
+        "std_plain": (0.1, 0.3, 1.0), "rollback": (0.01, 0.03, 0.1)})  # fmt: skip
     max_extensions: int = 2
     curve_every: int = 4  # epochs between the points of an evaluation run's test curve
     val_curve_every: int = 12  # epochs between the points of a tuning run's validation curve
@@ -340,6 +355,8 @@ class Task:
     phase: str  # "tune" (validation only), "eval" (test), "ablation" (test), "plateau" (validation)
     variant: str | None = None
     epochs: int | None = None  # None: the protocol's
+    teaches: bool = False  # the run's model is the teacher of a distilled condition: its state dict is returned
+    teacher: str | None = None  # a distilled run: which run's model is its teacher (recorded)
 
     @property
     def label(self) -> str:
@@ -352,10 +369,31 @@ def _sgd(params, lr: float, protocol: Protocol) -> torch.optim.SGD:
                            weight_decay=protocol.weight_decay)  # fmt: skip
 
 
+def make_backbone(protocol: Protocol, in_channels: int, num_classes: int) -> nn.Module:
+    """The protocol's backbone, randomly initialised (from the global generator); its classifier is ``fc``.
+
+    ``resnet18`` is timm's standard ResNet-18 (7x7 stride-2 stem and max pooling, four stages of two basic
+    blocks, 11M parameters), built for ``in_channels`` so that grey images need no copying into RGB.
+    """
+    if protocol.backbone == "small":
+        return SmallResNet(in_channels, num_classes, protocol.width, protocol.blocks)
+    if protocol.backbone == "resnet18":
+        import timm
+
+        return timm.create_model("resnet18", pretrained=False, in_chans=in_channels, num_classes=num_classes)
+    raise ValueError(f"unknown backbone {protocol.backbone!r}; valid: {', '.join(BACKBONES)}")
+
+
+def describe_backbone(protocol: Protocol) -> str:
+    if protocol.backbone == "small":
+        return f"SmallResNet(width={protocol.width}, blocks={protocol.blocks})"
+    return f"timm {protocol.backbone} (standard, random init before pre-training)"
+
+
 def pretrain(data: TransferData, protocol: Protocol, seed: int = 0, bar=None) -> tuple[dict[str, Tensor], float]:
     """The backbone trained on the source task: ``(state_dict, source test accuracy %)``."""
     gen = seeded(seed)
-    model = SmallResNet(data.input_size[0], len(data.source_classes), protocol.width, protocol.blocks)
+    model = make_backbone(protocol, data.input_size[0], len(data.source_classes))
     optimizer = torch.optim.SGD(model.parameters(), lr=protocol.source_lr, momentum=protocol.momentum,
                                 weight_decay=protocol.weight_decay)  # fmt: skip
     train_epochs(model, optimizer, data.source_train, protocol.source_epochs, gen, batch_size=protocol.batch_size,
@@ -363,9 +401,9 @@ def pretrain(data: TransferData, protocol: Protocol, seed: int = 0, bar=None) ->
     return copy.deepcopy(model.state_dict()), evaluate(model, data.source_test)[0]
 
 
-def target_backbone(data: TransferData, pretrained: dict[str, Tensor], protocol: Protocol) -> SmallResNet:
+def target_backbone(data: TransferData, pretrained: dict[str, Tensor], protocol: Protocol) -> nn.Module:
     """The pre-trained backbone with a new classifier for the target task (drawn from the global generator)."""
-    model = SmallResNet(data.input_size[0], len(data.source_classes), protocol.width, protocol.blocks)
+    model = make_backbone(protocol, data.input_size[0], len(data.source_classes))
     model.load_state_dict(pretrained)
     model.fc = nn.Linear(model.fc.in_features, len(data.target_classes))
     return model
@@ -407,8 +445,8 @@ def run_task(task: Task, data: TransferData, pretrained: dict[str, Tensor], prot
     """Fine-tune the pre-trained backbone as ``task`` says and measure what its phase reads.
 
     Returns:
-        The run's record and, for a ``ptl_v1`` run of the tuning or evaluation phase (a teacher of ``std``), its
-        state dict.
+        The run's record and, for a run that ``teaches`` (a ``ptl_v1`` or ``plain`` run of the tuning or
+        evaluation phase whose model a distilled condition needs), its state dict.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     gen = seeded(task.seed)
@@ -433,10 +471,14 @@ def run_task(task: Task, data: TransferData, pretrained: dict[str, Tensor], prot
     augment = crop_flip if data.augment else None
     common = dict(batch_size=protocol.batch_size, augment=augment, reset_state=options.get("reset", True),
                   after_epoch=after_epoch)  # fmt: skip
-    if task.condition == "std":
+    if task.condition in TEACHER:
+        teacher_condition = TEACHER[task.condition]
         if teacher_state is None:
-            raise ValueError(f"{task.label}: the std condition needs its teacher (the ptl_v1 model of seed {task.seed})")
-        teacher = _ptl_model("ptl_v1", target_backbone(data, pretrained, protocol), data)
+            raise ValueError(f"{task.label}: the {task.condition} condition needs its teacher (the "
+                             f"{teacher_condition} model of seed {task.seed})")  # fmt: skip
+        teacher = target_backbone(data, pretrained, protocol)
+        if teacher_condition in PTL:
+            teacher = _ptl_model(teacher_condition, teacher, data)
         teacher.load_state_dict(teacher_state)
         trainer = STDTrainer(model, teacher, lam=protocol.lam, input_size=data.input_size)
         optimizer = _sgd(trainer.parameters(), task.lr, protocol)
@@ -456,7 +498,7 @@ def run_task(task: Task, data: TransferData, pretrained: dict[str, Tensor], prot
         optimizer = _sgd(model.parameters(), task.lr, protocol)
         curve = train_epochs(model, optimizer, data.target_train, epochs, gen, **common)
     record: dict[str, Any] = {"condition": task.condition, "lr": task.lr, "seed": task.seed, "phase": task.phase,
-                              "variant": task.variant, "epochs": epochs,
+                              "variant": task.variant, "epochs": epochs, "teacher": task.teacher,
                               "curve": [p for p in curve if p]}  # fmt: skip
     if testing:
         evaluated = evaluator.prepared(model)
@@ -473,8 +515,7 @@ def run_task(task: Task, data: TransferData, pretrained: dict[str, Tensor], prot
         record["val_acc"], record["val_loss"] = evaluator.accuracy(model, data.target_val)
     record["seconds"] = round(time.perf_counter() - start, 2)
     record["cpu_seconds"] = round(time.process_time() - cpu_start, 2)
-    keep = task.condition == "ptl_v1" and task.variant is None and task.phase in ("tune", "eval")
-    return record, (copy.deepcopy(model.state_dict()) if keep else None)
+    return record, (copy.deepcopy(model.state_dict()) if task.teaches else None)
 
 
 # ----------------------------------------------------------------------------------------------- the scheduler
@@ -537,9 +578,10 @@ def run_protocol(data: TransferData, pretrained: dict[str, Tensor], protocol: Pr
                  ablation: bool, workers: int, threads: int = 1, bar=None) -> tuple[list[dict], dict[str, _Tuning]]:  # fmt: skip
     """Every task of the protocol, scheduled as their inputs become known, on ``workers`` processes.
 
-    Tuning runs of every condition start at once (``std`` once ``ptl_v1``'s lr is chosen, with the tuning
-    models at that lr as teachers); a condition whose grid is complete either extends it at an edge or
-    starts its evaluation seeds; ``std``'s evaluation seed waits for that seed's ``ptl_v1`` model.
+    Tuning runs of every condition start at once (a distilled condition, ``std`` or ``std_plain``, once its
+    teacher condition's lr is chosen, with the teacher's tuning models at that lr as teachers); a condition
+    whose grid is complete either extends it at an edge or starts its evaluation seeds; a distilled
+    condition's evaluation seed waits for that seed's teacher model.
     """
     if workers > 1:
         context = multiprocessing.get_context("fork")  # the workers inherit the data: nothing is pickled
@@ -552,8 +594,12 @@ def run_protocol(data: TransferData, pretrained: dict[str, Tensor], protocol: Pr
     pending: dict[Future, Task] = {}
     queue: list[tuple[Task, dict | None]] = []
     records: list[dict] = []
-    teachers: dict[tuple, dict[str, Tensor]] = {}
-    std_eval_started: set[int] = set()
+    teachers: dict[tuple, dict[str, Tensor]] = {}  # (condition, phase, lr or None, seed) -> state dict
+    students = {c: TEACHER[c] for c in conditions if c in TEACHER}
+    student_eval_started: set[tuple[str, int]] = set()
+
+    def teaches(condition: str) -> bool:
+        return condition in students.values()
 
     def submit(task: Task, teacher: dict | None = None) -> None:
         if bar is not None:
@@ -571,17 +617,23 @@ def run_protocol(data: TransferData, pretrained: dict[str, Tensor], protocol: Pr
     def tune(condition: str, lrs: Sequence[float]) -> None:
         for lr in lrs:
             for seed in protocol.tune_seeds:
-                teacher = teachers[("tune", tuning["ptl_v1"].selected, seed)] if condition == "std" else None
-                submit(Task(condition, lr, seed, "tune"), teacher)
+                teacher, name = None, None
+                if condition in students:
+                    source, source_lr = students[condition], tuning[students[condition]].selected
+                    teacher, name = teachers[(source, "tune", source_lr, seed)], f"{source} lr {source_lr:g} seed {seed}"
+                submit(Task(condition, lr, seed, "tune", teaches=teaches(condition), teacher=name), teacher)
 
-    def release_std() -> None:
-        chosen = tuning.get("std")
-        if chosen is None or chosen.selected is None:
-            return
-        for seed in protocol.eval_seeds:
-            if seed not in std_eval_started and ("eval", seed) in teachers:
-                std_eval_started.add(seed)
-                submit(Task("std", chosen.selected, seed, "eval"), teachers[("eval", seed)])
+    def release_students() -> None:
+        for student, source in students.items():
+            chosen = tuning[student]
+            if chosen.selected is None:
+                continue
+            for seed in protocol.eval_seeds:
+                key = (source, "eval", None, seed)
+                if (student, seed) not in student_eval_started and key in teachers:
+                    student_eval_started.add((student, seed))
+                    name = f"{source} lr {tuning[source].selected:g} seed {seed}"
+                    submit(Task(student, chosen.selected, seed, "eval", teacher=name), teachers[key])
 
     def grid_done(condition: str) -> None:
         t = tuning[condition]
@@ -596,11 +648,12 @@ def run_protocol(data: TransferData, pretrained: dict[str, Tensor], protocol: Pr
             return
         t.selected, t.edge = best, best in (min(t.grid), max(t.grid))
         for seed in protocol.eval_seeds:
-            if condition != "std":
-                submit(Task(condition, best, seed, "eval"))
+            if condition not in students:
+                submit(Task(condition, best, seed, "eval", teaches=teaches(condition)))
+        for student, source in students.items():
+            if source == condition:
+                tune(student, tuning[student].grid)
         if condition == "ptl_v1":
-            if "std" in tuning:
-                tune("std", tuning["std"].grid)
             if ablation:
                 for variant in VARIANTS:
                     for seed in protocol.eval_seeds:
@@ -608,11 +661,11 @@ def run_protocol(data: TransferData, pretrained: dict[str, Tensor], protocol: Pr
         if condition == "plain" and protocol.plateau_check:
             for seed in protocol.tune_seeds:
                 submit(Task("plain", best, seed, "plateau", epochs=2 * protocol.epochs))
-        release_std()
+        release_students()
 
     try:
         for condition in conditions:
-            if condition != "std":
+            if condition not in students:
                 tune(condition, tuning[condition].grid)
         flush()
         while pending:
@@ -622,14 +675,14 @@ def run_protocol(data: TransferData, pretrained: dict[str, Tensor], protocol: Pr
                 record, state = future.result()
                 records.append(record)
                 if state is not None:
-                    teachers[("tune", task.lr, task.seed) if task.phase == "tune" else ("eval", task.seed)] = state
+                    teachers[(task.condition, task.phase, task.lr if task.phase == "tune" else None, task.seed)] = state
                 if bar is not None:
                     bar.update(record["epochs"] * (protocol.rollback_periods if task.condition == "rollback" else 1))
                     bar.set_postfix_str(task.label, refresh=False)
                 if task.phase == "tune":
                     grid_done(task.condition)
-                elif task.phase == "eval" and task.condition == "ptl_v1":
-                    release_std()
+                elif task.phase == "eval" and teaches(task.condition):
+                    release_students()
             flush()
     finally:
         executor.shutdown(wait=True)
@@ -660,11 +713,15 @@ def summarise(records: list[dict], tuning: dict[str, _Tuning], conditions: Seque
         results[c] = {"lr": tuning[c].selected, "lr_at_edge": tuning[c].edge, "grid": sorted(tuning[c].grid),
                       **_summary(chosen)}  # fmt: skip
     for c in conditions:
-        for baseline in ("plain", "control"):
+        for baseline in BASELINES.get(c, ()) + ("plain", "control"):
             if baseline in results and c != baseline:
                 for metric in ("test_acc", "map", "rank1"):
                     results[c][f"{metric}_vs_{baseline}"] = _compare(results[c][metric], results[baseline][metric])
     return results
+
+
+#: comparisons beyond plain and control: STD with the PTL teacher against STD with the plain one (same seeds)
+BASELINES = {"std": ("std_plain",)}
 
 
 def _summary(chosen: list[dict]) -> dict:
@@ -714,7 +771,7 @@ def plot(results: dict[str, dict], title: str, path: Path) -> None:
     long = [c for c in results if c == "rollback"]
     panels = [[c for c in results if c not in long]] + ([long] if long else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), dpi=110, squeeze=False)
-    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1))]
+    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 2))]
     for ax, names in zip(axes[0], panels):
         for c, style in zip(names, styles):
             r = results[c]
@@ -753,7 +810,7 @@ def markdown(report: dict, path: Path) -> list[str]:
         f"- data: `{data['dataset']}`, input {'x'.join(map(str, data['input_size']))}; source classes "
         f"{', '.join(data['source_classes'])}; target classes {', '.join(data['target_classes'])}",
         "- split sizes: " + ", ".join(f"{k} {v}" for k, v in data["sizes"].items()) + f" ({data['split']})",
-        f"- backbone: SmallResNet(width={proto['width']}, blocks={proto['blocks']}), {report['backbone_params']} "
+        f"- backbone: {report['backbone']}, {report['backbone_params']} "
         "parameters; PTL adds " + ", ".join(f"{k} {v}" for k, v in report["ptl_params"].items()),
         f"- pre-training: {proto['source_epochs']} epoch(s) at lr {proto['source_lr']:g}, once (seed 0) for every "
         f"run; source test accuracy {pre['source_test_acc']:.2f}%",
@@ -790,6 +847,8 @@ def markdown(report: dict, path: Path) -> list[str]:
                      + " | ".join(cells) + " |")  # fmt: skip
     lines += ["", f"One test image is {100 / data['sizes']['target_test']:.3g} points of accuracy.", "",
               power_statement(results, n)]  # fmt: skip
+    if "test_acc_vs_std_plain" in results.get("std", {}):
+        lines += ["", *teacher_section(results, n)]
     lines += [
         "",
         "## Retrieval on the target test set (the paper's ReID metrics)",
@@ -862,10 +921,31 @@ def markdown(report: dict, path: Path) -> list[str]:
     return lines
 
 
+def teacher_section(results: dict[str, dict], n: int) -> list[str]:
+    """STD with the PTL teacher against STD with the plain teacher (the born-again control), paired by seed."""
+    std, born = results["std"], results["std_plain"]
+    lines = [
+        "## Is STD's gain the PTL teacher's? (the born-again control)",
+        "",
+        f"`std` distils the `ptl_v1` model of each seed (lr {results['ptl_v1']['lr']:g}) and `std_plain` the `plain` "
+        f"model of the same seed (lr {results['plain']['lr']:g}), each student at its own tuned lr (`std` "
+        f"{std['lr']:g}, `std_plain` {born['lr']:g}), on the same {n} evaluation seeds.",
+        "",
+        "| metric | std (PTL teacher) | std_plain (plain teacher) | difference [95% CI] | detectable | better / worse |",
+        "|---|---|---|---|---|---|",
+    ]
+    for metric, name in (("test_acc", "test accuracy"), ("map", "mAP"), ("rank1", "rank-1")):
+        d = std[f"{metric}_vs_std_plain"]
+        lines.append(f"| {name} | {std[f'{metric}_mean']:.2f} ± {std[f'{metric}_std']:.2f} | "
+                     f"{born[f'{metric}_mean']:.2f} ± {born[f'{metric}_std']:.2f} | {interval(d)} | "
+                     f"{d['detectable']:.2f} | {d['better']} / {d['worse']} |")  # fmt: skip
+    return lines
+
+
 def power_statement(results: dict[str, dict], n: int) -> str:
     """One sentence from the measured spreads: the smallest differences this run could detect."""
     parts = [f"{c} vs {base} {r[f'test_acc_vs_{base}']['detectable']:.2f}" for c, r in results.items()
-             for base in ("plain", "control") if f"test_acc_vs_{base}" in r]  # fmt: skip
+             for base in ("plain", "control", "std_plain") if f"test_acc_vs_{base}" in r]  # fmt: skip
     if not parts:
         return ""
     return (f"**Power.** With {n} seeds and the spreads observed here, the run detects (80% power, paired t at "
@@ -884,7 +964,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     protocol = args.protocol
     data = make_data(args.dataset, args.data_dir, args.image_size, args.per_class, args.budget, args.val_per_class)
     conditions = [c for c in CONDITIONS if c in args.conditions]
-    backbone = SmallResNet(data.input_size[0], len(data.target_classes), protocol.width, protocol.blocks)
+    backbone = make_backbone(protocol, data.input_size[0], len(data.target_classes))
     # Built before anything runs, so that a condition this bconv cannot build stops the run at once.
     ptl_params = {c: params(_ptl_model(c, copy.deepcopy(backbone), data).ptl) for c in conditions if c in PTL}
     with tqdm(total=protocol.source_epochs, desc="pre-train", unit="epoch", leave=False) as bar:
@@ -916,6 +996,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "data": {"dataset": data.name, "input_size": list(data.input_size), "source_classes": data.source_classes,
                  "target_classes": data.target_classes, "sizes": data.sizes(), "augment": data.augment,
                  "split": data.split, "budget_reason": data.budget_reason if args.budget else None},  # fmt: skip
+        "backbone": describe_backbone(protocol),
         "backbone_params": params(backbone),
         "ptl_params": ptl_params,
         "pretrain": {"seed": 0, "source_test_acc": source_acc},
@@ -953,12 +1034,13 @@ def estimate(args: argparse.Namespace) -> dict:
     print(f"pre-training: {pretrain_cpu:.1f} CPU s, {pretrain_wall:.1f} s", flush=True)
     _init_worker(data, pretrained, protocol, args.threads)
     measured: dict[str, dict] = {}
-    teacher = None
-    for c in tqdm(sorted(conditions, key=lambda c: c == "std"), desc="one run per condition"):
+    states: dict[str, dict[str, Tensor]] = {}
+    for c in tqdm(sorted(conditions, key=lambda c: c in TEACHER), desc="one run per condition"):
         grid = protocol.grid(c)
-        record, state = run_task(Task(c, grid[len(grid) // 2], protocol.eval_seeds[0], "eval"), data, pretrained,
-                                 protocol, teacher)  # fmt: skip
-        teacher = state if c == "ptl_v1" else teacher
+        task = Task(c, grid[len(grid) // 2], protocol.eval_seeds[0], "eval", teaches=c in TEACHER.values())
+        record, state = run_task(task, data, pretrained, protocol, states.get(TEACHER.get(c, "")))
+        if state is not None:
+            states[c] = state
         measured[c] = {"cpu_seconds": record["cpu_seconds"], "seconds": record["seconds"]}
         tqdm.write(f"{c}: {record['cpu_seconds']:.1f} CPU s, {record['seconds']:.1f} s")
     runs = {c: len(protocol.grid(c)) * len(protocol.tune_seeds) + len(protocol.eval_seeds) for c in conditions}
@@ -994,6 +1076,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--per-class", type=int, help="use at most this many images per class in every split")
     parser.add_argument("--budget", type=int, help=f"labelled target training images per class (default {BUDGET})")
     parser.add_argument("--val-per-class", type=int, help=f"target validation images per class (default {VAL_PER_CLASS})")
+    parser.add_argument("--backbone", choices=BACKBONES, default="small",
+                        help="small: the 3-stage ResNet of width --width (default); resnet18: timm's ResNet-18")
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     parser.add_argument("--ablation", action="store_true", help="also run ptl_v1's ablation (reset never, pooled state)")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default 48)")
@@ -1012,7 +1096,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="output path without suffix (default benchmarks/results/transfer_<dataset>)")
     args = parser.parse_args(argv)
     budget, val, source_epochs = DATASET_DEFAULTS[args.dataset]
-    protocol = Protocol(source_epochs=source_epochs)
+    protocol = Protocol(source_epochs=source_epochs, backbone=args.backbone)
     if args.quick:
         protocol = replace(protocol, grids=dict(QUICK_GRIDS), **QUICK)
         budget, val = (10, 10) if budget else (None, None)
@@ -1031,14 +1115,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--eval-seeds must be fresh: not the tuning seeds {list(protocol.tune_seeds)}")
         changes["eval_seeds"] = tuple(args.eval_seeds)
     args.protocol = replace(protocol, **changes)
-    if "std" in args.conditions and "ptl_v1" not in args.conditions:
-        parser.error("the std condition distils the ptl_v1 model: add ptl_v1 to --conditions")
+    for student, teacher in TEACHER.items():
+        if student in args.conditions and teacher not in args.conditions:
+            parser.error(f"the {student} condition distils the {teacher} model: add {teacher} to --conditions")
     if args.ablation and "ptl_v1" not in args.conditions:
         parser.error("the ablation varies the ptl_v1 condition: add ptl_v1 to --conditions")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.out is None:
-        args.out = RESULTS / f"transfer_{args.dataset.replace('-', '_')}"
+        suffix = "" if args.backbone == "small" else f"_{args.backbone}"
+        args.out = RESULTS / f"transfer_{args.dataset.replace('-', '_')}{suffix}"
     return args
 
 
