@@ -106,7 +106,8 @@ def test_transfer_quick_on_fashion_mnist_idx_files_runs_the_whole_protocol(tmp_p
     for c in conditions:  # each grid is tuned on the tuning seeds before anything is evaluated
         tuned = {(r["lr"], r["seed"]) for r in runs if r["condition"] == c and r["phase"] == "tune"}
         assert tuned == {(lr, s) for lr in results[c]["grid"] for s in report["protocol"]["tune_seeds"]}
-    assert {r["seed"] for r in runs if r["condition"] == "std" and r["phase"] == "eval"} == {100, 101}
+    for student in ("std", "std_plain"):
+        assert {r["seed"] for r in runs if r["condition"] == student and r["phase"] == "eval"} == {100, 101}
     assert set(report["ablation"]) == {"reset never", "state pooled"}
     for r in report["ablation"].values():
         assert r["seeds"] == [100, 101] and "test_acc_vs_ptl_v1" in r and "detectable" in r["test_acc_vs_ptl_v1"]
@@ -129,6 +130,36 @@ def test_transfer_quick_on_digits_in_one_process(tmp_path):
     _check_report(report, out, ["plain", "ptl_v1"])
     assert report["workers"] == 1
     assert report["data"]["target_classes"] == ["5", "6", "7", "8", "9"]
+
+
+def test_the_born_again_control_distils_the_plain_model_of_the_same_seed_and_is_paired_with_std(tmp_path):
+    """std_plain's teacher is plain's model of the same seed at plain's chosen lr (std's: ptl_v1's), and the
+    report compares the two teachers seed by seed."""
+    out = tmp_path / "transfer"
+    report = transfer.main(["--dataset", "digits", "--quick", "--per-class", "12", "--workers", "1", "--conditions",
+                            "plain", "ptl_v1", "std", "std_plain", "--out", str(out)])  # fmt: skip
+    selected, runs = report["selected_lr"], report["runs"]
+    for student, teacher in (("std", "ptl_v1"), ("std_plain", "plain")):
+        distilled = [r for r in runs if r["condition"] == student]
+        assert {r["phase"] for r in distilled} == {"tune", "eval"}
+        assert all(r["teacher"] == f"{teacher} lr {selected[teacher]:g} seed {r['seed']}" for r in distilled)
+    assert all(r["teacher"] is None for r in runs if r["condition"] not in ("std", "std_plain"))
+    std, born = report["results"]["std"], report["results"]["std_plain"]
+    paired = std["test_acc_vs_std_plain"]
+    assert paired["mean"] == pytest.approx(std["test_acc_mean"] - born["test_acc_mean"])
+    assert "detectable" in paired and "test_acc_vs_std_plain" not in born
+    md = out.with_suffix(".md").read_text()
+    assert "## Is STD's gain the PTL teacher's? (the born-again control)" in md and "std vs std_plain" in md
+
+
+def test_the_resnet18_backbone_is_timms_standard_one_for_the_images_channels():
+    protocol = transfer.Protocol(backbone="resnet18")
+    model = transfer.make_backbone(protocol, 1, 5)
+    assert type(model).__name__ == "ResNet" and model.conv1.in_channels == 1 and model.fc.out_features == 5
+    assert isinstance(model.maxpool, nn.MaxPool2d) and [len(getattr(model, f"layer{i}")) for i in (1, 2, 3, 4)] == [2] * 4
+    assert transfer.describe_backbone(protocol).startswith("timm resnet18")
+    with pytest.raises(ValueError, match="unknown backbone 'resnet50'; valid: small, resnet18"):
+        transfer.make_backbone(transfer.Protocol(backbone="resnet50"), 1, 5)
 
 
 def test_control_is_the_paper_start_with_its_ladder_zeroed(tmp_path):
@@ -175,6 +206,8 @@ def test_a_grid_is_extended_beyond_a_chosen_edge_up_to_the_limit():
 
 def test_transfer_refuses_what_the_protocol_cannot_run(capsys):
     for argv, match in ((["--conditions", "plain", "std"], "the std condition distils the ptl_v1 model"),
+                        (["--conditions", "ptl_v1", "std_plain"], "the std_plain condition distils the plain model"),
+                        (["--backbone", "resnet50"], "invalid choice: 'resnet50'"),
                         (["--ablation", "--conditions", "plain"], "the ablation varies the ptl_v1 condition"),
                         (["--eval-seeds", "100", "101"], "at least 10 seeds, got 2"),
                         (["--eval-seeds", *map(str, range(10))], "must be fresh: not the tuning seeds [0, 1, 2]"),
@@ -193,7 +226,10 @@ def test_the_protocols_defaults_are_the_issues():
     assert args.dataset == "fashion-mnist" and (args.budget, args.val_per_class) == (20, 100)
     assert p.epochs == 48 and len(p.tune_seeds) == 3 and len(p.eval_seeds) >= 10 and p.rollback_periods == 4
     assert (p.momentum, p.nesterov, p.weight_decay) == (0.9, True, 5e-4)
-    assert set(args.conditions) == {"plain", "ptl_v1", "ptl_v1_paper", "control", "ptl_v2", "std", "rollback"}
+    assert set(args.conditions) == {"plain", "ptl_v1", "ptl_v1_paper", "control", "ptl_v2", "std", "std_plain",
+                                    "rollback"}
+    assert p.backbone == "small" and transfer.parse_args(["--backbone", "resnet18"]).out.name == (
+        "transfer_fashion_mnist_resnet18")
     assert args.workers == 2 and args.out == common.RESULTS / "transfer_fashion_mnist"
 
 
