@@ -7,7 +7,9 @@ weights; timm: ``pretrained_cfg["input_size"]``), the script measures:
 
 * **wrap**: ``wrap_with_ptl(model)`` on all discovered stages (``source="auto"``), timed; the source
   that found the stages (timm's ``feature_info`` or fx) and the stage count. A model refused with
-  ``NoSpatialStagesError`` (plain ViT-like) counts as "no spatial stages", not as a failure;
+  ``NoSpatialStagesError`` (neither spatial stages nor a token grid bconv can pair: CrossViT's two branches,
+  PiT's pooled tokens, ...) counts as "no spatial stages", not as a failure; token backbones (ViT, DeiT,
+  Mixer, ...) are wrapped on their blocks;
 * **agreement** (timm models whose ``feature_info`` gave the stages): do the fx stages output the same
   tensors? (``benchmarks._agreement``, the comparison of ``benchmarks.feature_info_agreement``);
 * **preserve**: function preservation at init, the eval output of the wrapped model against the
@@ -207,7 +209,8 @@ def write(rows: list[dict], summary: dict, run: dict, out: Path) -> None:
         "",
         f"- models: {s['models']} ({s['torchvision']} torchvision classifiers, {s['timm_families']} timm families); "
         f"excluded: {s['excluded']}; measured: {s['measured']}",
-        f"- refused as having no spatial stages (plain ViT-like): {s['no_spatial_stages']}",
+        f"- refused with `NoSpatialStagesError` (neither spatial stages nor a token grid bconv can pair; the reasons "
+        f"are listed below): {s['no_spatial_stages']}",
         f"- **wrapped: {s['wrapped']} of the {spatial} measured models that were not refused** "
         f"(build or wrap failed: {s['wrap_failed']})",
         f"- of the wrapped: function preserved at init {s['preserved']}, train step {s['train_step_ok']}, "
@@ -221,6 +224,8 @@ def write(rows: list[dict], summary: dict, run: dict, out: Path) -> None:
     ]
     failures = [r for r in rows if r["status"] == "fail"]
     lines += [f"- `{r['zoo']}:{r['model']}` ({r['step']}): {r['reason']}" for r in failures] or ["None."]
+    lines += ["", "## Refused (no spatial stages, no token grid bconv can pair)", ""]
+    lines += [f"- `{r['zoo']}:{r['model']}`: {r['reason']}" for r in rows if r["status"] == "no-spatial"] or ["None."]
     lines += ["", "## Excluded", ""]
     lines += [f"- `{r['zoo']}:{r['model']}`: {r['reason']}" for r in rows if r["status"] == "excluded"] or ["None."]
     lines += [
