@@ -408,3 +408,27 @@ def test_rolling_back_counts_a_vits_blocks():
     model = vit()
     rollback = Rollback(model, input_size=(3, 32, 32))
     assert [b.name for b in rollback.blocks] == ["stem", *(f"blocks.{i}" for i in range(6))]
+
+
+def test_layerscale_at_its_random_init_damps_the_ladders_waking_by_its_scale():
+    """DeiT III and DINOv2 start their LayerScale at 1e-6/1e-5 (random weights only): the gradient that
+    reaches the ladder through the later blocks is that much smaller. At a trained-like scale the ladder
+    wakes as on a plain ViT; the guide tells users to judge it on their pre-trained model."""
+
+    def share(init_values: float) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = wrap_with_ptl(vit(init_values=init_values), input_size=(3, 32, 32)).train()
+        x, y = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 5
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(5):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            model.detach_state()
+        usage = ladder_usage(model, x, y)
+        return usage.stage_share, usage.output_share
+
+    damped, trained_like = share(1e-5), share(0.1)
+    assert trained_like[0] > 100 * damped[0], (damped, trained_like)  # the cells' part of the paired block
+    assert damped[1] < 1e-8 < 1e-6 < trained_like[1], (damped, trained_like)  # and of the logits
