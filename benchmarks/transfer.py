@@ -87,6 +87,7 @@ Reproduce::
     python -m benchmarks.transfer --ablation                      # the committed results, two worker processes
     python -m benchmarks.transfer --estimate                      # time one run per condition, extrapolate
     python -m benchmarks.transfer --quick --data-dir DIR --out /tmp/t   # a smoke run in seconds
+    python -m benchmarks.transfer --render --out benchmarks/results/transfer_fashion_mnist   # the report again
 """
 
 from __future__ import annotations
@@ -797,7 +798,8 @@ def markdown(report: dict, path: Path) -> list[str]:
     lines = [
         "# The transfer protocol: plain fine-tuning vs PTL, its control, STD and rolling back",
         "",
-        f"Made by `{run['command']}` in {report['wall_s'] / 60:.1f} minutes ({report['workers']} worker "
+        f"Made by `{run['command']}` at commit {run.get('commit') or 'unknown'} in {report['wall_s'] / 60:.1f} "
+        f"minutes ({report['workers']} worker "
         f"process(es), torch {run['environment']['torch']}, {run['environment']['cpus']} CPUs; 1-minute load average "
         f"{run['environment']['load']:.1f} at the start, {report['load_end']:.1f} at the end). The design is in the "
         "docstring of `benchmarks/transfer.py`.",
@@ -1019,6 +1021,14 @@ def run(args: argparse.Namespace, command: str) -> dict:
     return report
 
 
+def render(out: Path) -> dict:
+    """Write ``OUT.md`` again from ``OUT.json`` (a run's report, unchanged) with this version's report layout."""
+    report = json.loads(out.with_suffix(".json").read_text())
+    report["grids"] = {c: {float(lr): v for lr, v in grid.items()} for c, grid in report["grids"].items()}
+    out.with_suffix(".md").write_text("\n".join(markdown(report, out)) + "\n")
+    return report
+
+
 def estimate(args: argparse.Namespace) -> dict:
     """Time one run of each condition at its budget (the middle of its grid, one seed) and extrapolate the
     whole protocol's cost on ``--workers`` processes, assuming no grid extension."""
@@ -1093,6 +1103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--estimate", action="store_true",
                         help="time one run per condition at its budget and extrapolate the whole run; writes nothing")
     parser.add_argument("--note", help="a sentence about the run's circumstances, written into the results")
+    parser.add_argument("--render", action="store_true",
+                        help="only write OUT.md again from OUT.json (a finished run's measurements, unchanged)")
     parser.add_argument("--out", type=Path, help="output path without suffix (default benchmarks/results/transfer_<dataset>)")
     args = parser.parse_args(argv)
     budget, val, source_epochs = DATASET_DEFAULTS[args.dataset]
@@ -1131,6 +1143,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.render:
+        return render(args.out)
     if args.estimate:
         return estimate(args)
     report = run(args, run_command("transfer", argv))

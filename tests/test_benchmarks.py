@@ -150,6 +150,10 @@ def test_the_born_again_control_distils_the_plain_model_of_the_same_seed_and_is_
     assert "detectable" in paired and "test_acc_vs_std_plain" not in born
     md = out.with_suffix(".md").read_text()
     assert "## Is STD's gain the PTL teacher's? (the born-again control)" in md and "std vs std_plain" in md
+    assert f"at commit {report['run']['commit']}" in md
+    out.with_suffix(".md").unlink()
+    transfer.main(["--render", "--out", str(out)])  # the report again from the JSON alone, the same text
+    assert out.with_suffix(".md").read_text() == md
 
 
 def test_the_resnet18_backbone_is_timms_standard_one_for_the_images_channels():
