@@ -123,6 +123,8 @@ from benchmarks.common import (FASHION_MNIST_DIR, RESULTS, Split, balanced_subse
 CONDITIONS = ("plain", "ptl_v1", "ptl_v1_paper", "control", "ptl_v2", "std", "std_plain", "rollback")
 #: the distilled conditions and the condition whose model (same seed, at its chosen lr) is their teacher
 TEACHER = {"std": "ptl_v1", "std_plain": "plain"}
+#: comparisons beyond plain and control: STD with the PTL teacher against STD with the plain one (same seeds)
+BASELINES = {"std": ("std_plain",)}
 #: the backbones of the protocol (``--backbone``)
 BACKBONES = ("small", "resnet18")
 PTL = {"ptl_v1": ("v1", "identity"), "ptl_v1_paper": ("v1", "paper"), "control": ("v1", "paper"),
@@ -602,6 +604,13 @@ def run_protocol(data: TransferData, pretrained: dict[str, Tensor], protocol: Pr
     def teaches(condition: str) -> bool:
         return condition in students.values()
 
+    def teacher_of(student: str, phase: str, seed: int) -> tuple[dict[str, Tensor] | None, str]:
+        """The teacher's state dict for ``student``'s run (None until that run has finished) and its label."""
+        source = students[student]
+        lr = tuning[source].selected
+        key = (source, phase, lr if phase == "tune" else None, seed)
+        return teachers.get(key), f"{source} lr {lr:g} seed {seed}"
+
     def submit(task: Task, teacher: dict | None = None) -> None:
         if bar is not None:
             bar.total += task.epochs or protocol.run_epochs(task.condition)
@@ -618,23 +627,19 @@ def run_protocol(data: TransferData, pretrained: dict[str, Tensor], protocol: Pr
     def tune(condition: str, lrs: Sequence[float]) -> None:
         for lr in lrs:
             for seed in protocol.tune_seeds:
-                teacher, name = None, None
-                if condition in students:
-                    source, source_lr = students[condition], tuning[students[condition]].selected
-                    teacher, name = teachers[(source, "tune", source_lr, seed)], f"{source} lr {source_lr:g} seed {seed}"
+                teacher, name = teacher_of(condition, "tune", seed) if condition in students else (None, None)
                 submit(Task(condition, lr, seed, "tune", teaches=teaches(condition), teacher=name), teacher)
 
     def release_students() -> None:
-        for student, source in students.items():
+        for student in students:
             chosen = tuning[student]
             if chosen.selected is None:
                 continue
             for seed in protocol.eval_seeds:
-                key = (source, "eval", None, seed)
-                if (student, seed) not in student_eval_started and key in teachers:
+                teacher, name = teacher_of(student, "eval", seed)
+                if (student, seed) not in student_eval_started and teacher is not None:
                     student_eval_started.add((student, seed))
-                    name = f"{source} lr {tuning[source].selected:g} seed {seed}"
-                    submit(Task(student, chosen.selected, seed, "eval", teacher=name), teachers[key])
+                    submit(Task(student, chosen.selected, seed, "eval", teacher=name), teacher)
 
     def grid_done(condition: str) -> None:
         t = tuning[condition]
@@ -720,9 +725,6 @@ def summarise(records: list[dict], tuning: dict[str, _Tuning], conditions: Seque
                     results[c][f"{metric}_vs_{baseline}"] = _compare(results[c][metric], results[baseline][metric])
     return results
 
-
-#: comparisons beyond plain and control: STD with the PTL teacher against STD with the plain one (same seeds)
-BASELINES = {"std": ("std_plain",)}
 
 
 def _summary(chosen: list[dict]) -> dict:
@@ -947,7 +949,7 @@ def teacher_section(results: dict[str, dict], n: int) -> list[str]:
 def power_statement(results: dict[str, dict], n: int) -> str:
     """One sentence from the measured spreads: the smallest differences this run could detect."""
     parts = [f"{c} vs {base} {r[f'test_acc_vs_{base}']['detectable']:.2f}" for c, r in results.items()
-             for base in ("plain", "control", "std_plain") if f"test_acc_vs_{base}" in r]  # fmt: skip
+             for base in ("plain", "control", *BASELINES.get(c, ())) if f"test_acc_vs_{base}" in r]  # fmt: skip
     if not parts:
         return ""
     return (f"**Power.** With {n} seeds and the spreads observed here, the run detects (80% power, paired t at "
@@ -1023,7 +1025,13 @@ def run(args: argparse.Namespace, command: str) -> dict:
 
 def render(out: Path) -> dict:
     """Write ``OUT.md`` again from ``OUT.json`` (a run's report, unchanged) with this version's report layout."""
-    report = json.loads(out.with_suffix(".json").read_text())
+    path = out.with_suffix(".json")
+    if not path.is_file():
+        raise SystemExit(f"--render reads a finished run's report: {path} does not exist (pass its --out)")
+    report = json.loads(path.read_text())
+    if "run" not in report:
+        raise SystemExit(f"{path} predates the run record (command, commit, environment) that a report names; "
+                         "--render re-writes reports of this version's runs only")
     report["grids"] = {c: {float(lr): v for lr, v in grid.items()} for c, grid in report["grids"].items()}
     out.with_suffix(".md").write_text("\n".join(markdown(report, out)) + "\n")
     return report

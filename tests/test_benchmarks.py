@@ -154,6 +154,8 @@ def test_the_born_again_control_distils_the_plain_model_of_the_same_seed_and_is_
     out.with_suffix(".md").unlink()
     transfer.main(["--render", "--out", str(out)])  # the report again from the JSON alone, the same text
     assert out.with_suffix(".md").read_text() == md
+    with pytest.raises(SystemExit, match="does not exist"):
+        transfer.main(["--render", "--out", str(tmp_path / "missing")])
 
 
 def test_the_resnet18_backbone_is_timms_standard_one_for_the_images_channels():
