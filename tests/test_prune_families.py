@@ -135,6 +135,20 @@ class PatchMerging(nn.Module):
         return self.head(self.reduce(x).mean((1, 2)))
 
 
+class ScaledPatchMerging(PatchMerging):
+    """The same after a 3-D parameter (Swin V2's logit scales are [heads, 1, 1]): Torch-Pruning turns off the index
+    mapping of every concatenation downstream of one (its guard for a ViT's class token)."""
+
+    def __init__(self, c=12):
+        super().__init__(c)
+        self.scale = nn.Parameter(torch.ones(1, 1, c))
+
+    def forward(self, x):
+        x = F.gelu(self.mix(self.embed(x).permute(0, 2, 3, 1)) * self.scale)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.head(self.reduce(x).mean((1, 2)))
+
+
 class DualPath(nn.Module):
     """DPN's and CSPNet's pattern: a concatenation of a sum and of another layer's output."""
 
@@ -152,6 +166,7 @@ class DualPath(nn.Module):
 
 @pytest.mark.parametrize("build, producer, consumer, offsets", [
     (PatchMerging, "mix", "reduce", (0, 12, 24, 36)),  # each of the 4 slices holds all 12 channels
+    (ScaledPatchMerging, "mix", "reduce", (0, 12, 24, 36)),
     (DualPath, "c", "out", (8,)),  # c's channels come after the sum's 8
 ])  # fmt: skip
 def test_concatenation_offsets_are_exact(build, producer, consumer, offsets, tmp_path):
@@ -301,6 +316,48 @@ def test_attention_whose_forward_fails_once_pruned_is_kept_whole_and_the_rest_pr
     assert model.attn.qkv.in_features == 16 and model.fc1.out_features < 64
     assert skipped_because(result, "whose forward failed once its widths changed")
     assert replays(model, result, x, Tokens, tmp_path)
+
+
+def swin(v2=False):
+    """A small torchvision Swin (V1 or V2): shifted windows of 4 on an 8x8 token map, two stages."""
+    from torchvision.models import swin_transformer as sw
+
+    extra = dict(block=sw.SwinTransformerBlockV2, downsample_layer=sw.PatchMergingV2) if v2 else {}
+    return sw.SwinTransformer([4, 4], 32, [2, 2], [2, 4], [4, 4], num_classes=10, **extra)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_swin_attention_reads_its_width_from_its_weights_and_the_stream_is_pruned(v2, tmp_path):
+    # torchvision's Swin computes C // num_heads from its input and calls F.linear on its projections' weights:
+    # kept whole, it left 0.26 of swin_t's FLOPs reachable. bconv's subclass reads the heads' width from qkv.
+    from torchvision.models import swin_transformer as sw
+
+    from bconv.prune.attention import SUBCLASSES, decouple_widths
+
+    torch.manual_seed(0)
+    model, x = swin(v2).eval(), torch.randn(2, *SMALL)
+    before = model(x)
+    changed = decouple_widths(model)
+    assert len(changed) == 4 and all(type(m) in SUBCLASSES.values() for m in changed)
+    assert all(isinstance(m, sw.ShiftedWindowAttention) or isinstance(m, sw.ShiftedWindowAttentionV2) for m in changed)
+    assert torch.equal(model(x), before)  # the same computation at the unpruned widths
+
+    model, result, x = prune_train_replay(lambda: swin(v2))
+    reference = swin(v2)
+    attn, original = model.features[1][0].attn, reference.features[1][0].attn
+    assert attn.qkv.in_features < original.qkv.in_features  # the stream
+    assert (attn.qkv.out_features, attn.proj.in_features) == (original.qkv.out_features, original.proj.in_features)
+    assert not skipped_because(result, "whose forward failed")
+    assert replays(model, result, x, lambda: swin(v2), tmp_path)
+
+
+def test_a_failed_prune_gives_the_attention_its_own_class_back():
+    from torchvision.models import swin_transformer as sw
+
+    model = swin()
+    with pytest.raises(PruneTargetError):
+        cop_prune(model, SMALL, ratio=0.99, metric="flops", tolerance=0.001)
+    assert {type(m) for m in model.modules() if isinstance(m, sw.ShiftedWindowAttention)} == {sw.ShiftedWindowAttention}
 
 
 # ---------------------------------------------------------------- the tolerance, judged on what remains

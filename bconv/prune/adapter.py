@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import BConvError, TraceError
 from ..surgery import TotalFlopCounter, eval_mode
+from .attention import decouple_widths
 from .graph import ShapedGraph, shaped_index_mapping
 from .report import PruneError
 
@@ -33,6 +34,9 @@ def build_graph(
     """Torch-Pruning's dependency graph of ``model`` (a :class:`~.graph.ShapedGraph`, whose index mappings read the
     traced shapes), traced from one forward of ``x`` (eval mode, autograd on).
 
+    Attentions that read their inner width from their input get bconv's subclass first (see
+    :mod:`.attention`): the same computation at these widths, and one that still runs once the stream is pruned.
+
     ``forward(model, x)`` runs that forward when given (``cop_prune`` measures the model in it); it must
     return the model's output. An error of bconv's own raised in it passes through unchanged.
     """
@@ -40,6 +44,7 @@ def build_graph(
     # that accepts unbatched input (ResNet's convolutions do) runs almost to the end before failing, every layer
     # it ran then counted as reused; then it runs model(x).
     forward = forward or (lambda m, inputs: m(inputs))
+    decouple_widths(model)
     try:
         with warnings.catch_warnings(), torch.enable_grad(), eval_mode(model):
             warnings.simplefilter("ignore")
@@ -248,7 +253,8 @@ class Snapshot:
     attributes, and the contents of the containers among them (``_parameters``, ``_buffers``, hook dicts, an
     RNN's ``_flat_weights``), are therefore enough to restore the model exactly, in place: the same module,
     parameter, buffer and container objects the user holds (an optimizer built on the parameters, a hook's
-    handle), with no copy of the weights.
+    handle), with no copy of the weights. Each module's class is kept too (an attention may have been given
+    bconv's subclass, :mod:`.attention`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -256,10 +262,11 @@ class Snapshot:
         for module in model.modules():
             attributes = dict(vars(module))
             contents = [(v, copy.copy(v)) for v in attributes.values() if isinstance(v, (dict, list, set))]
-            self._saved.append((module, attributes, contents))
+            self._saved.append((module, module.__class__, attributes, contents))
 
     def restore(self) -> None:
-        for module, attributes, contents in self._saved:
+        for module, cls, attributes, contents in self._saved:
+            module.__class__ = cls  # an attention given bconv's subclass (see .attention) gets its own back
             module.__dict__.clear()
             module.__dict__.update(attributes)
             for container, items in contents:

@@ -299,6 +299,13 @@ class ShapedGraph(tp.DependencyGraph):
         kwargs["customized_pruners"] = {**_customized_pruners(model), **(kwargs.get("customized_pruners") or {})}
         with shaped_index_mapping():
             super().build_dependency(model, *args, **kwargs)
+        # Torch-Pruning turns the index mapping of every concatenation off where a 3-D parameter is upstream (its
+        # guard for a ViT's class token, concatenated along tokens): the mapping above tells tokens from channels
+        # itself, and a channel concatenation after one (Swin V2's patch merging, downstream of its logit scales)
+        # would otherwise map every input onto the first one's offsets.
+        for node in self.module2node.values():
+            if node.type == tp.ops.OPTYPE.CONCAT:
+                node.enable_index_mapping = True
         _fix_parameter_dims(self)
         self.unfollowable = {n.module: why for n in self.module2node.values() if (why := unfollowable_op(n))}
         return self
