@@ -604,7 +604,7 @@ def test_zoo_benchmark_classifies_pruned_and_refused_models():
     pruned = prune_zoo.measure(resolve("torchvision:squeezenet1_1"), "torchvision")
     assert pruned["status"] == "pruned" and pruned["forward"] == "same shape"
     assert abs(pruned["flops_removed"] - 0.5) <= 0.02
-    refused = prune_zoo.measure(resolve("timm:test_vit_relpos"), "vision_transformer_relpos")
+    refused = prune_zoo.measure(resolve("timm:skresnet18"), "sknet")
     assert refused["status"] == "refused" and refused["unchanged"] and "PruneTargetError" in refused["reason"]
 
 

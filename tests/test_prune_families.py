@@ -224,6 +224,28 @@ def test_blurpool_filter_follows_its_channels(tmp_path):
     assert replays(model, result, x, Blurred, tmp_path)
 
 
+class MetaFormerScaled(nn.Module):
+    """timm's MetaFormer ``Scale`` (CAFormer's res_scale, layer_scale): it views its scale as a stored shape."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.metaformer import Scale
+
+        self.conv1, self.scale = nn.Conv2d(3, 16, 3, stride=2, padding=1), Scale(16, init_value=0.5)
+        self.conv2, self.head = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.conv2(torch.relu(self.scale(self.conv1(x)))).mean((2, 3)))
+
+
+def test_metaformer_scale_and_its_shape_follow_their_channels(tmp_path):
+    # Torch-Pruning pruned the parameter and left the shape it is viewed as: CAFormer's pruned forward failed.
+    model, result, x = prune_train_replay(MetaFormerScaled)
+    c = model.conv1.out_channels
+    assert c < 16 and model.scale.scale.shape == (c,) and model.scale.shape == (c, 1, 1)
+    assert replays(model, result, x, MetaFormerScaled, tmp_path)
+
+
 class PositionedGroupNorm(nn.Module):
     """Visformer's NCHW position embedding [1, C, H, W], and a GroupNorm (the hybrid ViT's ResNetV2 stem)."""
 
@@ -243,6 +265,29 @@ def test_nchw_position_embedding_and_groupnorm_keep_their_layout(tmp_path):
     assert c < 32 and model.pos.shape == (1, c, 16, 16)  # pruned along its channels, not its width
     assert model.norm.num_channels == c and c % 2 == 0  # each of the 2 groups keeps as many channels
     assert replays(model, result, x, PositionedGroupNorm, tmp_path)
+
+
+class BlockedPosition(nn.Module):
+    """Nest's position embedding [1, blocks, tokens, C], added to a convolution's map cut into blocks of tokens."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.embed, self.pos = nn.Conv2d(3, c, 4, stride=4), nn.Parameter(torch.randn(1, 4, 16, c))
+        self.mix, self.head = nn.Linear(c, c), nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)  # [B, 8, 8, C] -> 4 blocks of 4x4 tokens
+        x = x.reshape(-1, 2, 4, 2, 4, x.shape[-1]).transpose(2, 3).reshape(x.shape[0], 4, 16, x.shape[-1])
+        return self.head(torch.relu(self.mix(x + self.pos)).mean((1, 2)))
+
+
+def test_channels_last_position_embedding_is_pruned_along_its_channels(tmp_path):
+    # Read as NCHW (the nearest layer is a convolution), Nest's embedding lost tokens instead of channels: every
+    # pruned forward failed, and no channel of nest_tiny could be pruned.
+    model, result, x = prune_train_replay(BlockedPosition)
+    c = model.embed.out_channels
+    assert c < 12 and model.pos.shape == (1, 4, 16, c)
+    assert replays(model, result, x, BlockedPosition, tmp_path)
 
 
 # ---------------------------------------------------------------- attention and constants
@@ -311,11 +356,59 @@ class Tokens(nn.Module):
         return self.head((x + self.fc2(F.gelu(self.fc1(x)))).mean(1))
 
 
-def test_attention_whose_forward_fails_once_pruned_is_kept_whole_and_the_rest_pruned(tmp_path):
+def reference_attention(attn, x):
+    """What InputWidthAttention computes with its heads' width read from its weights: no padding involved."""
+    B, N, _ = x.shape
+    inner = attn.qkv.out_features // 3
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, inner // attn.num_heads).permute(2, 0, 3, 1, 4)
+    return attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, inner))
+
+
+def test_attention_that_reads_its_width_from_its_input_gets_its_stream_padded(tmp_path):
+    # Its reshapes read C from its input: pruning the stream broke them, and the attention was kept whole. Padded
+    # back with zeros (and the layers inside taking the stream's channels back), it computes what it should.
     model, result, x = prune_train_replay(Tokens, ratio=0.3)
-    assert model.attn.qkv.in_features == 16 and model.fc1.out_features < 64
-    assert skipped_because(result, "whose forward failed once its widths changed")
+    assert model.attn.qkv.in_features < 16 and model.attn.qkv.out_features == 48  # the stream, the heads
+    assert result.report.padded == [f"{__name__}.InputWidthAttention"]
+    assert not skipped_because(result, "whose forward failed")
+    tokens = model.embed(x).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.attn(tokens), reference_attention(model.attn, tokens), rtol=0, atol=0)
     assert replays(model, result, x, Tokens, tmp_path)
+    assert "stream padded back" in format_report(result.report)
+
+
+class MixingAttention(InputWidthAttention):
+    """One that normalises across its input's channels before its projections: padding would change it."""
+
+    def forward(self, x):
+        return super().forward(F.layer_norm(x, x.shape[-1:]))
+
+
+class MixingTokens(Tokens):
+    def __init__(self):
+        super().__init__()
+        self.attn = MixingAttention()
+
+
+def test_attention_that_mixes_the_padding_into_its_stream_is_kept_whole(tmp_path):
+    model, result, x = prune_train_replay(MixingTokens, ratio=0.3)
+    assert model.attn.qkv.in_features == 16 and model.fc1.out_features < 64
+    assert result.report.padded == []
+    assert skipped_because(result, "whose forward failed once its widths changed")
+    assert replays(model, result, x, MixingTokens, tmp_path)
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("test_vit_relpos", "RelPosAttention"),  # reshape(B, N, C) with C from its input
+])  # fmt: skip
+def test_timm_attentions_that_read_their_width_from_their_input_are_padded(name, cls, tmp_path):
+    import timm
+
+    build = lambda: timm.create_model(name, num_classes=10)  # noqa: E731
+    model, result, x = prune_train_replay(build, input_size=(3, 160, 160))
+    assert [p.rpartition(".")[2] for p in result.report.padded] == [cls]
+    assert replays(model, result, x, build, tmp_path)
 
 
 def swin(v2=False):

@@ -16,12 +16,12 @@ from torch import Tensor, nn
 
 from ..errors import BConvError, TraceError
 from ..surgery import TotalFlopCounter, eval_mode
-from .attention import decouple_widths
+from .attention import attention_around, checking_padding, decouple_widths, head_count, pad_streams
 from .graph import ShapedGraph, shaped_index_mapping
 from .report import PruneError
 
 __all__ = [
-    "Protection", "Snapshot", "all_groups", "build_graph", "check_forward", "constant_input_layers", "has_submodule",
+    "Protection", "Snapshot", "all_groups", "build_graph", "check_forward", "check_forward_padded", "constant_input_layers", "has_submodule",
     "in_channels",
     "is_depthwise", "is_inside", "is_layer", "kernel_taps", "measure", "out_channels", "output_shapes",
     "plain_history", "protected_layers", "recording_positions",
@@ -126,11 +126,7 @@ def protected_layers(
     # The modules that keep a head count and own a layer directly, or hold no inner one that keeps a head
     # count, are attention: a block that keeps num_heads too (torchvision's ViT EncoderBlock, timm's DaViT
     # blocks) keeps its MLP prunable. timm and torchvision: num_heads; Hiera: heads; torchvision's MaxViT: n_heads.
-    with_heads = {}
-    for name, module in model.named_modules():
-        heads = next((h for h in (getattr(module, a, None) for a in ("num_heads", "heads", "n_heads")) if h), None)
-        if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
-            with_heads[name] = (module, heads)
+    with_heads = {name: (module, heads) for name, module in model.named_modules() if (heads := head_count(module))}
     ran = {m: i for i, m in enumerate(order)}
     for name, (module, heads) in with_heads.items():
         inner = any(other != name and (name == "" or other.startswith(name + ".")) for other in with_heads)
@@ -238,6 +234,26 @@ def check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) ->
         raise PruneError(f"after pruning, {type(model).__name__}'s outputs have shapes {output_shapes(out)} "
                          f"instead of {shapes}; the model is unchanged")  # fmt: skip
     return measured
+
+
+def check_forward_padded(
+    model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]], input_shapes: dict[nn.Module, torch.Size],
+    padded: list[type],
+) -> dict[str, int]:
+    """:func:`check_forward`; where the pruned forward fails inside an attention (a module that keeps a head count:
+    one whose forward reads its width from its input), every module of its class gets its stream padded back to
+    the width it had (:func:`.attention.pad_streams`; ``input_shapes`` from before pruning) and the check runs
+    again, for at most three classes. ``padded`` holds the classes padded so far and receives the new ones. A
+    failure that padding does not mend is raised as it is (the caller's snapshot takes the hooks off)."""
+    while True:
+        try:
+            with checking_padding():
+                return check_forward(model, x, shapes)
+        except PruneError as e:
+            cls = attention_around(model, getattr(e, "module_path", None))
+            if cls is None or cls in padded or len(padded) >= 3 or not pad_streams(model, cls, input_shapes):
+                raise
+            padded.append(cls)
 
 
 def plain_history(history: Iterable[Any]) -> list[list[Any]]:

@@ -18,9 +18,10 @@ from ..surgery import (
 )
 from ..surgery.anatomy import anatomy
 from .adapter import (
-    Snapshot, build_graph, check_forward, constant_input_layers, measure, out_channels, output_shapes, plain_history,
-    protected_layers,
+    Snapshot, build_graph, check_forward_padded, constant_input_layers, measure, out_channels, output_shapes,
+    plain_history, protected_layers,
 )
+from .attention import attention_around, recording_input_shapes
 from .importance import PRESETS, COPImportance
 from .planner import TOLERANCE, Floors, Planner
 from .report import LayerWidth, PruneError, PruneReport, PruneResult, PruneTargetError, skipped_hint
@@ -131,7 +132,7 @@ def cop_prune(
     try:
         while True:
             try:
-                graph, planner, before, after, achieved = _prune(
+                graph, planner, before, after, achieved, padded = _prune(
                     model, x, input_size, ratio, aim, metric, tol, importance, floors, stages, protect,
                     keep_feature_width, calibration, allowed, whole_classes,
                 )  # fmt: skip
@@ -146,8 +147,8 @@ def cop_prune(
                 estimated, measured_cut = overshoot
                 aim = ratio * estimated / measured_cut
             except PruneError as e:
-                # The pruned forward failed inside a module whose widths Torch-Pruning does not update (an
-                # attention that reads its width from its input): once per class, keep that class whole and retry.
+                # The pruned forward failed inside a module whose widths Torch-Pruning does not update, padding the
+                # stream of an attention did not mend it: once per class, keep that class whole and retry.
                 failed = _failing_class(model, getattr(e, "module_path", None))
                 if failed is None or failed in whole_classes or len(whole_classes) >= _RETRIES:
                     raise
@@ -165,6 +166,7 @@ def cop_prune(
                 if out_channels(model.get_submodule(n)) != w],
         alpha=importance.alpha, beta=importance.beta, gamma=importance.gamma, skipped=planner.skipped,
         input_size=input_size, seconds=time.perf_counter() - start, tolerance=tol,
+        padded=[f"{c.__module__}.{c.__qualname__}" for c in padded],
     )  # fmt: skip
     history = plain_history(graph.pruning_history())
     return PruneResult(model=model, report=report, history=history)
@@ -187,12 +189,9 @@ def _tolerance(ratio: float, tolerance: float | None) -> float:
 def _failing_class(model: nn.Module, path: str | None) -> type | None:
     """The class of the attention around ``path`` (a module that keeps a head count), else of the innermost module
     around it that is not one of torch's own layers (a timm or torchvision block), or None."""
-    inside = path
-    while inside:
-        module = model.get_submodule(inside)
-        if any(isinstance(getattr(module, a, None), int) for a in ("num_heads", "heads", "n_heads")):
-            return type(module)
-        inside = inside.rpartition(".")[0]
+    attention = attention_around(model, path)
+    if attention is not None:
+        return attention
     while path:
         cls = type(model.get_submodule(path))
         if not cls.__module__.startswith("torch."):
@@ -206,19 +205,22 @@ def _prune(
     importance: COPImportance, floors: Floors, stages: Sequence[str | int] | None, protect: Sequence[str],
     keep_feature_width: bool, calibration: Iterable[Tensor] | None, allowed: list[str] | None,
     whole_classes: Sequence[type],
-) -> tuple[Any, Planner, dict[str, int], dict[str, int], float]:
+) -> tuple[Any, Planner, dict[str, int], dict[str, int], float, list[type]]:
     """One attempt: the graph, the plan (the cost model aiming at ``aim``), the removal and the checks against
-    ``ratio`` (the caller restores the model on failure). An overshoot's PruneTargetError carries
+    ``ratio`` (the caller restores the model on failure), and the attention classes whose stream was padded. An overshoot's PruneTargetError carries
     ``overshoot = (estimated, measured)`` reductions."""
     positions: dict[nn.Module, int] = {}
     measured: dict[str, Any] = {}
+    input_shapes: dict[nn.Module, torch.Size] = {}  # of each attention, for padding its stream (.attention)
+    padded: list[type] = []  # the attention classes whose stream is padded
 
     def measuring_forward(m: nn.Module, inputs: Tensor) -> Any:
         # Torch-Pruning's tracing forward measures the model too, one forward fewer. It runs with autograd
         # on, and so does the check after pruning: both count alike (see TotalFlopCounter).
         positions.clear()  # should a Torch-Pruning version run it twice, positions are counted once
         try:
-            measured["before"], out = measure(m, inputs, positions)
+            with recording_input_shapes(m, input_shapes):
+                measured["before"], out = measure(m, inputs, positions)
         except Exception as e:
             try:
                 with torch.no_grad():
@@ -266,7 +268,7 @@ def _prune(
         estimated = planner.estimated_reduction(metric, before)
         planner.apply()
         with eval_mode(model), torch.enable_grad():
-            after = check_forward(model, x, reference_shapes)
+            after = check_forward_padded(model, x, reference_shapes, input_shapes, padded)
         achieved = 1 - after[metric] / before[metric]
         if achieved >= ratio - tol / 4 or not reached:
             break
@@ -286,7 +288,7 @@ def _prune(
             f"prunable layer at its floor ({_floors_text(floors)}). Pass ratio<={achieved:.4g}, a larger "
             f"tolerance=, or loosen the floors." + skipped_hint(planner.skipped)
         )
-    return graph, planner, before, after, achieved
+    return graph, planner, before, after, achieved, padded
 
 
 def _check_target(ratio: float, metric: str, prefer: str | None) -> None:

@@ -21,13 +21,18 @@ subclasses here can be dropped once torchvision and timm read it so.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import swin_transformer as swin
 
-__all__ = ["SUBCLASSES", "ShiftedWindowAttention", "ShiftedWindowAttentionV2", "decouple_widths"]
+__all__ = [
+    "SUBCLASSES", "PadStream", "ShiftedWindowAttention", "ShiftedWindowAttentionV2", "TakeStream", "attention_around",
+    "checking_padding", "decouple_widths", "head_count", "pad_streams", "recording_input_shapes",
+]  # fmt: skip
 
 
 def _swin_forward(self: nn.Module, input: Tensor) -> Tensor:
@@ -120,3 +125,114 @@ def decouple_widths(model: nn.Module) -> list[nn.Module]:
     for m in changed:
         m.__class__ = SUBCLASSES[type(m)]
     return changed
+
+
+# ------------------------------------------------------------------ any other attention: its stream padded back
+
+
+def head_count(module: nn.Module) -> int | None:
+    """The head count a module keeps (timm and torchvision: ``num_heads``; Hiera: ``heads``; MaxViT: ``n_heads``),
+    or None."""
+    heads = next((h for h in (getattr(module, a, None) for a in ("num_heads", "heads", "n_heads")) if h), None)
+    return heads if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 else None
+
+
+@contextmanager
+def recording_input_shapes(model: nn.Module, shapes: dict[nn.Module, torch.Size]) -> Iterator[None]:
+    """While inside, forwards record into ``shapes`` the shape of the first input of every module that keeps a
+    head count."""
+
+    def hook(m: nn.Module, args: Any) -> None:
+        if args and isinstance(args[0], Tensor):
+            shapes[m] = args[0].shape
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if head_count(m)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+_checking: list[bool] = [False]
+
+
+@contextmanager
+def checking_padding() -> Iterator[None]:
+    """While inside, each :class:`TakeStream` checks that what it drops is still the padding (zeros)."""
+    _checking[0] = True
+    try:
+        yield
+    finally:
+        _checking[0] = False
+
+
+class PadStream:
+    """Forward pre-hook of an attention whose forward reads its width from its input: the stream it receives,
+    narrower once pruned, padded with zeros back to the width it had (its heads' width), so that its own
+    reshapes still fit. Which dimension is the channels' is read on the first call (bconv's check, at the
+    input it was measured with): the one dimension that is narrower than it was."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.shape = tuple(shape)
+        self.dim: int | None = None  # counted from the end, so that any batch size fits
+        self.width = 0
+        self.resolved = False
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not args or not isinstance(args[0], Tensor):
+            return None
+        x = args[0]
+        if not self.resolved:
+            narrower = [d for d in range(x.dim()) if x.dim() == len(self.shape) and x.shape[d] < self.shape[d]]
+            if len(narrower) == 1:
+                self.dim, self.width = narrower[0] - x.dim(), self.shape[narrower[0]]
+            self.resolved = True
+        if self.dim is None or x.shape[self.dim] >= self.width:
+            return None
+        pad = [0, 0] * (-self.dim - 1) + [0, self.width - x.shape[self.dim]]
+        return (F.pad(x, pad), *args[1:])
+
+
+class TakeStream:
+    """Forward pre-hook of a convolution or linear layer inside such an attention: of an input wider than the layer
+    reads, the first channels (the stream; the rest is :class:`PadStream`'s zeros)."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not args or not isinstance(args[0], Tensor):
+            return None
+        x, linear = args[0], isinstance(module, nn.Linear)
+        width, dim = (module.in_features, -1) if linear else (module.in_channels, 1)
+        if x.dim() < 2 or x.shape[dim] <= width:
+            return None
+        if _checking[0] and x.narrow(dim, width, x.shape[dim] - width).any():
+            raise RuntimeError(
+                f"the zeros bconv padded this attention's stream with were mixed into it before this layer (an op "
+                f"across its channels); it cannot run narrower than its heads"
+            )  # fmt: skip
+        return (x.narrow(dim, 0, width), *args[1:])
+
+
+def pad_streams(model: nn.Module, cls: type, shapes: dict[nn.Module, torch.Size]) -> int:
+    """Give every module of class ``cls`` in ``model`` a :class:`PadStream` (from the input shape it had before
+    pruning, in ``shapes``), and every convolution and linear layer inside it a :class:`TakeStream`; return how
+    many modules got one."""
+    count = 0
+    for m in model.modules():
+        if type(m) is cls and m in shapes:
+            m.register_forward_pre_hook(PadStream(shapes[m]), prepend=True)
+            for layer in m.modules():
+                if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)):
+                    layer.register_forward_pre_hook(TakeStream(), prepend=True)
+            count += 1
+    return count
+
+
+def attention_around(model: nn.Module, path: str | None) -> type | None:
+    """The class of the innermost module around ``path`` that keeps a head count, or None."""
+    while path:
+        module = model.get_submodule(path)
+        if head_count(module):
+            return type(module)
+        path = path.rpartition(".")[0]
+    return None

@@ -17,7 +17,7 @@ of the tensors it saw (``grad_fn._input_metadata``). :class:`ShapedGraph` reads 
   channels, where Torch-Pruning guesses its last dimension;
 * timm's layers that keep a per-channel tensor of their own get a customised pruner (Torch-Pruning's
   ``customized_pruners``): ``ScaledStdConv2d``'s gain (NFNet), ``BlurPool2d``'s filter (TResNet's
-  anti-aliasing).
+  anti-aliasing), MetaFormer's ``Scale`` and the shape it views its scale as (CAFormer, ConvFormer, PoolFormer).
 
 Each fix is small and self-contained, and could be offered to Torch-Pruning as it is (its
 ``update_concat_index_mapping`` and ``update_reshape_index_mapping``). The patches are in effect only inside
@@ -33,7 +33,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping
 
-__all__ = ["BlurPoolPruner", "ShapedGraph", "StdConvGainPruner", "shaped_index_mapping", "unfollowable_op"]
+__all__ = ["BlurPoolPruner", "ShapedGraph", "ShapedScalePruner", "StdConvGainPruner", "shaped_index_mapping", "unfollowable_op"]
 
 
 def _shape(fn: Any, nr: int = 0) -> tuple[int, ...] | None:
@@ -261,10 +261,29 @@ class BlurPoolPruner(tp.pruner.function.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
+class ShapedScalePruner(tp.pruner.function.BasePruningFunc):
+    """timm's MetaFormer ``Scale``: its ``scale`` (one per channel) goes with its channels, and the ``shape`` it is
+    viewed as (``(C, 1, 1)`` or ``(C,)``) follows, where Torch-Pruning pruned the parameter alone."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.scale.shape[0])) - set(idxs))
+        layer.scale = self._prune_parameter_and_grad(layer.scale, keep, 0)
+        layer.shape = (len(keep), *layer.shape[1:])
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.scale.shape[0]
+
+    get_in_channels = get_out_channels
+
+
 def _customized_pruners(model: nn.Module) -> dict[type, Any]:
     """A pruner for each of timm's layer classes in ``model`` that Torch-Pruning's own pruners would break."""
     try:
         from timm.layers import BlurPool2d, ScaledStdConv2d
+        from timm.models.metaformer import Scale
     except ImportError:
         return {}
     pruners: dict[type, Any] = {}
@@ -273,17 +292,29 @@ def _customized_pruners(model: nn.Module) -> dict[type, Any]:
             pruners[type(m)] = StdConvGainPruner()  # Torch-Pruning matches a customised class exactly
         elif isinstance(m, BlurPool2d) and m.channels is not None:
             pruners[type(m)] = BlurPoolPruner()
+        elif isinstance(m, Scale) and isinstance(getattr(m, "shape", None), tuple):
+            pruners[type(m)] = ShapedScalePruner()
     return pruners
 
 
 def _fix_parameter_dims(graph: tp.DependencyGraph) -> None:
-    """A 4-D parameter added to an NCHW map is pruned along dimension 1, not Torch-Pruning's guess (its last
-    dimension of more than one element)."""
+    """A 4-D parameter is pruned along its channel dimension, not Torch-Pruning's guess (its last dimension of more
+    than one element): the one dimension as wide as the nearest layer's outputs where exactly one is (Visformer's
+    ``[1, C, H, W]`` position embedding: 1; Nest's ``[1, blocks, tokens, C]``: 3), else 1 where the map it is
+    added to is NCHW."""
     for node in graph.module2node.values():
         p = node.module
-        if node.type != tp.ops.OPTYPE.PARAMETER or p.dim() != 4 or p.shape[1] <= 1:
+        if node.type != tp.ops.OPTYPE.PARAMETER or p.dim() != 4 or not node.outputs:
             continue
-        if all(_channels_last(out) is False for out in node.outputs) and node.outputs:
+        layers = {_nearest_layer(out) for out in node.outputs}
+        if len(layers) == 1 and None not in layers:
+            layer = layers.pop()
+            width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            dims = [d for d in range(1, 4) if p.shape[d] == width]
+            if len(dims) == 1:
+                node.pruning_dim = dims[0]
+                continue
+        if p.shape[1] > 1 and all(_channels_last(out) is False for out in node.outputs):
             node.pruning_dim = 1
 
 

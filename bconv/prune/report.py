@@ -39,6 +39,8 @@ class PruneReport:
         skipped: channel groups that were not candidates, ``(root layer, reason)``.
         input_size, seconds: the dummy input size and the wall time of the call.
         tolerance: how far ``achieved`` was allowed to miss ``ratio``.
+        padded: the attention classes (module.qualname) whose forward reads its width from its input and whose
+            pruned stream is padded back to it with zeros (forward pre-hooks; docs/pruning-coverage.md).
     """
 
     metric: str
@@ -58,6 +60,7 @@ class PruneReport:
     input_size: tuple[int, ...]
     seconds: float
     tolerance: float = 0.02
+    padded: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -107,6 +110,8 @@ def format_report(report: PruneReport, stages: Sequence[Any] | None = None) -> s
                  f"(keeps {100 * (1 - report.achieved):.4g}%), "
                  f"(alpha, beta, gamma) = ({report.alpha:g}, {report.beta:g}, {report.gamma:g}), "
                  f"{len(report.layers)} layers narrowed in {report.seconds:.1f} s")  # fmt: skip
+    if report.padded:
+        lines.append(f"stream padded back to the heads' width in: {', '.join(report.padded)}")
     return "\n".join(lines)
 
 
