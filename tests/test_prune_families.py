@@ -184,6 +184,37 @@ def test_concatenation_offsets_are_exact(build, producer, consumer, offsets, tmp
     assert replays(model, result, x, build, tmp_path)
 
 
+class ThreeBranches(nn.Module):
+    """Three convolutions concatenated on the channels (MobileViT's fusion, DenseNet, Inception): each is its own
+    group, and each cut moves the offsets of the inputs after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Conv2d(3, 8, 3, padding=1) for _ in range(3))
+        self.out, self.head = nn.Conv2d(24, 16, 1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.out(torch.relu(torch.cat([b(x) for b in self.branches], 1))).mean((2, 3)))
+
+
+def test_offsets_follow_the_cuts_already_made_in_the_same_concatenation(tmp_path):
+    # Offsets read from the trace are the unpruned ones: once one branch lost a channel, a later branch's cut was
+    # mapped one column too far (the wrong weights went, or a shape failed). Two dead channels in each branch, every
+    # one of the six cut (COP cuts a channel that contributes nothing first): the output must not move.
+    model = ThreeBranches().eval()
+    x = torch.randn(2, *SMALL)
+    dead = [1, 6, 8 + 2, 8 + 5, 16 + 0, 16 + 7]
+    with torch.no_grad():
+        model.out.weight[:, dead] = 0.0
+    before = model(x)
+    result = cop_prune(model, SMALL, ratio=6 / 50, metric="channels", importance=ONLY_REDUNDANCY,
+                       tolerance=0.1 / 50)  # 24 + 16 + 10 output channels  # fmt: skip
+    assert sorted(int(i) for _, _, idxs in result.history for i in idxs) == [0, 1, 2, 5, 6, 7]
+    assert [b.out_channels for b in model.branches] == [6, 6, 6] and model.out.in_channels == 18
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    assert replays(model, result, x, ThreeBranches, tmp_path)
+
+
 # ---------------------------------------------------------------- timm layers with per-channel tensors of their own
 
 

@@ -26,6 +26,7 @@ Each fix is small and self-contained, and could be offered to Torch-Pruning as i
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -76,10 +77,23 @@ def _channels_last(node: Any) -> bool | None:
     return None if layer is None else isinstance(layer, nn.Linear)
 
 
+_CHANNEL_DIMS: "weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], int | None]]" = weakref.WeakKeyDictionary()
+
+
 def _channel_dim(node: Any, shape: Sequence[int]) -> int | None:
     """The channel dimension of a tensor of ``shape`` at ``node``: the one dimension as wide as the nearest layer's
     outputs (a transposed token map [B, C, N] included), else the last of a 2-D or 3-D one (features, tokens),
-    1 of an NCHW map or 3 of an NHWC one; None where that cannot be told."""
+    1 of an NCHW map or 3 of an NHWC one; None where that cannot be told.
+
+    ``shape`` is the traced one, and the answer is the one given at the graph's first index mapping, before any
+    channel was pruned: afterwards the traced shapes and the layers' widths no longer agree."""
+    known = _CHANNEL_DIMS.setdefault(node, {})
+    if tuple(shape) not in known:
+        known[tuple(shape)] = _traced_channel_dim(node, shape)
+    return known[tuple(shape)]
+
+
+def _traced_channel_dim(node: Any, shape: Sequence[int]) -> int | None:
     layer, ndim = _nearest_layer(node), len(shape)
     if layer is not None:
         width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
@@ -103,9 +117,14 @@ def _concat_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
     dim = _dim(fn._saved_dim, len(out))
     if dim != _channel_dim(node, out):
         return  # tokens, rows or an unknown layout: every channel stays where it is (the identity mapping)
-    # Offsets over every input in autograd's order, the ones the graph leaves out (constants) included.
+    # Offsets over every input in autograd's order, the ones the graph leaves out (constants) included: the traced
+    # widths, less what pruning removed since (ShapedGraph keeps them; autograd's are the unpruned ones).
     inputs = [(f, nr) for f, nr in fn.next_functions]
-    widths = [(_shape(f, nr) or (0,) * len(out))[dim] if f is not None else 0 for f, nr in inputs]
+    widths = getattr(graph, "concat_widths", {}).get(node)
+    if widths is None:
+        widths = [(_shape(f, nr) or (0,) * len(out))[dim] if f is not None else 0 for f, nr in inputs]
+        if hasattr(graph, "concat_widths"):
+            graph.concat_widths[node] = widths
     starts = [sum(widths[:i]) for i in range(len(widths))]
     spans, used = [], set()
     for n in node.inputs:
@@ -324,9 +343,12 @@ class ShapedGraph(tp.DependencyGraph):
 
     Attributes:
         unfollowable: each op node whose channel indices cannot be followed, with the reason.
+        concat_widths: each channel concatenation's input widths (autograd's order), traced, then narrowed by every
+            group this graph prunes, so that later groups map onto the offsets as they are.
     """
 
     def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> "ShapedGraph":
+        self.concat_widths: dict[Any, list[int]] = {}  # each channel concatenation's input widths, kept current
         kwargs["customized_pruners"] = {**_customized_pruners(model), **(kwargs.get("customized_pruners") or {})}
         with shaped_index_mapping():
             super().build_dependency(model, *args, **kwargs)
@@ -343,4 +365,30 @@ class ShapedGraph(tp.DependencyGraph):
 
     def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:
         with shaped_index_mapping():
-            return super().get_pruning_group(*args, **kwargs)
+            group = super().get_pruning_group(*args, **kwargs)
+        prune = group.prune
+
+        def prune_and_narrow(idxs: Any = None, record_history: bool = True) -> None:
+            removed = self._removed_from_concatenations(group) if idxs is None else {}
+            prune(idxs, record_history)
+            for node, counts in removed.items():
+                self.concat_widths[node] = [w - c for w, c in zip(self.concat_widths[node], counts)]
+
+        group.prune = prune_and_narrow
+        return group
+
+    def _removed_from_concatenations(self, group: Any) -> dict[Any, list[int]]:
+        """For each channel concatenation that ``group`` prunes, how many of its channels each input loses (from
+        the group's indices in the concatenation's output, and its inputs' current widths)."""
+        removed: dict[Any, set[int]] = {}
+        for dep, idxs in group:
+            if dep.target in self.concat_widths:
+                removed.setdefault(dep.target, set()).update(int(i) for i in idxs)
+        counts = {}
+        for node, idxs in removed.items():
+            widths, start, count = self.concat_widths[node], 0, []
+            for w in widths:
+                count.append(sum(start <= i < start + w for i in idxs))
+                start += w
+            counts[node] = count
+        return counts
