@@ -116,6 +116,65 @@ def test_res2net_keeps_the_split_widths_and_prunes_the_rest(tmp_path):
     assert replays(model, result, x, res2net, tmp_path)
 
 
+# ---------------------------------------------------------------- gated MLPs (SwiGLU: EVA-02, DeepSeek's ViT)
+
+
+class GatedMLP(nn.Module):
+    """timm's GluMlp: ``x1, x2 = fc1(x).chunk(2)``, ``fc2(x1 * silu(x2))``; ``split=24`` splits at a fixed width."""
+
+    def __init__(self, split=None):
+        super().__init__()
+        self.fc1, self.fc2, self.split = nn.Linear(16, 48), nn.Linear(24, 16), split
+
+    def forward(self, x):
+        x = self.fc1(x)
+        a, b = torch.split(x, self.split, -1) if self.split else x.chunk(2, dim=-1)
+        return self.fc2(a * F.silu(b))
+
+
+class GatedTokens(nn.Module):
+    def __init__(self, split=None):
+        super().__init__()
+        self.embed, self.mlp, self.head = nn.Conv2d(3, 16, 4, stride=4), GatedMLP(split), nn.Linear(16, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head((t + self.mlp(t)).mean(1))
+
+
+def test_gated_mlp_halves_are_pruned_together(tmp_path):
+    # The chunk was a split into fixed widths, never followed: EVA-02 and DeepSeek's ViT had no prunable channel.
+    model, result, x = prune_train_replay(GatedTokens)
+    hidden = model.mlp.fc2.in_features
+    assert hidden < 24 and model.mlp.fc1.out_features == 2 * hidden
+    assert replays(model, result, x, GatedTokens, tmp_path)
+
+
+def test_gated_mlp_cut_removes_the_same_unit_from_both_halves():
+    # Units 3 and 10 contribute nothing (fc2 never reads them): COP cuts them first, and only fc1's rows 3, 10, 27
+    # and 34 may go with them; any other pairing would gate one unit by another's value.
+    torch.manual_seed(0)
+    model, x = GatedTokens().eval(), torch.randn(2, *SMALL)
+    with torch.no_grad():
+        model.mlp.fc2.weight[:, [3, 10]] = 0.0
+    rows, before = model.mlp.fc1.weight.detach().clone(), model(x)
+    cop_prune(model, SMALL, ratio=4 / 90, metric="channels", importance=ONLY_REDUNDANCY,
+              tolerance=0.1 / 90)  # 16 + 48 + 16 + 10 output channels  # fmt: skip
+    keep = [i for i in range(48) if i not in (3, 10, 27, 34)]
+    assert torch.equal(model.mlp.fc1.weight, rows[keep])
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fixed_width_split_that_looks_gated_is_kept_whole():
+    # torch.split(x, 24) into equal halves is followed like a chunk and fails once pruned (24 no longer halves it):
+    # its module is kept whole. Here that leaves nothing (the stream crosses it), so the call is refused unchanged.
+    model, x = GatedTokens(split=24).eval(), torch.randn(2, *SMALL)
+    before = model(x)
+    with pytest.raises(PruneTargetError, match="inside a GatedMLP, whose forward failed once pruned"):
+        cop_prune(model, SMALL, ratio=0.2, metric="flops")
+    assert model.mlp.fc1.out_features == 48 and torch.equal(model(x), before)
+
+
 # ---------------------------------------------------------------- concatenations Torch-Pruning could not size
 
 

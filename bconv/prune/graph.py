@@ -10,9 +10,12 @@ of the tensors it saw (``grad_fn._input_metadata``). :class:`ShapedGraph` reads 
   tokens or of rows keeps every channel where it is, as Torch-Pruning's identity mapping says);
 * the ops whose channel indices Torch-Pruning cannot follow are named (:attr:`ShapedGraph.unfollowable`):
   a reshape that splits the channel dimension into groups (a channel shuffle, split attention, attention
-  heads), a split of the channel dimension into fixed widths (``torch.split``, ``chunk``,
-  ``split_with_sizes``: the widths are the forward's own numbers, which pruning cannot update). A channel
-  group that crosses one of them is not pruned; every other group stays prunable;
+  heads), a split of the channel dimension into fixed widths (``torch.split``, ``split_with_sizes``: the
+  widths are the forward's own numbers, which pruning cannot update). A channel group that crosses one of them
+  is not pruned; every other group stays prunable;
+* a split into equal pieces that meet again before any layer (a gated MLP: SwiGLU, GEGLU) is followed: channel
+  ``i`` of every piece is pruned together, on whichever dimension holds the channels;
+* concatenations and followed splits map onto their inputs' current widths, narrowed by every cut made;
 * a 4-D parameter added to an NCHW map (Visformer's position embedding ``[1, C, H, W]``) is pruned along its
   channels, where Torch-Pruning guesses its last dimension;
 * timm's layers that keep a per-channel tensor of their own get a customised pruner (Torch-Pruning's
@@ -205,6 +208,8 @@ def unfollowable_op(node: Any) -> str | None:
         if not before:
             return None
         if _dim(fn._saved_dim, len(before)) == _channel_dim(node.inputs[0] if node.inputs else node, before):
+            if _gated_halves(node) is not None:
+                return None  # followable: see _gated_halves
             return f"a split of the {before[_dim(fn._saved_dim, len(before))]} channels into fixed widths " \
                    f"(torch.split, chunk)"
     if isinstance(node.module, tp.ops._SliceOp) and hasattr(fn, "_saved_self_sym_sizes"):
@@ -215,6 +220,74 @@ def unfollowable_op(node: Any) -> str | None:
         if not whole and dim == _channel_dim(node.inputs[0] if node.inputs else node, before):
             return f"a slice of the {before[dim]} channels at fixed indices ({node.module.start}:{end})"
     return None
+
+
+def _pieces(node: Any) -> list[tuple[int, Any]]:
+    """The output nodes of split ``node``, each with the index of the piece it reads (autograd's output number)."""
+    found = []
+    for out in node.outputs:
+        nr = next((nr for f, nr in getattr(out.grad_fn, "next_functions", ()) if f is node.grad_fn), None)
+        if nr is not None:
+            found.append((nr, out))
+    return found
+
+
+def _gated_halves(node: Any) -> list[int] | None:
+    """The traced widths of a split of the channels into equal pieces that meet again in one op before any layer
+    reads them (a gated MLP: ``x1, x2 = fc1(x).chunk(2); fc2(x1 * act(x2))``), or None for any other split.
+
+    Such a split is followed: channel ``i`` of every piece is one unit (``fc1``'s outputs ``i`` and ``H + i`` go
+    together), so the pieces stay equal and a ``chunk`` computes them from its input as before. A split of fixed
+    widths that happens to look like this (``torch.split(x, 64)``) fails the check after pruning, and the module
+    around it is kept whole."""
+    fn = node.grad_fn
+    widths = []
+    for i in range(len(getattr(fn, "_input_metadata", ()))):
+        shape = _shape(fn, i)
+        if shape is None:
+            return None
+        widths.append(shape[_dim(fn._saved_dim, len(shape))])
+    pieces = _pieces(node)
+    if len(widths) < 2 or len(set(widths)) != 1 or sorted(nr for nr, _ in pieces) != list(range(len(widths))):
+        return None
+    reached = []
+    for _, out in pieces:  # every op each piece reaches before a layer (a few dozen at most)
+        seen, stack = set(), [out]
+        while stack and len(seen) < 64:
+            n = stack.pop()
+            if n in seen or isinstance(n.module, (nn.Linear, nn.modules.conv._ConvNd)):
+                continue
+            seen.add(n)
+            stack.extend(n.outputs)
+        reached.append(seen)
+    return widths if set.intersection(*reached) else None
+
+
+def _split_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
+    """Torch-Pruning's ``update_split_index_mapping`` for the splits :func:`_gated_halves` follows, on any channel
+    dimension (it maps dimension 1 only, and only from each piece's position in the graph's outputs, which need not
+    be its position in the split), with each piece's current width (ShapedGraph keeps them, as for
+    concatenations). Every other split keeps the identity mapping: a group crossing it is not pruned."""
+    fn = node.grad_fn
+    before = tuple(int(s) for s in getattr(fn, "_saved_self_sym_sizes", ()))
+    if not before or not node.inputs or _dim(fn._saved_dim, len(before)) != _channel_dim(node.inputs[0], before):
+        return
+    widths = getattr(graph, "split_widths", {}).get(node)
+    if widths is None:
+        widths = _gated_halves(node)
+        if widths is None:
+            return
+        if hasattr(graph, "split_widths"):
+            graph.split_widths[node] = widths
+    starts = [sum(widths[:i]) for i in range(len(widths) + 1)]
+    for nr, out in _pieces(node):
+        span = starts[nr : nr + 2]
+        for dep in node.dependencies:
+            if dep.target is out:
+                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=span, reverse=False)
+        for dep in out.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=span, reverse=True)
 
 
 _slice_index_mapping = index_mapping.update_slice_index_mapping
@@ -233,6 +306,7 @@ def _channel_slice_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
 
 _PATCHES = {
     "update_concat_index_mapping": _concat_index_mapping,
+    "update_split_index_mapping": _split_index_mapping,
     "update_reshape_index_mapping": _guarded_reshape_index_mapping,
     "update_slice_index_mapping": _channel_slice_index_mapping,
 }
@@ -345,10 +419,13 @@ class ShapedGraph(tp.DependencyGraph):
         unfollowable: each op node whose channel indices cannot be followed, with the reason.
         concat_widths: each channel concatenation's input widths (autograd's order), traced, then narrowed by every
             group this graph prunes, so that later groups map onto the offsets as they are.
+        split_widths: the same for each followed split's pieces (a gated MLP's halves).
     """
 
     def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> "ShapedGraph":
         self.concat_widths: dict[Any, list[int]] = {}  # each channel concatenation's input widths, kept current
+        self.split_widths: dict[Any, list[int]] = {}  # each followed split's piece widths, kept current
+        self.unfollowable: dict[Any, str] = {}
         kwargs["customized_pruners"] = {**_customized_pruners(model), **(kwargs.get("customized_pruners") or {})}
         with shaped_index_mapping():
             super().build_dependency(model, *args, **kwargs)
@@ -372,21 +449,23 @@ class ShapedGraph(tp.DependencyGraph):
             removed = self._removed_from_concatenations(group) if idxs is None else {}
             prune(idxs, record_history)
             for node, counts in removed.items():
-                self.concat_widths[node] = [w - c for w, c in zip(self.concat_widths[node], counts)]
+                widths = self.concat_widths if node in self.concat_widths else self.split_widths
+                widths[node] = [w - c for w, c in zip(widths[node], counts)]
 
         group.prune = prune_and_narrow
         return group
 
     def _removed_from_concatenations(self, group: Any) -> dict[Any, list[int]]:
-        """For each channel concatenation that ``group`` prunes, how many of its channels each input loses (from
-        the group's indices in the concatenation's output, and its inputs' current widths)."""
+        """For each channel concatenation and followed split that ``group`` prunes, how many channels each input
+        (piece) loses, from the group's indices in the concatenation's output (the split's input) and the current
+        widths."""
         removed: dict[Any, set[int]] = {}
         for dep, idxs in group:
-            if dep.target in self.concat_widths:
+            if dep.target in self.concat_widths or dep.target in self.split_widths:
                 removed.setdefault(dep.target, set()).update(int(i) for i in idxs)
         counts = {}
         for node, idxs in removed.items():
-            widths, start, count = self.concat_widths[node], 0, []
+            widths, start, count = self.concat_widths.get(node) or self.split_widths[node], 0, []
             for w in widths:
                 count.append(sum(start <= i < start + w for i in idxs))
                 start += w

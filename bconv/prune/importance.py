@@ -80,9 +80,12 @@ def mean_abs_similarity(z: Tensor, scale: Tensor | None, filters: int, out: Tens
     return out
 
 
-def similarity_matrix(w: Tensor, kind: str, normalize: str, out: Tensor | None = None) -> Tensor:
+def similarity_matrix(
+    w: Tensor, kind: str, normalize: str, out: Tensor | None = None, units: int | None = None
+) -> Tensor:
     """COP's normalised n x n redundancy matrix from a consumer kernel ``w`` of shape [taps, filters, n]
-    (written into ``out`` when given).
+    (written into ``out`` when given). ``units``: channels ``i`` and ``i + k units`` are one unit read through
+    the same kernel column (a gated MLP's halves): their entries are zeroed like the diagonal.
 
     The released code (``prune_common.get_correlation``, ``get_cosine_sim``, ``get_inner_product``,
     ``get_normalized_feature``), for each tap t and input channels i, j seen as vectors over the filters:
@@ -107,7 +110,7 @@ def similarity_matrix(w: Tensor, kind: str, normalize: str, out: Tensor | None =
     else:
         scale = w.norm(dim=1)
         m = mean_abs_similarity(w, scale if kind == "cosine" else None, 1, out)
-    m.fill_diagonal_(0)
+    _zero_self(m, units)
     if normalize == "max":
         norm = m.max()
     elif normalize == "l1":
@@ -119,8 +122,17 @@ def similarity_matrix(w: Tensor, kind: str, normalize: str, out: Tensor | None =
     dead = (scale <= 1e-6 * scale.amax(dim=1, keepdim=True).clamp_min(1e-30)).all(dim=0)
     if dead.any():
         m[dead] = 1.0
-        m.fill_diagonal_(0)
+        _zero_self(m, units)
     return m
+
+
+def _zero_self(m: Tensor, units: int | None) -> None:
+    """Zero each channel's similarity with itself, and with the other channels of its unit."""
+    m.fill_diagonal_(0)
+    if units and units < m.shape[0]:
+        i = torch.arange(m.shape[0], device=m.device)
+        same = (i[:, None] - i[None, :]) % units == 0
+        m.masked_fill_(same, 0)
 
 
 _CALIBRATION_SAMPLES = 8192  # activation vectors kept per layer (positions x samples, drawn evenly)
@@ -182,18 +194,34 @@ def _consumer_kernel(module: nn.Module, idxs: list[int], root_idxs: list[int], n
 
 
 def group_matrices(
-    outs: list[tuple[Any, Any]], ins: list[tuple[Any, Any]], n: int, similarity: str, normalize: str
+    outs: list[tuple[Any, Any]], ins: list[tuple[Any, Any]], n: int, similarity: str, normalize: str,
+    ch_groups: int = 1,
 ) -> Tensor | None:
     """The normalised n x n matrices of a Torch-Pruning group's n channels, one per consumer kernel, as one
     [consumers, n, n] tensor (None: no kernel gives per-channel vectors).
+
+    A group that moves in units of ``ch_groups`` channels may have consumers that read one column per unit (a
+    gated MLP's ``fc2`` reads channel ``i`` of both halves through its column ``i``): every channel of a unit then
+    gets its unit's column, and the channels of one unit are not compared with each other.
 
     ``outs`` and ``ins`` are the group's ``(module, item)`` pairs whose output / input channels it prunes.
     Depthwise and grouped consumers are skipped as in COP. A group that no dense kernel reads (a layer
     whose output is the model's) correlates its producers' filters instead.
     """
     # A consumer read through a mapping Torch-Pruning widened (split, reshape) gives no per-channel kernel.
-    kernels = [w for m, it in ins if is_layer(m)
-               for w in [_consumer_kernel(m, list(it.idxs), list(it.root_idxs), n)] if w is not None]  # fmt: skip
+    units = n // ch_groups if ch_groups > 1 and n % ch_groups == 0 else None
+    kernels, shared = [], False
+    for m, it in ins:
+        if not is_layer(m):
+            continue
+        idxs, roots = list(it.idxs), list(it.root_idxs)
+        if units and len(set(roots)) == units and len(idxs) == units:  # one column per unit: each channel reads it
+            by_unit = {r % units: i for r, i in zip(roots, idxs)}
+            if len(by_unit) == units:
+                idxs, roots, shared = [by_unit[r % units] for r in range(n)], list(range(n)), True
+        w = _consumer_kernel(m, idxs, roots, n)
+        if w is not None:
+            kernels.append(w)
     if not kernels:
         for m, it in outs:
             if is_layer(m) and not is_depthwise(m) and len(it.idxs) == n and max(it.idxs) < out_channels(m):
@@ -206,7 +234,7 @@ def group_matrices(
         return None
     matrices = torch.empty(len(kernels), n, n, device=kernels[0].device)  # filled in place: no stacking copy
     for w, out in zip(kernels, matrices):
-        similarity_matrix(w, similarity, normalize, out)
+        similarity_matrix(w, similarity, normalize, out, units if shared else None)
     return matrices
 
 

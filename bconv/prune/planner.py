@@ -220,14 +220,14 @@ class Planner:
             outs, ins = split_group(group, self.graph)
             touched = {m for m, _ in outs + ins if isinstance(m, nn.Module) and m in names}
             seen_roots |= {m for m, _ in outs if is_layer(m)}
-            ch_groups = _channel_groups(touched)
+            ch_groups = math.lcm(_channel_groups(touched), _split_pieces(group, self.graph, n))
             step, floor = _floor_in_units(floors, n, ch_groups)
             why = (self._protected(outs, ins, touched, whole, outputs, inputs, allowed) or _too_narrow(n, ch_groups, floor)
                    or _unfollowable(group, self.graph))
             if why is not None:
                 self.skipped.append((root_name, why))
                 continue
-            consumers = _redundancy(group, outs, ins, n, importance, activations)
+            consumers = _redundancy(group, outs, ins, n, importance, activations, ch_groups)
             cover = self._coverage(outs, ins, n)
             most = n - floor * ch_groups
             if (cover.row_in * most > widths_in).any() or (cover.row_out * most > widths_out).any():
@@ -447,6 +447,15 @@ def _channel_groups(touched: set[nn.Module]) -> int:
     return math.lcm(*groups) if groups else 1
 
 
+def _split_pieces(group: Any, graph: tp.DependencyGraph, n: int) -> int:
+    """The pieces of a followed split (a gated MLP's halves, :mod:`.graph`) whose input is the group's ``n``
+    channels: channel ``i`` of every piece goes together, so the group's channels move in units of that many, as a
+    grouped convolution's do; else 1."""
+    widths = getattr(graph, "split_widths", {})
+    pieces = [len(widths[dep.target]) for dep, _ in group if dep.target in widths and sum(widths[dep.target]) == n]
+    return math.lcm(*pieces) if pieces else 1
+
+
 def _too_narrow(n: int, ch_groups: int, floor: int) -> str | None:
     """Why a group of ``n`` channels cannot be cut in units of ``ch_groups`` down to ``floor`` units, or None."""
     if n % ch_groups:
@@ -472,6 +481,7 @@ def _redundancy(
     n: int,
     importance: COPImportance,
     activations: dict[nn.Module, Tensor] | None,
+    ch_groups: int = 1,
 ) -> Redundancy | None:
     """The group's redundancy: from its root's activations when calibrating, else from its consumer kernels; None
     when no kernel reads its channels one by one."""
@@ -480,5 +490,5 @@ def _redundancy(
         a = activations[root][:, torch.tensor(list(group[0].idxs))]
         matrices = similarity_matrix(a.unsqueeze(0), importance.similarity, importance.normalize)[None]
     else:
-        matrices = group_matrices(outs, ins, n, importance.similarity, importance.normalize)
+        matrices = group_matrices(outs, ins, n, importance.similarity, importance.normalize, ch_groups)
     return Redundancy(matrices, importance.top_k) if matrices is not None else None
