@@ -141,12 +141,18 @@ def _concat_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
     if not node.enable_index_mapping:
         return
     for n, span in zip(node.inputs, spans):
-        for dep in node.dependencies:
-            if dep.target is n:
-                dep.index_mapping[1] = index_mapping._ConcatIndexMapping(offset=span, reverse=True)
-        for dep in n.dependencies:
-            if dep.target is node:
-                dep.index_mapping[1] = index_mapping._ConcatIndexMapping(offset=span, reverse=False)
+        _map_span(node, n, 1, index_mapping._ConcatIndexMapping, span, outward_reverse=True)
+
+
+def _map_span(node: Any, other: Any, slot: int, mapping: type, span: list[int], outward_reverse: bool) -> None:
+    """Set the index mapping of ``span`` (an input's offsets in a concatenation, a piece's in a split) on the edges
+    between op ``node`` and its neighbour ``other``, both ways: ``outward_reverse`` on node -> other."""
+    for dep in node.dependencies:
+        if dep.target is other:
+            dep.index_mapping[slot] = mapping(offset=span, reverse=outward_reverse)
+    for dep in other.dependencies:
+        if dep.target is node:
+            dep.index_mapping[slot] = mapping(offset=span, reverse=not outward_reverse)
 
 
 _reshape_index_mapping = index_mapping.update_reshape_index_mapping
@@ -281,13 +287,7 @@ def _split_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
             graph.split_widths[node] = widths
     starts = [sum(widths[:i]) for i in range(len(widths) + 1)]
     for nr, out in _pieces(node):
-        span = starts[nr : nr + 2]
-        for dep in node.dependencies:
-            if dep.target is out:
-                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=span, reverse=False)
-        for dep in out.dependencies:
-            if dep.target is node:
-                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=span, reverse=True)
+        _map_span(node, out, 0, index_mapping._SplitIndexMapping, starts[nr : nr + 2], outward_reverse=False)
 
 
 _slice_index_mapping = index_mapping.update_slice_index_mapping
