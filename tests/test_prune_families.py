@@ -165,6 +165,26 @@ def test_gated_mlp_cut_removes_the_same_unit_from_both_halves():
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
 
 
+def test_cops_choice_of_a_gated_unit_is_the_released_redundancy_of_its_column():
+    # A unit's channels (one in each half) are read through one column of fc2: its redundancy is the released
+    # formula's on fc2's columns, unit by unit. Unit 7 duplicates unit 2's column (scaled): the most redundant.
+    from test_cop_released import released_matrix, released_normalized, released_redundancy
+
+    model = GatedTokens().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        w = torch.randn(16, 24, generator=g)
+        w[:, 7] = 2 * w[:, 2] + 0.1
+        model.mlp.fc2.weight.copy_(w)
+    released = released_redundancy(released_normalized(released_matrix(w.T.reshape(1, 1, 24, 16).double().numpy(),
+                                                                       "pearson"), "max"), 3)  # fmt: skip
+    result = cop_prune(model, SMALL, ratio=2 / 90, metric="channels", importance=ONLY_REDUNDANCY,
+                       tolerance=0.1 / 90, protect=["embed"])  # fmt: skip
+    [(name, is_out, idxs)] = result.history
+    assert name == "mlp.fc1" and is_out and len(idxs) == 2 and idxs[1] == idxs[0] + 24
+    assert released[idxs[0]] == pytest.approx(released.max())
+
+
 def test_a_fixed_width_split_that_looks_gated_is_kept_whole():
     # torch.split(x, 24) into equal halves is followed like a chunk and fails once pruned (24 no longer halves it):
     # its module is kept whole. Here that leaves nothing (the stream crosses it), so the call is refused unchanged.

@@ -80,12 +80,9 @@ def mean_abs_similarity(z: Tensor, scale: Tensor | None, filters: int, out: Tens
     return out
 
 
-def similarity_matrix(
-    w: Tensor, kind: str, normalize: str, out: Tensor | None = None, units: int | None = None
-) -> Tensor:
+def similarity_matrix(w: Tensor, kind: str, normalize: str, out: Tensor | None = None) -> Tensor:
     """COP's normalised n x n redundancy matrix from a consumer kernel ``w`` of shape [taps, filters, n]
-    (written into ``out`` when given). ``units``: channels ``i`` and ``i + k units`` are one unit read through
-    the same kernel column (a gated MLP's halves): their entries are zeroed like the diagonal.
+    (written into ``out`` when given).
 
     The released code (``prune_common.get_correlation``, ``get_cosine_sim``, ``get_inner_product``,
     ``get_normalized_feature``), for each tap t and input channels i, j seen as vectors over the filters:
@@ -110,7 +107,7 @@ def similarity_matrix(
     else:
         scale = w.norm(dim=1)
         m = mean_abs_similarity(w, scale if kind == "cosine" else None, 1, out)
-    _zero_self(m, units)
+    m.fill_diagonal_(0)
     if normalize == "max":
         norm = m.max()
     elif normalize == "l1":
@@ -122,17 +119,8 @@ def similarity_matrix(
     dead = (scale <= 1e-6 * scale.amax(dim=1, keepdim=True).clamp_min(1e-30)).all(dim=0)
     if dead.any():
         m[dead] = 1.0
-        _zero_self(m, units)
+        m.fill_diagonal_(0)
     return m
-
-
-def _zero_self(m: Tensor, units: int | None) -> None:
-    """Zero each channel's similarity with itself, and with the other channels of its unit."""
-    m.fill_diagonal_(0)
-    if units and units < m.shape[0]:
-        i = torch.arange(m.shape[0], device=m.device)
-        same = (i[:, None] - i[None, :]) % units == 0
-        m.masked_fill_(same, 0)
 
 
 _CALIBRATION_SAMPLES = 8192  # activation vectors kept per layer (positions x samples, drawn evenly)
@@ -201,40 +189,44 @@ def group_matrices(
     [consumers, n, n] tensor (None: no kernel gives per-channel vectors).
 
     A group that moves in units of ``ch_groups`` channels may have consumers that read one column per unit (a
-    gated MLP's ``fc2`` reads channel ``i`` of both halves through its column ``i``): every channel of a unit then
-    gets its unit's column, and the channels of one unit are not compared with each other.
-
-    ``outs`` and ``ins`` are the group's ``(module, item)`` pairs whose output / input channels it prunes.
-    Depthwise and grouped consumers are skipped as in COP. A group that no dense kernel reads (a layer
-    whose output is the model's) correlates its producers' filters instead.
+    gated MLP's ``fc2`` reads channel ``i`` of both halves through its column ``i``): the released matrix of those
+    columns is computed (units x units) and each channel's row is its unit's, over the units of the first
+    piece only, so that every channel's redundancy is its unit's as the released code computes it.
     """
     # A consumer read through a mapping Torch-Pruning widened (split, reshape) gives no per-channel kernel.
     units = n // ch_groups if ch_groups > 1 and n % ch_groups == 0 else None
-    kernels, shared = [], False
+    kernels: list[tuple[Tensor, bool]] = []  # (kernel, read once per unit)
     for m, it in ins:
         if not is_layer(m):
             continue
         idxs, roots = list(it.idxs), list(it.root_idxs)
-        if units and len(set(roots)) == units and len(idxs) == units:  # one column per unit: each channel reads it
+        if units and len(idxs) == units and len({r % units for r in roots}) == units:
             by_unit = {r % units: i for r, i in zip(roots, idxs)}
-            if len(by_unit) == units:
-                idxs, roots, shared = [by_unit[r % units] for r in range(n)], list(range(n)), True
+            w = _consumer_kernel(m, [by_unit[u] for u in range(units)], list(range(units)), units)
+            if w is not None:
+                kernels.append((w, True))
+            continue
         w = _consumer_kernel(m, idxs, roots, n)
         if w is not None:
-            kernels.append(w)
+            kernels.append((w, False))
     if not kernels:
         for m, it in outs:
             if is_layer(m) and not is_depthwise(m) and len(it.idxs) == n and max(it.idxs) < out_channels(m):
                 w = m.weight.detach()
                 w = w.transpose(0, 1) if getattr(m, "transposed", False) else w
                 w = w.reshape(w.shape[0], -1)[torch.tensor(list(it.idxs))]
-                kernels = [w.t().unsqueeze(0)]
+                kernels = [(w.t().unsqueeze(0), False)]
                 break
     if not kernels:
         return None
-    matrices = torch.empty(len(kernels), n, n, device=kernels[0].device)  # filled in place: no stacking copy
-    for w, out in zip(kernels, matrices):
-        similarity_matrix(w, similarity, normalize, out, units if shared else None)
+    matrices = torch.empty(len(kernels), n, n, device=kernels[0][0].device)  # filled in place: no stacking copy
+    for (w, per_unit), out in zip(kernels, matrices):
+        if per_unit:
+            unit = similarity_matrix(w, similarity, normalize)
+            out.zero_()
+            out[:, :units] = unit.repeat(ch_groups, 1)
+        else:
+            similarity_matrix(w, similarity, normalize, out)
     return matrices
 
 
