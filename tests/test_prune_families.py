@@ -313,6 +313,26 @@ def test_nfnet_gains_follow_their_channels(tmp_path):
     assert replays(model, result, x, nfnet, tmp_path)
 
 
+class SameScaledStd(nn.Module):
+    """DM-NFNet's ScaledStdConv2dSame: the same gain per output channel, in a class of its own (not a subclass)."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import ScaledStdConv2dSame
+
+        self.conv1, self.conv2 = ScaledStdConv2dSame(3, 16, 3, stride=2), ScaledStdConv2dSame(16, 16, 3)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.conv2(torch.relu(self.conv1(x))).mean((2, 3)))
+
+
+def test_same_padded_scaled_std_conv_gains_follow_their_channels(tmp_path):
+    model, result, x = prune_train_replay(SameScaledStd)
+    assert model.conv1.out_channels < 16 and model.conv1.gain.shape[0] == model.conv1.out_channels
+    assert replays(model, result, x, SameScaledStd, tmp_path)
+
+
 class Blurred(nn.Module):
     """TResNet's anti-aliased downsampling: a fixed depthwise blur (timm's BlurPool2d) between convolutions."""
 

@@ -19,7 +19,8 @@ of the tensors it saw (``grad_fn._input_metadata``). :class:`ShapedGraph` reads 
 * a 4-D parameter added to an NCHW map (Visformer's position embedding ``[1, C, H, W]``) is pruned along its
   channels, where Torch-Pruning guesses its last dimension;
 * timm's layers that keep a per-channel tensor of their own get a customised pruner (Torch-Pruning's
-  ``customized_pruners``): ``ScaledStdConv2d``'s gain (NFNet), ``BlurPool2d``'s filter (TResNet's
+  ``customized_pruners``): ``ScaledStdConv2d``'s and ``ScaledStdConv2dSame``'s gain (NFNet, DM-NFNet),
+  ``BlurPool2d``'s filter (TResNet's
   anti-aliasing), MetaFormer's ``Scale`` and the shape it views its scale as (CAFormer, ConvFormer, PoolFormer).
 
 Each fix is small and self-contained, and could be offered to Torch-Pruning as it is (its
@@ -375,13 +376,14 @@ class ShapedScalePruner(tp.pruner.function.BasePruningFunc):
 def _customized_pruners(model: nn.Module) -> dict[type, Any]:
     """A pruner for each of timm's layer classes in ``model`` that Torch-Pruning's own pruners would break."""
     try:
-        from timm.layers import BlurPool2d, ScaledStdConv2d
+        from timm.layers import BlurPool2d, ScaledStdConv2d, ScaledStdConv2dSame
         from timm.models.metaformer import Scale
     except ImportError:
         return {}
     pruners: dict[type, Any] = {}
     for m in model.modules():
-        if isinstance(m, ScaledStdConv2d) and isinstance(getattr(m, "gain", None), nn.Parameter):
+        gain = isinstance(getattr(m, "gain", None), nn.Parameter)
+        if isinstance(m, (ScaledStdConv2d, ScaledStdConv2dSame)) and gain:
             pruners[type(m)] = StdConvGainPruner()  # Torch-Pruning matches a customised class exactly
         elif isinstance(m, BlurPool2d) and m.channels is not None:
             pruners[type(m)] = BlurPoolPruner()
