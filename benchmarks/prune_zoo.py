@@ -34,7 +34,7 @@ from bconv.errors import BConvError
 from bconv.prune import cop_prune
 
 from benchmarks._isolated import RowLog, isolated, large_input, measure_each
-from benchmarks.common import (RESULTS, command as run_command, first_line, input_size_of, logits, models,
+from benchmarks.common import (RESULTS, command as run_command, commit, first_line, input_size_of, logits, models,
                                params, positive_int)  # fmt: skip
 
 ROWS = RESULTS / "prune_zoo.jsonl"
@@ -112,7 +112,7 @@ def kind(row: dict) -> str:
     return "other"
 
 
-def write(command: str, note: str = "", wall_s: float | None = None) -> dict:
+def write(command: str, note: str = "", wall_s: float | None = None, at: str | None = None) -> dict:
     order = {(spec.zoo, spec.name): i for i, (spec, _) in enumerate(models(None))}
     rows = sorted(RowLog(ROWS).rows(), key=lambda r: order.get((r["zoo"], r["model"]), len(order)))  # zoo order
     count = lambda **kw: sum(all(r.get(k) == v for k, v in kw.items()) for r in rows)  # noqa: E731
@@ -127,7 +127,7 @@ def write(command: str, note: str = "", wall_s: float | None = None) -> dict:
         "median_seconds": sorted(r["seconds"] for r in pruned)[len(pruned) // 2] if pruned else None,
         "refused_by_kind": {k: sum(r["status"] == "refused" and kind(r) == k for r in rows) for k in KINDS},
         "carried": sorted({r["carried_from"] for r in rows if r.get("carried_from")}),
-        "command": command, "wall_s": wall_s, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "command": command, "wall_s": wall_s, "commit": at, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }  # fmt: skip
     (RESULTS / "prune_zoo.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
@@ -137,7 +137,7 @@ def write(command: str, note: str = "", wall_s: float | None = None) -> dict:
         f"unless the model needs its own size). Pruned = returned and measured; refused = bconv's own error, "
         f"model unchanged; error = anything else, the time limit or the process killed. Each model in a child "
         f"process of its own; torch {summary['torch']}, {summary['threads']} thread(s), {summary['platform']}"
-        + (f"; {wall_s / 60:.1f} minutes in all." if wall_s else "."), "",
+        + (f"; {wall_s / 60:.1f} minutes in all" if wall_s else "") + (f"; at commit {at}." if at else "."), "",
         f"- {summary['models']} models: **{summary['pruned']} pruned** ({summary['pruned_ok']} with FLOPs within "
         f"2% of -50% and an unchanged output shape on a fresh batch), {summary['refused']} refused, "
         f"{summary['errors']} errors, {summary['skipped']} excluded or skipped", f"- torchvision: {summary['torchvision']}; timm: {summary['timm']}",
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep the rows in prune_zoo.jsonl, measure only the others")
     p.add_argument("--zoo", choices=("torchvision", "timm"), help="only this zoo")
     p.add_argument("--max-params", type=float, help="skip (row 'skipped') models with more parameters, in millions")
-    p.add_argument("--only-write", action="store_true", help="only write the .md/.json from the rows, measure nothing")
+    p.add_argument("--only-write", action="store_true",
+                   help="only write the .md/.json from the rows, measure nothing (keeping the run's command, time, commit)")
     p.add_argument("--note", default="", help="a line for the .md (how the rows were collected)")
     p.add_argument("--limit", type=positive_int, default=600, help="seconds per model (default 600)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads per model (default 1)")
@@ -179,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="models measured at once, each in its own child process (2 on an idle 2-core machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = run_command("prune_zoo", argv)
+    command, at = run_command("prune_zoo", argv), commit()
+    if args.only_write and (RESULTS / "prune_zoo.json").exists():  # the run's own record, not this rewrite's
+        last = json.loads((RESULTS / "prune_zoo.json").read_text())["summary"]
+        command, at = last.get("command", command), last.get("commit")
     log = RowLog(ROWS)
     start = time.perf_counter()
     if not args.only_write:
@@ -201,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
             log.append(row)
     wall = None if args.only_write or args.resume or args.models else time.perf_counter() - start
-    print(json.dumps(write(command, args.note, wall), indent=1))
+    if args.only_write and (RESULTS / "prune_zoo.json").exists():
+        wall = json.loads((RESULTS / "prune_zoo.json").read_text())["summary"].get("wall_s")
+    print(json.dumps(write(command, args.note, wall, at), indent=1))
     return 0
 
 

@@ -1,5 +1,6 @@
 """COP pruning (bconv.prune): which channels go, coupled widths, floors, targets, save/load, errors."""
 
+import json
 import math
 import warnings
 from copy import deepcopy
@@ -606,6 +607,26 @@ def test_zoo_benchmark_classifies_pruned_and_refused_models():
     assert abs(pruned["flops_removed"] - 0.5) <= 0.02
     refused = prune_zoo.measure(resolve("timm:skresnet18"), "sknet")
     assert refused["status"] == "refused" and refused["unchanged"] and "PruneTargetError" in refused["reason"]
+
+
+def test_zoo_rewrite_keeps_the_runs_command_time_and_commit(tmp_path, monkeypatch):
+    # --only-write re-renders the report from its rows: the header must still name the run, not the rewrite.
+    from benchmarks import prune_zoo
+
+    monkeypatch.setattr(prune_zoo, "RESULTS", tmp_path)
+    monkeypatch.setattr(prune_zoo, "ROWS", tmp_path / "prune_zoo.jsonl")
+    row = {"zoo": "torchvision", "family": "torchvision", "model": "resnet18", "input": "3x64x64", "status": "pruned",
+           "flops_removed": 0.495, "params_removed": 0.7, "forward": "same shape", "seconds": 0.4}  # fmt: skip
+    (tmp_path / "prune_zoo.jsonl").write_text(json.dumps(row) + "\n")
+    prune_zoo.write("python -m benchmarks.prune_zoo --jobs 2", wall_s=120.0, at="abc1234")
+    threads = torch.get_num_threads()
+    try:
+        prune_zoo.main(["--only-write", "--note", "re-rendered"])
+    finally:
+        torch.set_num_threads(threads)  # main sets its --threads
+    text = (tmp_path / "prune_zoo.md").read_text()
+    assert "Command: `python -m benchmarks.prune_zoo --jobs 2`" in text and "2.0 minutes in all" in text
+    assert "at commit abc1234" in text and "re-rendered" in text
 
 
 def _zoo() -> list:
