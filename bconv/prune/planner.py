@@ -220,10 +220,15 @@ class Planner:
             outs, ins = split_group(group, self.graph)
             touched = {m for m, _ in outs + ins if isinstance(m, nn.Module) and m in names}
             seen_roots |= {m for m, _ in outs if is_layer(m)}
-            ch_groups = math.lcm(_channel_groups(touched), _split_pieces(group, self.graph, n))
-            step, floor = _floor_in_units(floors, n, ch_groups)
-            why = (self._protected(outs, ins, touched, whole, outputs, inputs, allowed) or _too_narrow(n, ch_groups, floor)
-                   or _unfollowable(group, self.graph))
+            why = self._protected(outs, ins, touched, whole, outputs, inputs, allowed) or _unfollowable(group, self.graph)
+            if why is None:
+                coupled = _coupled_units(self.graph, root, n)
+                if coupled is None:
+                    why = "drag other channels of the same layer along in a pattern the planner cannot follow"
+                else:
+                    ch_groups = math.lcm(_channel_groups(touched), coupled)
+                    step, floor = _floor_in_units(floors, n, ch_groups)
+                    why = _too_narrow(n, ch_groups, floor)
             if why is not None:
                 self.skipped.append((root_name, why))
                 continue
@@ -447,13 +452,20 @@ def _channel_groups(touched: set[nn.Module]) -> int:
     return math.lcm(*groups) if groups else 1
 
 
-def _split_pieces(group: Any, graph: tp.DependencyGraph, n: int) -> int:
-    """The pieces of a followed split (a gated MLP's halves, :mod:`.graph`) whose input is the group's ``n``
-    channels: channel ``i`` of every piece goes together, so the group's channels move in units of that many, as a
-    grouped convolution's do; else 1."""
-    widths = getattr(graph, "split_widths", {})
-    pieces = [len(widths[dep.target]) for dep, _ in group if dep.target in widths and sum(widths[dep.target]) == n]
-    return math.lcm(*pieces) if pieces else 1
+def _coupled_units(graph: tp.DependencyGraph, root: nn.Module, n: int) -> int | None:
+    """How many of ``root``'s ``n`` channels one cut drags along: ``k`` where channel ``i`` goes with every
+    ``i + j n/k`` (a gated MLP's halves; a ghost module's layer and its depthwise copy, concatenated), read from
+    Torch-Pruning's group of the first and of the last channel; 1 where each goes alone. The group's channels
+    then move in units of ``k``, as a grouped convolution's do. None for any other pattern."""
+    fn = graph.get_pruner_of_module(root).prune_out_channels
+    k = None
+    for probe in (0, n - 1):
+        group = graph.get_pruning_group(root, fn, [probe])
+        dragged = sorted({int(i) for it in group if it.dep.target.module is root for i in it.idxs})
+        k = len(dragged) if k is None else k
+        if len(dragged) != k or n % k or dragged != [probe % (n // k) + j * (n // k) for j in range(k)]:
+            return None
+    return k
 
 
 def _too_narrow(n: int, ch_groups: int, floor: int) -> str | None:
