@@ -27,6 +27,8 @@ The package, one part per file:
   :class:`COPImportance`, the same score as a Torch-Pruning importance for ``tp.pruner.MetaPruner``;
 - :mod:`.planner`: the greedy, global selection over Torch-Pruning's channel groups, and :class:`Floors`;
 - :mod:`.adapter`: everything asked of Torch-Pruning (graph, groups, protections, measuring);
+- :mod:`.graph`: Torch-Pruning's dependency graph with the traced shapes, for the ops it does not follow;
+- :mod:`.attention`: attentions whose forward reads its width from its input, made to run on a pruned stream;
 - :mod:`.checkpoint`: :func:`save_pruned` / :func:`load_pruned` on Torch-Pruning's pruning history;
 - :mod:`.batchnorm`: :func:`reestimate_batchnorm`, to read after any pruning;
 - :mod:`.api`: :func:`cop_prune`, the one-call path; :mod:`.report`: what it returns and raises.
