@@ -127,8 +127,8 @@ def write(command: str, note: str = "", wall_s: float | None = None, at: str | N
         "median_seconds": sorted(r["seconds"] for r in pruned)[len(pruned) // 2] if pruned else None,
         "refused_by_kind": {k: sum(r["status"] == "refused" and kind(r) == k for r in rows) for k in KINDS},
         "carried": sorted({r["carried_from"] for r in rows if r.get("carried_from")}),
-        "command": command, "wall_s": wall_s, "commit": at, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
+        "command": command, "wall_s": wall_s, "commit": at, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "platform": platform.platform(),
     }  # fmt: skip
     (RESULTS / "prune_zoo.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     lines = [
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="models measured at once, each in its own child process (2 on an idle 2-core machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command, at = run_command("prune_zoo", argv), commit()
+    command, at, last = run_command("prune_zoo", argv), commit(), {}
     if args.only_write and (RESULTS / "prune_zoo.json").exists():  # the run's own record, not this rewrite's
         last = json.loads((RESULTS / "prune_zoo.json").read_text())["summary"]
         command, at = last.get("command", command), last.get("commit")
@@ -204,9 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in measure_each(todo, one, args.jobs, alone=lambda item: large_input(item[0])):
             print(json.dumps(row), flush=True)
             log.append(row)
-    wall = None if args.only_write or args.resume or args.models else time.perf_counter() - start
-    if args.only_write and (RESULTS / "prune_zoo.json").exists():
-        wall = json.loads((RESULTS / "prune_zoo.json").read_text())["summary"].get("wall_s")
+    wall = last.get("wall_s") if args.only_write else None if args.resume or args.models else time.perf_counter() - start
     print(json.dumps(write(command, args.note, wall, at), indent=1))
     return 0
 

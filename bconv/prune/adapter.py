@@ -21,8 +21,8 @@ from .graph import ShapedGraph, shaped_index_mapping
 from .report import PruneError
 
 __all__ = [
-    "Protection", "Snapshot", "all_groups", "build_graph", "check_forward", "check_forward_padded", "constant_input_layers", "has_submodule",
-    "in_channels",
+    "RETRIES", "Protection", "Snapshot", "all_groups", "build_graph", "check_forward", "check_forward_padded",
+    "constant_input_layers", "has_submodule", "in_channels",
     "is_depthwise", "is_inside", "is_layer", "kernel_taps", "measure", "out_channels", "output_shapes",
     "plain_history", "protected_layers", "recording_positions",
 ]  # fmt: skip
@@ -236,6 +236,9 @@ def check_forward(model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]]) ->
     return measured
 
 
+RETRIES = 3  # module classes padded, or kept whole, after a failed pruned forward: at most this many each
+
+
 def check_forward_padded(
     model: nn.Module, x: Tensor, shapes: list[tuple[int, ...]], input_shapes: dict[nn.Module, torch.Size],
     padded: list[type],
@@ -251,7 +254,7 @@ def check_forward_padded(
                 return check_forward(model, x, shapes)
         except PruneError as e:
             cls = attention_around(model, getattr(e, "module_path", None))
-            if cls is None or cls in padded or len(padded) >= 3 or not pad_streams(model, cls, input_shapes):
+            if cls is None or cls in padded or len(padded) >= RETRIES or not pad_streams(model, cls, input_shapes):
                 raise
             padded.append(cls)
 

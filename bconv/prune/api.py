@@ -18,7 +18,7 @@ from ..surgery import (
 )
 from ..surgery.anatomy import anatomy
 from .adapter import (
-    Snapshot, build_graph, check_forward_padded, constant_input_layers, measure, out_channels, output_shapes,
+    RETRIES, Snapshot, build_graph, check_forward_padded, constant_input_layers, measure, out_channels, output_shapes,
     plain_history, protected_layers,
 )
 from .attention import attention_around, recording_input_shapes
@@ -150,7 +150,7 @@ def cop_prune(
                 # The pruned forward failed inside a module whose widths Torch-Pruning does not update, padding the
                 # stream of an attention did not mend it: once per class, keep that class whole and retry.
                 failed = _failing_class(model, getattr(e, "module_path", None))
-                if failed is None or failed in whole_classes or len(whole_classes) >= _RETRIES:
+                if failed is None or failed in whole_classes or len(whole_classes) >= RETRIES:
                     raise
                 snapshot.restore()
                 whole_classes.append(failed)
@@ -170,9 +170,6 @@ def cop_prune(
     )  # fmt: skip
     history = plain_history(graph.pruning_history())
     return PruneResult(model=model, report=report, history=history)
-
-
-_RETRIES = 3  # module classes kept whole after a failed pruned forward, at most
 
 
 def _tolerance(ratio: float, tolerance: float | None) -> float:
@@ -207,8 +204,8 @@ def _prune(
     whole_classes: Sequence[type],
 ) -> tuple[Any, Planner, dict[str, int], dict[str, int], float, list[type]]:
     """One attempt: the graph, the plan (the cost model aiming at ``aim``), the removal and the checks against
-    ``ratio`` (the caller restores the model on failure), and the attention classes whose stream was padded. An overshoot's PruneTargetError carries
-    ``overshoot = (estimated, measured)`` reductions."""
+    ``ratio`` (the caller restores the model on failure), and the attention classes whose stream was padded. An
+    overshoot's PruneTargetError carries ``overshoot = (estimated, measured)`` reductions."""
     positions: dict[nn.Module, int] = {}
     measured: dict[str, Any] = {}
     input_shapes: dict[nn.Module, torch.Size] = {}  # of each attention, for padding its stream (.attention)

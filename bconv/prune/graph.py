@@ -38,7 +38,9 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping
 
-__all__ = ["BlurPoolPruner", "ShapedGraph", "ShapedScalePruner", "StdConvGainPruner", "shaped_index_mapping", "unfollowable_op"]
+__all__ = [
+    "BlurPoolPruner", "ShapedGraph", "ShapedScalePruner", "StdConvGainPruner", "shaped_index_mapping", "unfollowable_op",
+]
 
 
 def _shape(fn: Any, nr: int = 0) -> tuple[int, ...] | None:
@@ -275,6 +277,8 @@ def _split_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
     dimension (it maps dimension 1 only, and only from each piece's position in the graph's outputs, which need not
     be its position in the split), with each piece's current width (ShapedGraph keeps them, as for
     concatenations). Every other split keeps the identity mapping: a group crossing it is not pruned."""
+    if node.module in getattr(graph, "unfollowable", {}):
+        return  # decided once the graph was built (the pieces' walk is not repeated at every group)
     fn = node.grad_fn
     before = tuple(int(s) for s in getattr(fn, "_saved_self_sym_sizes", ()))
     if not before or not node.inputs or _dim(fn._saved_dim, len(before)) != _channel_dim(node.inputs[0], before):

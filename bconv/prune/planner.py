@@ -220,7 +220,8 @@ class Planner:
             outs, ins = split_group(group, self.graph)
             touched = {m for m, _ in outs + ins if isinstance(m, nn.Module) and m in names}
             seen_roots |= {m for m, _ in outs if is_layer(m)}
-            why = self._protected(outs, ins, touched, whole, outputs, inputs, allowed) or _unfollowable(group, self.graph)
+            why = (self._protected(outs, ins, touched, whole, outputs, inputs, allowed)
+                   or _unfollowable(group, self.graph))
             if why is None:
                 coupled = _coupled_units(self.graph, root, n)
                 if coupled is None:
