@@ -536,6 +536,18 @@ def test_attention_that_reads_its_width_from_its_input_gets_its_stream_padded(tm
     assert "stream padded back" in format_report(result.report)
 
 
+def test_a_refused_prune_leaves_no_padding_hooks_and_the_same_weights():
+    # The stream is cut and the attention padded (checked with the padded forward); the target is then missed by
+    # a step (a tolerance no single cut meets), and the refusal must take the hooks off with the cuts.
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruneTargetError, match="cannot be met"):
+        cop_prune(model, SMALL, ratio=0.3, metric="flops", tolerance=1e-5)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 class MixingAttention(InputWidthAttention):
     """One that normalises across its input's channels before its projections: padding would change it."""
 
